@@ -1,0 +1,33 @@
+"""Teacher scorers: log pi_t(y_t | x, y_<t) of every sampled response token, at temperature 1.0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from orchestrator.modeling import gather_logp, load_model, quiet_hf, response_logits
+
+
+class TeacherScorer:
+    """Plain Python; `ray.remote(TeacherScorer)` is applied in `actors/group.py`."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        quiet_hf()
+        torch.set_num_threads(1)
+        self.model = load_model(cfg["teacher_path"])
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, Any], full: bool = False) -> dict[str, torch.Tensor]:
+        """{"logp": [B, R]} (masked), plus {"logp_full": [B, R, V]} when `full` (full-vocabulary losses)."""
+        logits = response_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"])
+        logp_BRV = torch.log_softmax(logits, dim=-1)
+        out = {"logp": gather_logp(logp_BRV, batch["response"]) * batch["response_mask"]}
+        if full:
+            out["logp_full"] = logp_BRV
+        return out
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

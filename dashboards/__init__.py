@@ -1,0 +1,1 @@
+"""Comparison views over MLflow runs."""

@@ -1,0 +1,121 @@
+"""`foresight` command line (also `python -m orchestrator`).
+
+    foresight prepare [--out models/addition] [--force]   build the embedded teacher + student
+    foresight plan CONFIG [key=value ...]                  validate, print resolved config + layout
+    foresight run CONFIG [key=value ...] [--no-resume]     run (resumes from the last checkpoint)
+
+Bad input exits with code 2 and `<file>: <key>: <reason>` before anything starts or is written.
+Inside `ray job submit` the run connects to the job's cluster; otherwise it starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from orchestrator.config import ConfigError, load_config
+
+log = logging.getLogger("foresight")
+
+
+def setup_logging() -> None:
+    level = os.environ.get("FORESIGHT_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "ray", "mlflow", "alembic", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from orchestrator.prepare import prepare
+
+    meta = prepare(Path(args.out), force=args.force)
+    print(f"teacher: test accuracy {meta['teacher']['test_accuracy']:.3f} ({meta['teacher']['params']} params) -> {meta['teacher']['path']}")
+    print(f"student: test accuracy {meta['student']['test_accuracy']:.3f} ({meta['student']['params']} params) -> {meta['student']['path']}")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from orchestrator.plan import resolve
+
+    cfg = load_config(args.config, args.overrides)
+    plan = resolve(cfg, args.config)
+    return cfg, plan
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg, plan = _load(args)
+    print("# resolved config")
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    print("# plan")
+    print(plan.describe())
+    return 0
+
+
+def connect_ray(num_cpus: float) -> None:
+    """Join the job's cluster under `ray job submit` ($RAY_ADDRESS); else start a local one."""
+    import ray
+
+    from actors.group import ACTOR_ENV
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
+    else:
+        ray.init(num_cpus=max(1, int(num_cpus)), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_level="WARNING", runtime_env={"env_vars": dict(ACTOR_ENV)})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg, plan = _load(args)
+    log.info("resolved config:\n%s", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    log.info("plan:\n%s", plan.describe())
+    connect_ray(plan.available_cpus)
+    from orchestrator.trainer import OPDTrainer
+
+    trainer = OPDTrainer(cfg, plan, resume=not args.no_resume, show_progress=sys.stderr.isatty() or args.progress)
+    try:
+        final = trainer.run()
+    finally:
+        trainer.shutdown()
+    acc = final.get("eval/accuracy", float("nan"))
+    print(f"done: {cfg.run.name} ({cfg.method.type}) final test accuracy {acc:.3f}")
+    print(f"mlflow: {plan.tracking_uri} run {trainer.state.mlflow_run_id}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foresight", description="On-policy distillation and EffOPD on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="build the embedded teacher and student models (SFT, seeded)")
+    p.add_argument("--out", default="models/addition", help="output folder (default: models/addition)")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.set_defaults(fn=cmd_prepare)
+    for name, fn, helptext in (("plan", cmd_plan, "validate a config and print the resolved config and actor layout"),
+                               ("run", cmd_run, "run an experiment (resumes from its last checkpoint)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config", help="experiment YAML (e.g. experiments/smoke.yaml)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=3e-5 run.seed=1")
+        if name == "run":
+            p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start over")
+            p.add_argument("--progress", action="store_true", help="show the progress bar even without a TTY")
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with the same command", file=sys.stderr)
+        return 130

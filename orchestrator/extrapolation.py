@@ -1,0 +1,63 @@
+"""EffOPD's extrapolation math and accept rule (paper section 4.1), shared by learner and evaluators.
+
+At steps t = 2^n the direction is Delta_n = W_t - A, where the anchor A is the accepted point of
+the previous search (W_0 before the first). Candidates are
+    W~_k = W_t + 2k * Delta_n,   k = 1..K.
+Accept rule with V the validation score: W_acc = W_t, v_acc = V(W_t); for k = 1..K in order,
+if V(W~_k) >= v_acc (or '>') accept (W_acc, v_acc <- W~_k, V(W~_k)), else stop.
+Scoring every candidate in parallel and then applying this rule gives the same decision as the
+sequential search, because the rule only reads the scores in order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def extrapolate(w: torch.Tensor, anchor: torch.Tensor, coef: float) -> torch.Tensor:
+    """w + coef * (w - anchor). The one expression every process uses, so results are bit-identical."""
+    return w + coef * (w - anchor)
+
+
+def is_search_step(step: int, max_step: int | None = None) -> bool:
+    """True at t = 1, 2, 4, 8, ... (and t <= max_step when given)."""
+    return step >= 1 and (step & (step - 1)) == 0 and (max_step is None or step <= max_step)
+
+
+def coefficient(k: int) -> float:
+    """Candidate k sits at W_t + 2k * Delta."""
+    return 2.0 * k
+
+
+@dataclass
+class Decision:
+    step: int
+    base_score: float
+    scores: list[float]
+    """V(W~_k) for k = 1..K (NaN where not evaluated)."""
+    accepted_k: int
+    comparison: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def accept(base: float, scores: list[float], comparison: str = ">=") -> int:
+    """Sequential accept rule; returns the accepted k (0 = keep W_t).
+
+    Ties at zero never accept: with '>=' a collapsed run (every score 0) would otherwise jump
+    to the largest candidate at every search and run away.
+    """
+    best, v_acc = 0, base
+    for k, score in enumerate(scores, start=1):
+        if math.isnan(score):
+            break
+        better = score > v_acc if comparison == ">" else score >= v_acc
+        if better and not (score == v_acc == 0.0):
+            best, v_acc = k, score
+        else:
+            break
+    return best

@@ -1,0 +1,207 @@
+"""Models, tokenizer and the batched sequence math every role shares.
+
+Sequence layout of a rollout batch (B sequences, prompt width P, response width R)::
+
+    input_ids_BL = [ left-padded prompt (P) | response, right-padded after EOS (R) ],  L = P + R
+
+The log-probability of response token j comes from the logits at position P + j - 1.
+Position ids are `cumsum(attention_mask) - 1`, so left padding does not shift positions
+(the same rule HF `generate` uses).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SPECIALS = ["<pad>", "<unk>", "<eos>"]
+CHARS = list("0123456789+-*/=().,^ ") + list("abcdefghijklmnopqrstuvwxyz") + ["\\", "{", "}"]
+
+
+def quiet_hf() -> None:
+    """No network, no telemetry, no noisy warnings; called at the start of every process."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def build_tokenizer():
+    """A character-level tokenizer built locally with `tokenizers` (no download)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", padding_side="left"
+    )
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    """A Llama-architecture model small enough to train on a laptop CPU."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_positions: int = 64
+
+    def hf_config(self, vocab_size: int, pad_id: int, eos_id: int):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.heads,
+            max_position_embeddings=self.max_positions, tie_word_embeddings=False,
+            pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id, torch_dtype="float32",
+        )
+
+
+def init_model(arch: TinyArch, tokenizer, seed: int):
+    """Random-init a causal LM from `arch` (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = arch.hf_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def load_model(path: str | Path):
+    """Load a local HF checkpoint in fp32, eval mode. Never touches the network."""
+    quiet_hf()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    quiet_hf()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tok.padding_side = "left"
+    return tok
+
+
+# ----------------------------------------------------------------------------- batch math
+def position_ids(mask_BL: torch.Tensor) -> torch.Tensor:
+    return (mask_BL.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask, [B, P]."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def response_mask(response_BR: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1.0 for response tokens up to and including the first EOS, 0.0 after."""
+    is_eos = (response_BR == eos_id).long()
+    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_eos).float()
+
+
+def response_logits(model, input_ids_BL: torch.Tensor, mask_BL: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits that predict each response token: [B, R, V]."""
+    out = model(input_ids=input_ids_BL, attention_mask=mask_BL, position_ids=position_ids(mask_BL), use_cache=False)
+    return out.logits[:, prompt_len - 1 : -1].float()
+
+
+def gather_logp(logp_BRV: torch.Tensor, tokens_BR: torch.Tensor) -> torch.Tensor:
+    return logp_BRV.gather(-1, tokens_BR.unsqueeze(-1)).squeeze(-1)
+
+
+def decode_responses(tokenizer, response_BR: torch.Tensor, mask_BR: torch.Tensor) -> list[str]:
+    """Text of each response before its EOS."""
+    out = []
+    eos = tokenizer.eos_token_id
+    for row, m in zip(response_BR.tolist(), mask_BR.tolist()):
+        ids = [t for t, keep in zip(row, m) if keep and t != eos]
+        out.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, greedy: bool,
+             temperature: float = 1.0, seed: int | None = None) -> dict[str, torch.Tensor | list[str] | int]:
+    """Sample (or greedy-decode) completions with HF `generate`.
+
+    Returns input_ids [B, L], attention_mask [B, L], prompt_len P, response [B, R],
+    response_mask [B, R] and, when sampling, `logp` [B, R]: log pi(y_t) of each sampled token
+    under the sampling distribution softmax(logits / temperature) (no top-k / top-p).
+    """
+    ids_BP, pmask_BP = encode_prompts(tokenizer, prompts)
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = model.generate(
+        input_ids=ids_BP, attention_mask=pmask_BP, max_new_tokens=max_new_tokens,
+        do_sample=not greedy, temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
+        top_p=1.0 if not greedy else None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        return_dict_in_generate=True, output_logits=not greedy,
+    )
+    P = ids_BP.shape[1]
+    response_BR = out.sequences[:, P:]
+    rmask_BR = response_mask(response_BR, tokenizer.eos_token_id)
+    result: dict = {
+        "input_ids": out.sequences,
+        "attention_mask": torch.cat([pmask_BP, rmask_BR.long()], dim=1),
+        "prompt_len": P,
+        "response": response_BR,
+        "response_mask": rmask_BR,
+    }
+    if not greedy:
+        logits_BRV = torch.stack(out.logits, dim=1).float() / temperature
+        result["logp"] = gather_logp(torch.log_softmax(logits_BRV, -1), response_BR) * rmask_BR
+    return result
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, examples, reward, max_new_tokens: int, batch_size: int = 512) -> float:
+    """Mean reward of greedy completions over `examples` (the papers' accuracy)."""
+    total = 0.0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        out = generate(model, tokenizer, [e.prompt for e in chunk], max_new_tokens, greedy=True)
+        texts = decode_responses(tokenizer, out["response"], out["response_mask"])
+        total += sum(reward(t, e.answer) for t, e in zip(texts, chunk))
+    return total / max(len(examples), 1)
+
+
+def slice_batch(batch: dict, lo: int, hi: int) -> dict:
+    """Rows lo:hi of every [B, ...] tensor/list in a rollout batch."""
+    return {k: (v[lo:hi] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+
+
+def concat_batches(parts: list[dict]) -> dict:
+    """Inverse of slice_batch for equal-width parts (right-pad responses, left-pad prompts)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p["prompt_len"] for p in parts)
+    R = max(p["response"].shape[1] for p in parts)
+    out: dict = {"prompt_len": P}
+    for key in parts[0]:
+        if key == "prompt_len":
+            continue
+        vals = []
+        for p in parts:
+            v = p[key]
+            if isinstance(v, list):
+                vals.append(v)
+                continue
+            if key in ("input_ids", "attention_mask"):
+                pad_left, pad_right = P - p["prompt_len"], R - p["response"].shape[1]
+                v = F.pad(v, (pad_left, pad_right), value=0)
+            elif v.dim() == 2:
+                v = F.pad(v, (0, R - v.shape[1]), value=0)
+            vals.append(v)
+        out[key] = sum(vals, []) if isinstance(vals[0], list) else torch.cat(vals)
+    return out

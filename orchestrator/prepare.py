@@ -1,0 +1,127 @@
+"""`foresight prepare`: build the embedded teacher and student with supervised training.
+
+Both are HF-format Llama models built from a config (safetensors + a locally built tokenizer).
+SFT minimises the answer tokens' cross-entropy on the training split:
+    L = -mean_{answer tokens} log p(y_t | x, y_<t).
+The teacher trains until its greedy test accuracy reaches `teacher_target`; the student (a
+smaller model) stops on the first evaluation inside the accuracy band [lo, hi] — a band, not
+a step count, so it is never caught mid phase-transition. Seeded and single-threaded: the same
+command builds the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from orchestrator.config import AdditionTask
+from orchestrator.modeling import TinyArch, build_tokenizer, greedy_accuracy, init_model, quiet_hf
+from orchestrator.task import Example, Task, build_addition
+
+log = logging.getLogger(__name__)
+
+TEACHER_ARCH = TinyArch(hidden=96, layers=3, heads=4, intermediate=384)
+STUDENT_ARCH = TinyArch(hidden=64, layers=2, heads=4, intermediate=192)
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    teacher_target: float = 0.97
+    student_band: tuple[float, float] = (0.30, 0.60)
+    batch_size: int = 128
+    teacher_lr: float = 1e-3
+    student_lr: float = 1e-3
+    eval_every: int = 25
+    max_steps: int = 6000
+    seed: int = 0
+    version: int = RECIPE_VERSION
+
+
+def sft_batch(tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [B, L], attention mask [B, L], labels [B, L] (-100 outside the answer+EOS tokens)."""
+    prompts = [tokenizer.encode(e.prompt, add_special_tokens=False) for e in examples]
+    answers = [tokenizer.encode(e.answer, add_special_tokens=False) + [tokenizer.eos_token_id] for e in examples]
+    L = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    ids = torch.full((len(examples), L), tokenizer.pad_token_id)
+    mask = torch.zeros((len(examples), L), dtype=torch.long)
+    labels = torch.full((len(examples), L), -100)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        seq = p + a
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(p) : len(seq)] = torch.tensor(a)
+    return ids, mask, labels
+
+
+def train_sft(model, tokenizer, task: Task, *, lr: float, recipe: Recipe, max_new_tokens: int,
+              stop, label: str, on_eval=None) -> tuple[int, float]:
+    """AdamW SFT until `stop(acc)` is true at an evaluation; returns (steps, accuracy)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    rng = random.Random(recipe.seed)
+    acc, t0 = 0.0, time.time()
+    for step in range(1, recipe.max_steps + 1):
+        model.train()
+        ids, mask, labels = sft_batch(tokenizer, rng.sample(task.train, recipe.batch_size))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        warmup.step()
+        if step % recipe.eval_every == 0:
+            model.eval()
+            acc = greedy_accuracy(model, tokenizer, task.test, task.reward, max_new_tokens)
+            log.info("%s step %d loss %.3f test acc %.3f (%.0fs)", label, step, loss.item(), acc, time.time() - t0)
+            if on_eval:
+                on_eval(step, acc)
+            if stop(acc):
+                return step, acc
+    raise RuntimeError(f"{label}: did not reach its accuracy target in {recipe.max_steps} steps (last {acc:.3f})")
+
+
+def prepare(out_dir: Path, recipe: Recipe = Recipe(), force: bool = False, task_cfg: AdditionTask = AdditionTask()) -> dict:
+    """Build teacher and student under `out_dir/{teacher,student}`; cached by recipe + arch."""
+    quiet_hf()
+    torch.set_num_threads(1)
+    meta_path = out_dir / "prepare.json"
+    want = {"recipe": asdict(recipe), "teacher_arch": asdict(TEACHER_ARCH), "student_arch": asdict(STUDENT_ARCH),
+            "task": task_cfg.model_dump()}
+    if meta_path.is_file() and not force:
+        have = json.loads(meta_path.read_text())
+        if {k: have.get(k) for k in want} == json.loads(json.dumps(want)):
+            log.info("models in %s are up to date (use --force to rebuild)", out_dir)
+            return have
+    task = build_addition(task_cfg)
+    tokenizer = build_tokenizer()
+    max_new = task_cfg.digits + 2
+    result = dict(want)
+    for role, arch, lr, seed_off in (("teacher", TEACHER_ARCH, recipe.teacher_lr, 1), ("student", STUDENT_ARCH, recipe.student_lr, 2)):
+        model = init_model(arch, tokenizer, recipe.seed * 100 + seed_off)
+        torch.manual_seed(recipe.seed * 100 + seed_off)
+        if role == "teacher":
+            stop = lambda a: a >= recipe.teacher_target  # noqa: E731
+        else:
+            lo, hi = recipe.student_band
+            stop = lambda a: lo <= a <= hi  # noqa: E731
+        t0 = time.time()
+        steps, acc = train_sft(model, tokenizer, task, lr=lr, recipe=recipe, max_new_tokens=max_new, stop=stop, label=role)
+        if role == "student" and not (recipe.student_band[0] <= acc <= recipe.student_band[1]):
+            raise RuntimeError(f"student accuracy {acc:.3f} outside band {recipe.student_band}")
+        path = out_dir / role
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+        params = sum(p.numel() for p in model.parameters())
+        result[role] = {"path": str(path), "test_accuracy": acc, "sft_steps": steps, "params": params,
+                        "seconds": round(time.time() - t0, 1)}
+        log.info("%s: %d params, test accuracy %.3f after %d SFT steps", role, params, acc, steps)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(result, indent=2))
+    return result
