@@ -39,20 +39,35 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> tuple[str | None, list]:
+    """Config or sweep file -> (sweep name or None, [(cfg, plan)]), all validated and fit-checked."""
+    from orchestrator.config import read_yaml
     from orchestrator.plan import resolve
+    from orchestrator.sweep import expand, is_sweep
 
-    cfg = load_config(args.config, args.overrides)
-    plan = resolve(cfg, args.config)
-    return cfg, plan
+    if is_sweep(read_yaml(args.config)):
+        name, trials = expand(args.config, args.overrides)
+        cfgs = [t.cfg for t in trials]
+    else:
+        name, cfgs = None, [load_config(args.config, args.overrides)]
+    cpus = None
+    plans = []
+    for cfg in cfgs:
+        plan = resolve(cfg, args.config, cpus)
+        cpus = plan.available_cpus
+        plans.append((cfg, plan))
+    return name, plans
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    cfg, plan = _load(args)
-    print("# resolved config")
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
-    print("# plan")
-    print(plan.describe())
+    sweep, plans = _load(args)
+    if sweep:
+        print(f"# sweep {sweep}: {len(plans)} trials, run one after another")
+    for cfg, plan in plans:
+        print(f"# resolved config: {cfg.run.name}")
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+        print("# plan")
+        print(plan.describe())
     return 0
 
 
@@ -72,20 +87,26 @@ def connect_ray(num_cpus: float) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg, plan = _load(args)
-    log.info("resolved config:\n%s", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
-    log.info("plan:\n%s", plan.describe())
-    connect_ray(plan.available_cpus)
-    from orchestrator.trainer import OPDTrainer
+    from orchestrator.trainer import OPDTrainer, done_marker, sweep_parent_run
 
-    trainer = OPDTrainer(cfg, plan, resume=not args.no_resume, show_progress=sys.stderr.isatty() or args.progress)
-    try:
-        final = trainer.run()
-    finally:
-        trainer.shutdown()
-    acc = final.get("eval/accuracy", float("nan"))
-    print(f"done: {cfg.run.name} ({cfg.method.type}) final test accuracy {acc:.3f}")
-    print(f"mlflow: {plan.tracking_uri} run {trainer.state.mlflow_run_id}")
+    sweep, plans = _load(args)
+    parent = sweep_parent_run(sweep, plans) if sweep else None
+    for i, (cfg, plan) in enumerate(plans, 1):
+        label = f"[{i}/{len(plans)}] " if sweep else ""
+        if sweep and done_marker(plan.run_dir).is_file() and not args.no_resume:
+            print(f"{label}{cfg.run.name}: already finished, skipped")
+            continue
+        log.info("%sresolved config:\n%s", label, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+        log.info("plan:\n%s", plan.describe())
+        connect_ray(plan.available_cpus)
+        trainer = OPDTrainer(cfg, plan, resume=not args.no_resume, parent_run_id=parent,
+                             show_progress=sys.stderr.isatty() or args.progress)
+        try:
+            final = trainer.run()
+        finally:
+            trainer.shutdown()
+        print(f"{label}done: {cfg.run.name} ({cfg.method.type}) final test accuracy {final.get('eval/accuracy', float('nan')):.3f}")
+    print(f"mlflow: {plans[0][1].tracking_uri} (experiment '{plans[0][0].tracking.experiment}')")
     return 0
 
 

@@ -14,6 +14,7 @@ Nothing here holds model tensors; actors exchange them through the object store.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -92,8 +93,10 @@ class OPDTrainer:
     anchor: WeightsHandle | None
     """Full weights of the EffOPD anchor (the previous accepted point), for evaluators."""
 
-    def __init__(self, cfg: ExperimentConfig, plan: ResolvedPlan, *, resume: bool = True, show_progress: bool = True) -> None:
+    def __init__(self, cfg: ExperimentConfig, plan: ResolvedPlan, *, resume: bool = True, show_progress: bool = True,
+                 parent_run_id: str | None = None) -> None:
         self.cfg, self.plan, self.resume, self.show_progress = cfg, plan, resume, show_progress
+        self.parent_run_id = parent_run_id
         self.run_dir = plan.run_dir
         task = build_task(cfg.task)
         self.n_train, self.n_test = len(task.train), len(task.test)
@@ -137,7 +140,8 @@ class OPDTrainer:
     def _open_tracker(self) -> None:
         cfg = self.cfg
         self.tracker = MlflowLogger(self.plan.tracking_uri, cfg.tracking.experiment, cfg.run.name,
-                                    run_id=self.state.mlflow_run_id, artifact_root=cfg.run.output_dir / "mlartifacts")
+                                    run_id=self.state.mlflow_run_id, artifact_root=cfg.run.output_dir / "mlartifacts",
+                                    parent_run_id=self.parent_run_id)
         if self.state.mlflow_run_id is None:
             self.state.mlflow_run_id = self.tracker.run_id
             self.tracker.log_params(flatten(cfg))
@@ -290,6 +294,27 @@ class OPDTrainer:
         if self.state.decisions:
             self.tracker.log_json(self.state.decisions, "effopd_decisions.json")
         self.tracker.set_tags({"final_checkpoint": str(final_dir.resolve())})
+        done_marker(self.run_dir).write_text(json.dumps({"step": self.state.step, "mlflow_run_id": self.tracker.run_id}))
+
+
+def done_marker(run_dir: Path) -> Path:
+    return run_dir / "done.json"
+
+
+def sweep_parent_run(sweep: str, plans: list[tuple[ExperimentConfig, ResolvedPlan]]) -> str:
+    """The sweep's MLflow parent run (re-used when the sweep is re-run); logs the trial list."""
+    cfg, plan = plans[0]
+    id_file = cfg.run.output_dir / f"{sweep}.parent_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    tracker = MlflowLogger(plan.tracking_uri, cfg.tracking.experiment, sweep, run_id=run_id,
+                           artifact_root=cfg.run.output_dir / "mlartifacts")
+    if run_id is None:
+        cfg.run.output_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(tracker.run_id)
+        tracker.log_json([c.model_dump(mode="json") for c, _ in plans], "trials.json")
+        tracker.set_tags({"sweep": sweep, "trials": str(len(plans))})
+    tracker.close()
+    return tracker.run_id
 
 
 def _progress(start: int, total: int, enabled: bool):

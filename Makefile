@@ -1,0 +1,56 @@
+# Foresight: two commands on a fresh machine.
+#   make demo   install, build the embedded models, run the OPD vs EffOPD sweep, print the comparison
+#   make test   install and run the whole test suite (unit + end-to-end)
+# Quick loop while working: make test-unit   (skips the slow end-to-end tests)
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODELS := models/addition
+
+export OMP_NUM_THREADS := 1
+export MKL_NUM_THREADS := 1
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DS_ACCELERATOR := cpu
+export DS_BUILD_OPS := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONWARNINGS := ignore
+
+.PHONY: install models demo test test-unit bench clean
+
+# torch is pinned in the same pip command as everything else (a CPU build on local disk);
+# an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing into $(VENV) (first time: ~2-3 minutes)"
+	@$(PY) -m pip install -q --upgrade pip > $(VENV)/pip.log 2>&1 || true
+	@$(PY) -m pip install -q "torch==2.13.0" -e ".[dev]" >> $(VENV)/pip.log 2>&1 \
+		|| { grep -v "is ignored" $(VENV)/pip.log | tail -40; exit 1; }
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+models: install
+	$(VENV)/bin/foresight prepare --out $(MODELS)
+
+demo: models
+	$(VENV)/bin/foresight run experiments/demo.yaml
+	$(PY) -m dashboards.compare --experiment demo --out runs/demo_dashboard
+	@echo ""
+	@echo "MLflow store: runs/mlflow.db   open the UI with:"
+	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$$(pwd)/runs/mlflow.db --port 5000"
+
+test: install
+	$(PY) -m pytest -q
+
+test-unit: install
+	$(PY) -m pytest -q -m "not e2e"
+
+bench: models
+	$(PY) benchmarks/step_overhead.py
+
+clean:
+	rm -rf runs .pytest_cache
