@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from actors.weights import HoldsWeights, WeightsHandle
+from actors.weights import HoldsWeights, WeightsHandle, write_pid
 from orchestrator.modeling import decode_responses, generate, greedy_accuracy, load_model, load_tokenizer, quiet_hf
 from orchestrator.task import build_task
 
@@ -26,6 +26,7 @@ class RolloutWorker(HoldsWeights):
         self.model = load_model(cfg["student_path"])
         self.task = build_task(cfg["task_cfg"])
         self.version = 0
+        write_pid(cfg, "rollout", index)
 
     def generate(self, step: int, indices: list[int], handle: WeightsHandle | None) -> dict[str, Any]:
         """Sample `samples_per_prompt` completions for train prompts `indices` (seeded by step)."""
@@ -46,8 +47,3 @@ class RolloutWorker(HoldsWeights):
         examples = [data[i] for i in indices]
         acc = greedy_accuracy(self.model, self.tokenizer, examples, self.task.reward, self.cfg["rollout"]["max_new_tokens"])
         return acc * len(examples), len(examples)
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()

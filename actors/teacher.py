@@ -6,16 +6,18 @@ from typing import Any
 
 import torch
 
+from actors.weights import write_pid
 from orchestrator.modeling import gather_logp, load_model, quiet_hf, response_logits
 
 
 class TeacherScorer:
     """Plain Python; `ray.remote(TeacherScorer)` is applied in `actors/group.py`."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], index: int = 0) -> None:
         quiet_hf()
         torch.set_num_threads(1)
         self.model = load_model(cfg["teacher_path"])
+        write_pid(cfg, "teacher", index)
 
     @torch.no_grad()
     def score(self, batch: dict[str, Any], full: bool = False) -> dict[str, torch.Tensor]:
@@ -26,8 +28,3 @@ class TeacherScorer:
         if full:
             out["logp_full"] = logp_BRV
         return out
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()

@@ -46,3 +46,14 @@ class HoldsWeights:
             raise RuntimeError(f"weight sync mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.version = handle.version
         return True
+
+
+def write_pid(cfg: dict, role: str, index: int) -> None:
+    """Record this actor's pid under <run_dir>/actors/ (for operators, and the restart tests)."""
+    import os
+    from pathlib import Path
+
+    if cfg.get("pid_dir"):
+        folder = Path(cfg["pid_dir"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{role}-{index}.pid").write_text(str(os.getpid()))

@@ -247,8 +247,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError("<command line>", key, f"'{part}' is set to a value and used as a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = _scalar(raw)
     return nested
+
+
+def _scalar(raw: str) -> Any:
+    """YAML scalar, plus numbers YAML 1.1 leaves as strings (`3e-5`)."""
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def batch_indices(step: int, n_train: int, batch: int, seed: int) -> list[int]:
     return random.Random(seed * 1_000_003 + step).sample(range(n_train), batch)
 
 
-def actor_config(cfg: ExperimentConfig) -> dict[str, Any]:
+def actor_config(cfg: ExperimentConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """The plain dict every actor receives (resolved paths, the sections it needs)."""
     return {
         "seed": cfg.run.seed,
@@ -58,6 +58,7 @@ def actor_config(cfg: ExperimentConfig) -> dict[str, Any]:
         "learner": cfg.learner.model_dump(),
         "loss": cfg.loss.model_dump(),
         "val_size": getattr(cfg.method, "val_size", 50),
+        "pid_dir": str((run_dir or cfg.run_dir).resolve() / "actors"),
     }
 
 
@@ -111,7 +112,7 @@ class OPDTrainer:
         restart = {"max_restarts": cfg.rollout.max_restarts, "max_task_retries": cfg.rollout.max_restarts}
         self.rollout = ActorGroup(RolloutWorker, cfg.rollout.num_workers, lambda i: (acfg, i),
                                   {"num_cpus": cfg.rollout.num_cpus, **restart})
-        self.teacher = ActorGroup(TeacherScorer, cfg.teacher.num_workers, lambda i: (acfg,),
+        self.teacher = ActorGroup(TeacherScorer, cfg.teacher.num_workers, lambda i: (acfg, i),
                                   {"num_cpus": cfg.teacher.num_cpus, "max_restarts": cfg.teacher.max_restarts,
                                    "max_task_retries": cfg.teacher.max_restarts})
         port, ws = free_port(), cfg.learner.world_size

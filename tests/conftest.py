@@ -1,0 +1,59 @@
+"""Shared fixtures: the embedded models (built once by the real `foresight prepare` command)
+and CLI helpers. End-to-end tests are marked `e2e`; `make test-unit` skips them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("FORESIGHT_TEST_CACHE", ROOT / ".cache"))
+TEST_ENV = {
+    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONWARNINGS": "ignore", "FORESIGHT_LOG_LEVEL": "INFO",
+}
+os.environ.update(TEST_ENV)
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def foresight(*args: str, cwd: Path = ROOT, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real CLI (`python -m orchestrator ...`) in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **TEST_ENV})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"foresight {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def models() -> Path:
+    """Teacher + student built by `foresight prepare` (cached across sessions by recipe)."""
+    out = CACHE / "models"
+    foresight("prepare", "--out", str(out), timeout=1200)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fake_models(tmp_path_factory) -> Path:
+    """Folders that pass the path checks (a config.json), for validation tests that never load weights."""
+    root = tmp_path_factory.mktemp("fake_models")
+    for role in ("student", "teacher"):
+        (root / role).mkdir()
+        (root / role / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return root
+
+
+def model_overrides(models: Path) -> list[str]:
+    return [f"models.student={models / 'student'}", f"models.teacher={models / 'teacher'}"]
+
+
+def run_overrides(models: Path, out: Path) -> list[str]:
+    """Point a run at the test models, a temp output dir and a temp MLflow store."""
+    return model_overrides(models) + [f"run.output_dir={out}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}"]
