@@ -1,0 +1,170 @@
+"""Step overhead: Foresight's OPD step (Ray actors + ZeRO-3 learner + weight sync) vs a
+single-process loop doing the same compute (same models, batch, generation, loss, AdamW).
+
+    python benchmarks/step_overhead.py [--steps 40] [--sizes tiny,medium]
+
+ratio = median step time of the project / median step time of the single-process loop, at the
+benchmark's model size (`medium`, a 4-layer d=256 Llama, ~3.4M parameters; `tiny` is the embedded
+task's student). Writes benchmarks/results/step_overhead.json and logs it to MLflow
+(experiment `benchmarks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from orchestrator.modeling import TinyArch, build_tokenizer, gather_logp, generate, init_model, load_model, load_tokenizer, response_logits  # noqa: E402
+
+SIZES = {"medium": TinyArch(hidden=256, layers=4, heads=8, intermediate=1024)}
+
+
+def build_models(size: str, tmp: Path) -> tuple[Path, Path]:
+    """Student/teacher folders: the embedded pair for `tiny`, random-init models otherwise."""
+    if size == "tiny":
+        base = ROOT / "models" / "addition"
+        if not (base / "student" / "config.json").is_file():
+            raise SystemExit("run `foresight prepare` (or `make models`) first")
+        return base / "student", base / "teacher"
+    tok = build_tokenizer()
+    paths = []
+    for role, seed in (("student", 1), ("teacher", 2)):
+        path = tmp / size / role
+        init_model(SIZES[size], tok, seed).save_pretrained(path)
+        tok.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def single_process(student: Path, teacher: Path, steps: int, batch: int, max_new: int, lr: float) -> dict[str, float]:
+    """The reference: one process, one thread, the same phases back to back."""
+    from orchestrator.config import AdditionTask
+    from orchestrator.losses import LossInputs, opd_loss
+    from orchestrator.task import build_addition
+
+    torch.set_num_threads(1)
+    tok, s, t = load_tokenizer(student), load_model(student), load_model(teacher)
+    task = build_addition(AdditionTask())
+    opt = torch.optim.AdamW(s.parameters(), lr=lr, weight_decay=0.0)
+    times = []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        ex = random.Random(step).sample(task.train, batch)
+        s.eval()
+        b = generate(s, tok, [e.prompt for e in ex], max_new, greedy=False, seed=step)
+        with torch.no_grad():
+            tl = torch.log_softmax(response_logits(t, b["input_ids"], b["attention_mask"], b["prompt_len"]), -1)
+        s.train()
+        logits = response_logits(s, b["input_ids"], b["attention_mask"], b["prompt_len"])
+        loss, _ = opd_loss("pg_reverse_kl", LossInputs(logits, b["response"], b["response_mask"],
+                                                      gather_logp(tl, b["response"]) * b["response_mask"], b["logp"],
+                                                      norm=float(b["response_mask"].sum())))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(s.parameters(), 1.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {"step": statistics.median(times[3:])}
+
+
+def project(student: Path, teacher: Path, steps: int, batch: int, max_new: int, lr: float, out: Path,
+            world_size: int) -> dict[str, float]:
+    """The real pipeline via OPDTrainer; medians of its `timing/*` metrics (first 3 steps dropped)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cli import connect_ray
+    from orchestrator.config import validate
+    from orchestrator.plan import resolve
+    from orchestrator.trainer import OPDTrainer
+
+    cfg = validate({"run": {"name": f"overhead_ws{world_size}", "steps": steps, "output_dir": str(out)},
+                    "models": {"student": str(student), "teacher": str(teacher)},
+                    "learner": {"world_size": world_size, "lr": lr},
+                    "rollout": {"batch_prompts": batch, "max_new_tokens": max_new},
+                    "eval": {"every": 10**6, "num_examples": 8}, "checkpoint": {"every": 0},
+                    "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "overhead"}})
+    plan = resolve(cfg)
+    connect_ray(plan.available_cpus)
+    trainer = OPDTrainer(cfg, plan, resume=False, show_progress=False)
+    try:
+        trainer.run()
+    finally:
+        trainer.shutdown()
+    client = MlflowClient(plan.tracking_uri)
+    result = {}
+    for key in ("step", "rollout", "teacher", "learner", "sync"):
+        vals = [m.value for m in sorted(client.get_metric_history(trainer.state.mlflow_run_id, f"timing/{key}"), key=lambda m: m.step)]
+        result[key] = statistics.median(vals[3:])
+    # the last step also evaluates and saves the final checkpoint: exclude it like the warm-up
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--sizes", default="tiny,medium")
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_overhead.json"))
+    args = parser.parse_args()
+    lr, max_new = 1e-5, 6
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for size in args.sizes.split(","):
+            student, teacher = build_models(size, tmp)
+            params = sum(p.numel() for p in load_model(student).parameters())
+            ref = single_process(student, teacher, args.steps, args.batch, max_new, lr)
+            ours = project(student, teacher, args.steps, args.batch, max_new, lr, tmp / f"run_{size}", args.world_size)
+            rows[size] = {"params": params, "single_process_step_s": ref["step"], "project_step_s": ours["step"],
+                          "project_phases_s": ours, "ratio": ours["step"] / ref["step"]}
+            print(f"{size}: {params} params, single-process {ref['step'] * 1e3:.1f} ms/step, "
+                  f"project {ours['step'] * 1e3:.1f} ms/step, ratio {rows[size]['ratio']:.2f}", flush=True)
+    main_size = "medium" if "medium" in rows else next(iter(rows))
+    result = {
+        "benchmark": "step_overhead",
+        "ratio": rows[main_size]["ratio"],
+        "ratio_model_size": main_size,
+        "target": "<= 1.5",
+        "sizes": rows,
+        "settings": {"steps": args.steps, "batch_prompts": args.batch, "max_new_tokens": max_new, "lr": lr,
+                     "world_size": args.world_size, "loss": "pg_reverse_kl", "warmup_steps_dropped": 3},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "omp_threads": os.environ.get("OMP_NUM_THREADS")},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    log_benchmark(result, "step_overhead")
+    print(f"ratio {result['ratio']:.2f} at {main_size}; wrote {args.out}")
+    return 0
+
+
+def log_benchmark(result: dict, name: str) -> None:
+    """Log a benchmark result to MLflow (experiment `benchmarks`, default local store)."""
+    from orchestrator.config import flatten
+    from orchestrator.tracking import MlflowLogger, resolve_uri
+
+    tracker = MlflowLogger(resolve_uri(None, ROOT / "runs"), "benchmarks", name, artifact_root=ROOT / "runs" / "mlartifacts")
+    flat = flatten(result)
+    tracker.log(0, {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    tracker.log_json(result, f"{name}.json")
+    tracker.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
