@@ -72,8 +72,8 @@ def test_smoke_run_improves_student_and_logs_to_mlflow(reference):
     print(f"smoke run wall time {reference['seconds']:.0f}s; accuracy {acc[0][1]:.3f} -> {acc[-1][1]:.3f}")
 
 
-def start_run(models: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "orchestrator", "run", SMOKE, *run_overrides(models, out)],
+def start_run(models: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", "run", SMOKE, *run_overrides(models, out), *extra],
                             cwd=ROOT, env={**os.environ, **TEST_ENV}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
