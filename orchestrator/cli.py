@@ -1,8 +1,9 @@
 """`foresight` command line (also `python -m orchestrator`).
 
     foresight prepare [--out models/addition] [--force]   build the embedded teacher + student
-    foresight plan CONFIG [key=value ...]                  validate, print resolved config + layout
+    foresight plan CONFIG [key=value ...] [--cluster SPEC]  validate, print resolved config + layout
     foresight run CONFIG [key=value ...] [--no-resume]     run (resumes from the last checkpoint)
+    foresight geometry --base DIR --updated DIR [--final DIR] --out FILE.json   update geometry
 
 Bad input exits with code 2 and `<file>: <key>: <reason>` before anything starts or is written.
 Inside `ray job submit` the run connects to the job's cluster; otherwise it starts a local Ray.
@@ -50,11 +51,19 @@ def _load(args: argparse.Namespace) -> tuple[str | None, list]:
         cfgs = [t.cfg for t in trials]
     else:
         name, cfgs = None, [load_config(args.config, args.overrides)]
+    cluster = None
+    if getattr(args, "cluster", None):
+        from orchestrator.scales import parse_cluster
+
+        try:
+            cluster = parse_cluster(args.cluster)
+        except ValueError as err:
+            raise ConfigError("<command line>", "--cluster", str(err)) from None
     cpus = None
     plans = []
     for cfg in cfgs:
-        plan = resolve(cfg, args.config, cpus)
-        cpus = plan.available_cpus
+        plan = resolve(cfg, args.config, cpus, cluster=cluster)
+        cpus = plan.available_cpus if cluster is None else None
         plans.append((cfg, plan))
     return name, plans
 
@@ -62,12 +71,16 @@ def _load(args: argparse.Namespace) -> tuple[str | None, list]:
 def cmd_plan(args: argparse.Namespace) -> int:
     sweep, plans = _load(args)
     if sweep:
-        print(f"# sweep {sweep}: {len(plans)} trials, run one after another")
+        print(f"# sweep {sweep}: {len(plans)} trials")
     for cfg, plan in plans:
-        print(f"# resolved config: {cfg.run.name}")
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
-        print("# plan")
+        if not args.brief:
+            print(f"# resolved config: {cfg.run.name}")
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+        print(f"# plan: {cfg.run.name}")
         print(plan.describe())
+    if plans[0][1].gpu is not None:
+        total = sum(p.gpu_hours for _, p in plans)
+        print(f"# total: {len(plans)} trials, ~{total:,.0f} GPU-hours on {plans[0][1].cluster}")
     return 0
 
 
@@ -91,10 +104,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     sweep, plans = _load(args)
     parent = sweep_parent_run(sweep, plans) if sweep else None
+    from orchestrator.checkpoint import latest_tag
+
+    if args.no_resume:
+        for cfg, plan in plans:
+            if latest_tag(plan.run_dir) or done_marker(plan.run_dir).is_file():
+                raise ConfigError(args.config, "run.name", f"{plan.run_dir} already holds a run; --no-resume would "
+                                  "overwrite it: pick another run.name or run.output_dir, or delete the folder")
     for i, (cfg, plan) in enumerate(plans, 1):
         label = f"[{i}/{len(plans)}] " if sweep else ""
-        if sweep and done_marker(plan.run_dir).is_file() and not args.no_resume:
-            print(f"{label}{cfg.run.name}: already finished, skipped")
+        if done_marker(plan.run_dir).is_file():
+            print(f"{label}{cfg.run.name}: already finished ({done_marker(plan.run_dir)}), skipped")
             continue
         log.info("%sresolved config:\n%s", label, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
         log.info("plan:\n%s", plan.describe())
@@ -110,6 +130,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_geometry(args: argparse.Namespace) -> int:
+    from orchestrator.geometry import GeometryOptions, analyze
+
+    for flag in ("base", "updated", "final"):
+        folder = getattr(args, flag)
+        if folder and not Path(folder).is_dir():
+            raise ConfigError("<command line>", f"--{flag}", f"no such checkpoint folder: {folder}")
+    opts = GeometryOptions(svd=args.svd, rotation_k=args.rotation_k, sim_k=args.sim_k)
+    report = analyze(Path(args.base), Path(args.updated), Path(args.final) if args.final else None, opts,
+                     progress=sys.stderr.isatty())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(report.to_json())
+    o = report.overall
+    print(f"{len(report.matrices)} matrices: stable rank {o['stable_rank']:.2f}, spectral/Frobenius "
+          f"{o['spectral_fro_ratio']:.3f}, top-1% ratio {o['top1pct_ratio']:.3f}, bf16 sparsity "
+          f"{o['bf16_sparsity_param_weighted']:.3f} -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foresight", description="On-policy distillation and EffOPD on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,13 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models/addition", help="output folder (default: models/addition)")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("geometry", help="parameter-geometry diagnostics of an update (HF safetensors checkpoints)")
+    p.add_argument("--base", required=True, help="W_0 checkpoint folder")
+    p.add_argument("--updated", required=True, help="W_+ checkpoint folder")
+    p.add_argument("--final", help="final checkpoint folder, for Sim_K to the final update")
+    p.add_argument("--out", required=True, help="output JSON (schema: orchestrator/geometry.py GeometryReport)")
+    p.add_argument("--svd", choices=["full", "randomized"], default="full", help="SVD of Delta W (default exact)")
+    p.add_argument("--rotation-k", type=int, default=512, help="top-k singular subspaces for principal angles")
+    p.add_argument("--sim-k", type=int, default=16, help="K of Sim_K")
+    p.set_defaults(fn=cmd_geometry)
     for name, fn, helptext in (("plan", cmd_plan, "validate a config and print the resolved config and actor layout"),
                                ("run", cmd_run, "run an experiment (resumes from its last checkpoint)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config", help="experiment YAML (e.g. experiments/smoke.yaml)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=3e-5 run.seed=1")
+        if name == "plan":
+            p.add_argument("--cluster", help="check against a cluster spec without GPUs, e.g. 4x8xH100-80GB "
+                                             "or a YAML file (nodes, gpus_per_node, gpu, gpu_mem_gb)")
+            p.add_argument("--brief", action="store_true", help="print only the plans, not the resolved configs")
         if name == "run":
-            p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start over")
+            p.add_argument("--no-resume", action="store_true",
+                           help="start from W_0; refused if the run folder already holds a run")
             p.add_argument("--progress", action="store_true", help="show the progress bar even without a TTY")
         p.set_defaults(fn=fn)
     return parser

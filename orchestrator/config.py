@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(Exception):
@@ -41,7 +41,16 @@ class RunConfig(_Strict):
     output_dir: Path = Path("runs")
     """Root for run folders (checkpoints, resolved config, final weights)."""
     scale: str = "tiny"
-    """Scale name (a tag; tiny scales run on CPU)."""
+    """Scale from the registry (`orchestrator/scales.py`): tiny (CPU), 1.5B, 4B, 7B, 8B, 14B, 32B."""
+
+    @field_validator("scale")
+    @classmethod
+    def _known_scale(cls, value: str) -> str:
+        from orchestrator.scales import SCALES
+
+        if value not in SCALES:
+            raise ValueError(f"unknown scale '{value}' (known: {', '.join(SCALES)})")
+        return value
 
 
 class TrackingConfig(_Strict):
@@ -52,10 +61,11 @@ class TrackingConfig(_Strict):
 
 
 class ModelsConfig(_Strict):
-    student: Path = Path("models/addition/student")
-    """Local HF checkpoint folder of the student (initial weights W_0). Never downloaded."""
-    teacher: Path = Path("models/addition/teacher")
-    """Local HF checkpoint folder of the teacher (a better model of the same tokenizer)."""
+    student: Path | None = None
+    """Local HF checkpoint folder of the student (W_0); None: the scale's (tiny: models/addition/student,
+    GPU scales: $FORESIGHT_MODEL_ROOT/<model>). Never downloaded."""
+    teacher: Path | None = None
+    """Local HF checkpoint folder of the teacher (a better model with the same tokenizer); None: the scale's."""
 
 
 # ----------------------------------------------------------------------------- task
@@ -98,6 +108,10 @@ class RolloutConfig(_Strict):
     """Completions sampled per prompt."""
     max_new_tokens: int = Field(8, gt=0)
     """Response length cap (tokens)."""
+    max_prompt_tokens: int = Field(2048, gt=0)
+    """Prompt length budget (tokens); sizes the KV cache in GPU plans."""
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=0.95)
+    """Share of a GPU a vLLM engine may take (GPU plans)."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the student (the papers use 1.0)."""
     max_restarts: int = Field(3, ge=0)
@@ -126,6 +140,8 @@ class LearnerConfig(_Strict):
     """AdamW decoupled weight decay."""
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip (0 disables)."""
+    max_tokens_per_gpu: int = Field(22000, gt=0)
+    """Learner micro-batch token budget per GPU (GPU plans; the papers: 22,000)."""
     sync_bucket_mb: float = Field(64.0, gt=0)
     """Weight-sync bucket size: the full weights are put in the object store in buckets this big."""
 
@@ -230,6 +246,13 @@ class ExperimentConfig(_Strict):
     def run_dir(self) -> Path:
         return self.run.output_dir / self.run.name
 
+    @property
+    def model_paths(self) -> tuple[Path, Path]:
+        """(student, teacher) folders: configured, or the scale's defaults."""
+        from orchestrator.scales import model_paths
+
+        return model_paths(self.run.scale, self.models.student, self.models.teacher)
+
 
 # ----------------------------------------------------------------------------- loading
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -311,14 +334,12 @@ def _is_union_tag(part: Any) -> bool:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """YAML file (optional) + dotted overrides -> validated config. Raises ConfigError."""
     data = read_yaml(path) if path else {}
-    cfg = validate(deep_merge(data, parse_overrides(overrides or [])), path)
-    check_paths(cfg, path)
-    return cfg
+    return validate(deep_merge(data, parse_overrides(overrides or [])), path)
 
 
 def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
     """Model folders and data files must exist locally (nothing is ever downloaded)."""
-    for key, folder in (("models.student", cfg.models.student), ("models.teacher", cfg.models.teacher)):
+    for key, folder in zip(("models.student", "models.teacher"), cfg.model_paths):
         if not (folder / "config.json").is_file():
             hint = " (run `foresight prepare` to build the embedded models)" if "models/addition" in str(folder) else ""
             raise ConfigError(file, key, f"no HF checkpoint (config.json) at {folder}{hint}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import ConfigError, ExperimentConfig, check_paths, deep_merge, parse_overrides, read_yaml, validate
+from orchestrator.config import ConfigError, ExperimentConfig, deep_merge, parse_overrides, read_yaml, validate
 
 log = logging.getLogger(__name__)
 SWEEP_KEYS = {"sweep", "base", "matrix"}
@@ -75,7 +75,6 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[str, l
         except ConfigError as err:
             key = next((f"matrix.{k}" for k in assignment if err.key.startswith(k) or k.startswith(err.key)), err.key)
             raise ConfigError(path, key, f"{err.reason} (trial {trial_name})") from None
-        check_paths(cfg, path)
         trials.append(Trial(trial_name, assignment, cfg))
     return name, trials
 

@@ -51,8 +51,8 @@ def actor_config(cfg: ExperimentConfig, run_dir: Path | None = None) -> dict[str
     """The plain dict every actor receives (resolved paths, the sections it needs)."""
     return {
         "seed": cfg.run.seed,
-        "student_path": str(cfg.models.student.resolve()),
-        "teacher_path": str(cfg.models.teacher.resolve()),
+        "student_path": str(cfg.model_paths[0].resolve()),
+        "teacher_path": str(cfg.model_paths[1].resolve()),
         "task_cfg": cfg.task,
         "rollout": cfg.rollout.model_dump(),
         "learner": cfg.learner.model_dump(),
@@ -287,10 +287,10 @@ class OPDTrainer:
         from orchestrator.modeling import load_model, load_tokenizer
 
         final_dir = self.run_dir / "final"
-        model = load_model(self.cfg.models.student)
+        model = load_model(self.cfg.model_paths[0])
         model.load_state_dict(fetch_state_dict(self.weights), strict=False)
         model.save_pretrained(final_dir, safe_serialization=True)
-        load_tokenizer(self.cfg.models.student).save_pretrained(final_dir)
+        load_tokenizer(self.cfg.model_paths[0]).save_pretrained(final_dir)
         self.tracker.log_text(str(final_dir.resolve()), "final_checkpoint.txt")
         if self.state.decisions:
             self.tracker.log_json(self.state.decisions, "effopd_decisions.json")

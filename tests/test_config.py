@@ -11,6 +11,7 @@ from orchestrator.config import ConfigError, load_config, parse_overrides
 from orchestrator.plan import resolve
 from orchestrator.sweep import expand, is_sweep
 from orchestrator.config import read_yaml
+from orchestrator.scales import SCALES, parse_cluster
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -44,10 +45,11 @@ def test_bad_values_name_file_key_reason(tmp_path, fake_models, text, key, reaso
     assert str(path) in str(err.value) and err.value.key.startswith(key) and reason in str(err.value)
 
 
-def test_missing_model_path(tmp_path):
+def test_missing_model_path(tmp_path, fake_models):
     path = write(tmp_path, "run:\n  steps: 3\n")
+    cfg = load_config(path, model_overrides(fake_models) + [f"models.student={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError) as err:
-        load_config(path, [f"models.student={tmp_path / 'nope'}"])
+        resolve(cfg, path, cpus=2)
     assert err.value.key == "models.student" and "no HF checkpoint" in err.value.reason
 
 
@@ -85,5 +87,9 @@ def test_shipped_experiments_parse_and_plan(path, fake_models):
     overrides = model_overrides(fake_models)
     cfgs = [t.cfg for t in expand(path, overrides)[1]] if is_sweep(read_yaml(path)) else [load_config(path, overrides)]
     for cfg in cfgs:
-        plan = resolve(cfg, path, cpus=2)
-        assert plan.total_cpus <= 2
+        if SCALES[cfg.run.scale].gpu:  # GPU grids are checked as dry runs against the papers' cluster size
+            plan = resolve(cfg, path, cluster=parse_cluster("4x8xH100-80GB"))
+            assert 0 < plan.gpu.gpus <= 32 and plan.concurrent >= 1
+        else:
+            plan = resolve(cfg, path, cpus=2)
+            assert plan.total_cpus <= 2
