@@ -4,6 +4,7 @@
     foresight plan CONFIG [key=value ...] [--cluster SPEC]  validate, print resolved config + layout
     foresight run CONFIG [key=value ...] [--no-resume]     run (resumes from the last checkpoint)
     foresight geometry --base DIR --updated DIR [--final DIR] --out FILE.json   update geometry
+    foresight intervene {scale,beta,rank,window,embedding} --base DIR --final DIR [--values ...]
 
 Bad input exits with code 2 and `<file>: <key>: <reason>` before anything starts or is written.
 Inside `ray job submit` the run connects to the job's cluster; otherwise it starts a local Ray.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -149,6 +151,59 @@ def cmd_geometry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state(folder: str):
+    from orchestrator.geometry import Checkpoint
+
+    ckpt = Checkpoint(Path(folder))
+    return {k: ckpt.get(k) for k in ckpt.keys()}
+
+
+def cmd_intervene(args: argparse.Namespace) -> int:
+    from orchestrator.interventions import INTERVENTIONS
+    from orchestrator.modeling import greedy_accuracy, load_model, load_tokenizer
+    from orchestrator.task import build_task
+    from orchestrator.tracking import MlflowLogger, resolve_uri
+
+    for flag in ("base", "final", "early"):
+        folder = getattr(args, flag)
+        if folder and not (Path(folder) / "config.json").is_file():
+            raise ConfigError("<command line>", f"--{flag}", f"no HF checkpoint at {folder}")
+    if args.kind == "beta" and not args.early:
+        raise ConfigError("<command line>", "--early", "the beta intervention needs an early checkpoint")
+    cfg = load_config(args.config, []) if args.config else load_config(None, [])
+    task = build_task(cfg.task)
+    examples = task.test[: args.examples]
+    w0, wf = _state(args.base), _state(args.final)
+    early = _state(args.early) if args.early else None
+    model, tok = load_model(args.base), load_tokenizer(args.base)
+    fn = INTERVENTIONS[args.kind]
+    values = [float(v) for v in args.values.split(",")] if args.values else [math.nan]
+    tracker = MlflowLogger(resolve_uri(args.uri, Path("runs")), "interventions", f"{args.kind}",
+                           artifact_root=Path("runs") / "mlartifacts")
+    tracker.log_params({"kind": args.kind, "base": args.base, "final": args.final, "early": args.early,
+                        "values": args.values, "keep": args.keep, "module": args.module, "radius": args.radius})
+    rows = []
+    for i, v in enumerate(values):
+        if args.kind == "scale":
+            state = fn(w0, wf, v)
+        elif args.kind == "beta":
+            state = fn(w0, early, wf, v)
+        elif args.kind == "rank":
+            state = fn(w0, wf, v, args.keep)
+        elif args.kind == "window":
+            state = fn(w0, wf, args.module, int(v), args.radius)
+        else:
+            state = fn(w0, wf)
+        model.load_state_dict(state, strict=False)
+        acc = greedy_accuracy(model, tok, examples, task.reward, cfg.rollout.max_new_tokens)
+        rows.append({"value": v, "accuracy": acc})
+        tracker.log(i, {f"{args.kind}/value": v, f"{args.kind}/accuracy": acc})
+        print(f"{args.kind} {v:g}: accuracy {acc:.3f}")
+    tracker.log_json(rows, f"{args.kind}.json")
+    tracker.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foresight", description="On-policy distillation and EffOPD on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation-k", type=int, default=512, help="top-k singular subspaces for principal angles")
     p.add_argument("--sim-k", type=int, default=16, help="K of Sim_K")
     p.set_defaults(fn=cmd_geometry)
+    p = sub.add_parser("intervene", help="weight-space interventions on an update, evaluated on the task")
+    p.add_argument("kind", choices=["scale", "beta", "rank", "window", "embedding"])
+    p.add_argument("--base", required=True, help="W_0 checkpoint folder")
+    p.add_argument("--final", required=True, help="final checkpoint folder")
+    p.add_argument("--early", help="early checkpoint folder (beta)")
+    p.add_argument("--values", help="comma-separated: alpha (scale), beta (beta), percent (rank), centre layer (window)")
+    p.add_argument("--keep", choices=["top", "bottom"], default="top", help="rank: keep top or bottom components")
+    p.add_argument("--module", choices=["mlp", "attention"], default="mlp", help="window: which updates to inject")
+    p.add_argument("--radius", type=int, default=8, help="window: +- layers around the centre")
+    p.add_argument("--config", help="experiment YAML whose task is used (default: embedded addition)")
+    p.add_argument("--examples", type=int, default=500, help="test examples to evaluate")
+    p.add_argument("--uri", help="MLflow tracking URI (default: runs/mlflow.db)")
+    p.set_defaults(fn=cmd_intervene)
     for name, fn, helptext in (("plan", cmd_plan, "validate a config and print the resolved config and actor layout"),
                                ("run", cmd_run, "run an experiment (resumes from its last checkpoint)")):
         p = sub.add_parser(name, help=helptext)

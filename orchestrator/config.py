@@ -210,6 +210,13 @@ class EvalConfig(_Strict):
     """Test examples used (None: the whole test split)."""
 
 
+class GeometryConfig(_Strict):
+    every: int = Field(0, ge=0)
+    """Live geometry monitor every N steps (0: off); see orchestrator/monitor.py."""
+    sim_k: int = Field(16, gt=0)
+    """K of Sim_K (subspace similarity of update directions)."""
+
+
 class CheckpointConfig(_Strict):
     every: int = Field(25, ge=0)
     """Save learner + driver state every N steps (0: only at the end)."""
@@ -229,6 +236,7 @@ class ExperimentConfig(_Strict):
     loss: LossConfig = LossConfig()
     method: MethodConfig = Vanilla()
     eval: EvalConfig = EvalConfig()
+    geometry: GeometryConfig = GeometryConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -30,11 +30,12 @@ from actors.group import ActorGroup, free_port, split
 from actors.learner import Learner
 from actors.rollout import RolloutWorker
 from actors.teacher import TeacherScorer
-from actors.weights import WeightsHandle
+from actors.weights import WeightsHandle, fetch_state_dict
 from orchestrator import checkpoint as ckpt
 from orchestrator.config import EffOPD, ExOPD, ExperimentConfig, FixedExtrapolation, flatten
 from orchestrator.extrapolation import Decision, accept, coefficient, is_search_step
 from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION
+from orchestrator.monitor import GeometryMonitor
 from orchestrator.plan import ResolvedPlan
 from orchestrator.task import build_task
 from orchestrator.tracking import MlflowLogger
@@ -88,6 +89,7 @@ class OPDTrainer:
     learner: ActorGroup
     evaluators: ActorGroup | None
     tracker: MlflowLogger
+    monitor: GeometryMonitor | None
     state: ckpt.RunState
     weights: WeightsHandle
     """What rollout workers should hold: the learner's newest weights."""
@@ -133,6 +135,13 @@ class OPDTrainer:
         if tag:
             ray.get(self.rollout.call("sync", self.weights))
         self._open_tracker()
+        if cfg.geometry.every:
+            from safetensors.torch import load_file
+
+            w0 = {}
+            for f in sorted(cfg.model_paths[0].glob("*.safetensors")):
+                w0.update(load_file(str(f)))
+            self.monitor = GeometryMonitor(w0, self.run_dir / "geometry", cfg.geometry.sim_k)
 
     @property
     def _extrapolates(self) -> bool:
@@ -214,10 +223,13 @@ class OPDTrainer:
             if self._extrapolates and is_search_step(step, self.cfg.method.max_search_step):
                 with timer("search"):
                     metrics.update(self.search(step))
-            # 6. periodic evaluation on the held-out test split
+            # 6. periodic evaluation on the held-out test split (and the geometry monitor)
             if step % cfg.eval.every == 0 or step == cfg.run.steps:
                 with timer("eval"):
                     metrics["eval/accuracy"] = self.evaluate()
+            if cfg.geometry.every and (step % cfg.geometry.every == 0 or step == cfg.run.steps):
+                with timer("geometry"):
+                    metrics.update(self.monitor.observe(step, fetch_state_dict(self.weights)))
         self.state.step = step
         return {**metrics, **timer.times}
 
@@ -283,7 +295,6 @@ class OPDTrainer:
 
     def finish(self) -> None:
         """Final HF checkpoint, decisions and the checkpoint path as MLflow artifacts."""
-        from actors.weights import fetch_state_dict
         from orchestrator.modeling import load_model, load_tokenizer
 
         final_dir = self.run_dir / "final"
@@ -294,6 +305,11 @@ class OPDTrainer:
         self.tracker.log_text(str(final_dir.resolve()), "final_checkpoint.txt")
         if self.state.decisions:
             self.tracker.log_json(self.state.decisions, "effopd_decisions.json")
+        if self.cfg.geometry.every:
+            curve = self.monitor.sim_to_final()
+            for step, sim in curve:
+                self.tracker.client.log_metric(self.tracker.run_id, "geometry/sim_to_final", sim, step=step)
+            self.tracker.log_json(curve, "geometry_sim_to_final.json")
         self.tracker.set_tags({"final_checkpoint": str(final_dir.resolve())})
         done_marker(self.run_dir).write_text(json.dumps({"step": self.state.step, "mlflow_run_id": self.tracker.run_id}))
 

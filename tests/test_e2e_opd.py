@@ -64,6 +64,12 @@ def test_smoke_run_improves_student_and_logs_to_mlflow(reference):
                 "timing/sync", "timing/step"):
         steps = [s for s, _ in history(client, run.info.run_id, key)]
         assert steps == list(range(1, 81)), key
+    geo = history(client, run.info.run_id, "geometry/stable_rank")
+    assert [s for s, _ in geo] == [20, 40, 60, 80] and all(v >= 1.0 for _, v in geo)
+    lock_in = history(client, run.info.run_id, "geometry/sim_to_final")
+    assert [s for s, _ in lock_in] == [20, 40, 60, 80] and abs(lock_in[-1][1] - 1.0) < 1e-9
+    assert all(0.0 <= v <= 1.0 + 1e-9 for _, v in lock_in)
+    assert history(client, run.info.run_id, "geometry/update_norm/mlp")[-1][1] > 0
     assert run.data.tags["method"] == "vanilla" and run.data.tags["seed"] == "0" and run.data.tags["scale"] == "tiny"
     assert run.data.params["learner/world_size"] == "2"
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
