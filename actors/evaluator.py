@@ -13,7 +13,8 @@ import torch
 
 from actors.weights import WeightsHandle, fetch_state_dict
 from orchestrator.extrapolation import extrapolate
-from orchestrator.modeling import greedy_accuracy, load_model, load_tokenizer, quiet_hf
+from orchestrator.modeling import (gather_logp, generate, greedy_accuracy, load_model, load_tokenizer, quiet_hf,
+                                   response_logits)
 from orchestrator.task import build_task
 
 
@@ -29,6 +30,7 @@ class CandidateEvaluator:
         task = build_task(cfg["task_cfg"])
         self.reward = task.reward
         self.val = task.validation_set(cfg["val_size"], cfg["seed"])
+        self.teacher = load_model(cfg["teacher_path"]) if cfg.get("val_score") == "teacher_kl" else None
         self._cache: tuple[int, int, dict, dict] | None = None
 
     def _weights(self, current: WeightsHandle, anchor: WeightsHandle) -> tuple[dict, dict]:
@@ -37,11 +39,22 @@ class CandidateEvaluator:
         return self._cache[2], self._cache[3]
 
     def score(self, current: WeightsHandle, anchor: WeightsHandle, coefs: list[float]) -> list[float]:
-        """V(W_t + c (W_t - anchor)) for each c: greedy accuracy on D_v."""
+        """V(W_t + c (W_t - anchor)) for each c: greedy accuracy on D_v, or -reverse KL to the teacher."""
         w, a = self._weights(current, anchor)
         scores = []
         for c in coefs:
             self.model.load_state_dict({k: extrapolate(w[k], a[k], c) for k in w}, strict=False)
-            scores.append(greedy_accuracy(self.model, self.tokenizer, self.val, self.reward,
+            scores.append(self._teacher_kl() if self.teacher is not None else
+                          greedy_accuracy(self.model, self.tokenizer, self.val, self.reward,
                                           self.cfg["rollout"]["max_new_tokens"]))
         return scores
+
+    @torch.no_grad()
+    def _teacher_kl(self) -> float:
+        """-(1/N) sum_t (log pi_cand(y_t) - log pi_t(y_t)) on the candidate's samples of D_v (fixed seed)."""
+        out = generate(self.model, self.tokenizer, [e.prompt for e in self.val], self.cfg["rollout"]["max_new_tokens"],
+                       greedy=False, seed=self.cfg["seed"] + 12345)
+        logits = response_logits(self.teacher, out["input_ids"], out["attention_mask"], out["prompt_len"])
+        q = gather_logp(torch.log_softmax(logits, -1), out["response"])
+        m = out["response_mask"]
+        return -float(((out["logp"] - q) * m).sum() / m.sum())

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from orchestrator.extrapolation import extrapolate
-from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION, LossInputs, opd_loss
+from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION, LossInputs, grpo_advantages, opd_loss, sparsify
 from orchestrator.modeling import concat_batches, load_model, quiet_hf, response_logits, slice_batch
 
 
@@ -89,16 +89,18 @@ class Learner:
         return sum(p.ds_numel for p in self.engine.module.parameters())
 
     # ------------------------------------------------------------------ training
-    def train_step(self, rollout_refs: list, teacher_refs: list, adv_scale: float) -> dict[str, float]:
+    def train_step(self, rollout_refs: list, teacher_refs: list, adv_scale: float, step: int = 0) -> dict[str, float]:
         """One optimizer step on this rank's shard of the global batch; returns token-sum stats."""
         import ray
 
         batch = concat_batches(ray.get(rollout_refs))
         teacher = concat_batches(ray.get(teacher_refs))
+        lcfg = self.cfg["loss"]
+        rlvr_all, keep_all = self._token_controls(batch, teacher, lcfg, step)
         B = batch["input_ids"].shape[0]
         lo, hi = self.rank * B // self.world_size, (self.rank + 1) * B // self.world_size
         mine, tmine = slice_batch(batch, lo, hi), slice_batch(teacher, lo, hi)
-        lcfg = self.cfg["loss"]
+        rlvr, keep = (t[lo:hi] if t is not None else None for t in (rlvr_all, keep_all))
         logits = response_logits(self.engine, mine["input_ids"], mine["attention_mask"], mine["prompt_len"])
         inputs = LossInputs(
             logits_BRV=logits, tokens_BR=mine["response"], mask_BR=mine["response_mask"],
@@ -107,6 +109,7 @@ class Learner:
             adv_scale=adv_scale, importance_correction=lcfg["importance_correction"],
             importance_threshold=lcfg["importance_threshold"],
             norm=float(batch["response_mask"].sum()) / self.world_size,
+            rlvr_adv_BR=rlvr, rlvr_mix=lcfg["rlvr_mix"], keep_BR=keep,
         )
         loss, stats = opd_loss(lcfg["type"], inputs)
         self.engine.backward(loss)
@@ -115,6 +118,23 @@ class Learner:
         stats["reward_sum"] = float(mine["rewards"].sum())
         stats["sequences"] = float(hi - lo)
         return stats
+
+    def _token_controls(self, batch: dict, teacher: dict, lcfg: dict, step: int):
+        """Global-batch GRPO advantages [B, R] and token-sparsification weights [B, R] (or None).
+
+        Computed before sharding so groups and the top-KL selection see the whole batch; the
+        per-token KL score uses the rollout log-probs (r_t - q_t).
+        """
+        mask = batch["response_mask"]
+        rlvr = None
+        if lcfg["rlvr_mix"] < 1.0:
+            adv = grpo_advantages(batch["rewards"], self.cfg["rollout"]["samples_per_prompt"])
+            rlvr = adv[:, None] * mask
+        keep = None
+        if lcfg["token_keep"] < 1.0:
+            keep = sparsify(mask, batch["logp"] - teacher["logp"], lcfg["token_keep"], lcfg["token_select"],
+                            seed=self.cfg["seed"] * 1_000_003 + step)
+        return rlvr, keep
 
     # ------------------------------------------------------------------ weights
     def _buckets(self, bucket_mb: float) -> list[list[tuple[str, torch.nn.Parameter]]]:

@@ -31,14 +31,7 @@ class RolloutWorker(HoldsWeights):
     def generate(self, step: int, indices: list[int], handle: WeightsHandle | None) -> dict[str, Any]:
         """Sample `samples_per_prompt` completions for train prompts `indices` (seeded by step)."""
         self.sync(handle)
-        rc = self.cfg["rollout"]
-        examples = [self.task.train[i] for i in indices for _ in range(rc["samples_per_prompt"])]
-        seed = (self.cfg["seed"] * 1_000_003 + step) * 97 + self.index
-        batch = generate(self.model, self.tokenizer, [e.prompt for e in examples], rc["max_new_tokens"],
-                         greedy=False, temperature=rc["temperature"], seed=seed)
-        texts = decode_responses(self.tokenizer, batch["response"], batch["response_mask"])
-        batch["rewards"] = torch.tensor([self.task.reward(t, e.answer) for t, e in zip(texts, examples)])
-        return batch
+        return sample_batch(self.model, self.tokenizer, self.task, self.cfg, step, indices, self.index)
 
     def evaluate(self, split: str, indices: list[int], handle: WeightsHandle | None) -> tuple[float, int]:
         """(sum of greedy rewards, count) over `indices` of the `train` or `test` split."""
@@ -47,3 +40,18 @@ class RolloutWorker(HoldsWeights):
         examples = [data[i] for i in indices]
         acc = greedy_accuracy(self.model, self.tokenizer, examples, self.task.reward, self.cfg["rollout"]["max_new_tokens"])
         return acc * len(examples), len(examples)
+
+
+def sample_batch(model, tokenizer, task, cfg: dict[str, Any], step: int, indices: list[int], index: int) -> dict[str, Any]:
+    """Rollout batch for training prompts `indices`: tokens, sampling log-probs, rewards.
+
+    Sampling is seeded by (run seed, step, worker index), so a retried step draws the same tokens.
+    """
+    rc = cfg["rollout"]
+    examples = [task.train[i] for i in indices for _ in range(rc["samples_per_prompt"])]
+    seed = (cfg["seed"] * 1_000_003 + step) * 97 + index
+    batch = generate(model, tokenizer, [e.prompt for e in examples], rc["max_new_tokens"],
+                     greedy=False, temperature=rc["temperature"], seed=seed)
+    texts = decode_responses(tokenizer, batch["response"], batch["response_mask"])
+    batch["rewards"] = torch.tensor([task.reward(t, e.answer) for t, e in zip(texts, examples)])
+    return batch

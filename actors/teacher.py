@@ -16,8 +16,20 @@ class TeacherScorer:
     def __init__(self, cfg: dict[str, Any], index: int = 0) -> None:
         quiet_hf()
         torch.set_num_threads(1)
+        self.cfg, self.index = cfg, index
         self.model = load_model(cfg["teacher_path"])
+        self.task, self.tokenizer = None, None
         write_pid(cfg, "teacher", index)
+
+    def generate(self, step: int, indices: list[int], handle: Any = None) -> dict[str, Any]:
+        """Off-policy control: the teacher samples the responses (same format as a rollout worker)."""
+        from actors.rollout import sample_batch
+        from orchestrator.modeling import load_tokenizer
+        from orchestrator.task import build_task
+
+        if self.task is None:
+            self.task, self.tokenizer = build_task(self.cfg["task_cfg"]), load_tokenizer(self.cfg["teacher_path"])
+        return sample_batch(self.model, self.tokenizer, self.task, self.cfg, step, indices, self.index)
 
     @torch.no_grad()
     def score(self, batch: dict[str, Any], full: bool = False) -> dict[str, torch.Tensor]:

@@ -114,6 +114,8 @@ class RolloutConfig(_Strict):
     """Share of a GPU a vLLM engine may take (GPU plans)."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the student (the papers use 1.0)."""
+    source: Literal["student", "teacher"] = "student"
+    """Who samples the responses: the student (on-policy OPD) or the teacher (off-policy control)."""
     max_restarts: int = Field(3, ge=0)
     """Times Ray restarts a dead rollout actor; its step is retried."""
 
@@ -147,9 +149,17 @@ class LearnerConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    type: Literal["pg_reverse_kl", "full_reverse_kl", "forward_kl"] = "pg_reverse_kl"
+    type: Literal["pg_reverse_kl", "full_reverse_kl", "forward_kl", "sft"] = "pg_reverse_kl"
     """Loss variant, see `orchestrator.losses`: sampled-token reverse-KL policy gradient (the
-    papers'), full-vocabulary reverse KL, or full-vocabulary forward KL, on the student's samples."""
+    papers'), full-vocabulary reverse KL, full-vocabulary forward KL, or `sft` (cross-entropy on
+    the sampled tokens; with rollout.source=teacher, SFT on teacher outputs)."""
+    rlvr_mix: float = Field(1.0, ge=0.0, le=1.0)
+    """alpha in A = alpha * A_OPD + (1 - alpha) * A_RLVR (pg_reverse_kl only). A_RLVR is the GRPO group
+    advantage of the task's verifiable reward; 1 = pure OPD, 0 = GRPO (needs samples_per_prompt > 1)."""
+    token_keep: float = Field(1.0, gt=0.0, le=1.0)
+    """rho: share of response tokens kept in the loss (token sparsification), rescaled by total / kept."""
+    token_select: Literal["top_kl", "random"] = "top_kl"
+    """Which tokens sparsification keeps: largest per-token reverse KL, or a seeded random subset."""
     importance_correction: bool = True
     """Multiply each token's loss by min(pi_learner/pi_rollout, threshold) (detached)."""
     importance_threshold: float = Field(5.0, ge=1.0)
@@ -173,8 +183,12 @@ class EffOPD(_Strict):
     """Accept when V(candidate) >= v_acc (paper) or > v_acc (authors' code)."""
     val_size: int = Field(50, gt=0)
     """|D_v|: validation examples sampled once from the training set with run.seed."""
-    num_evaluators: int = Field(2, ge=1)
-    """Evaluator-pool size P (the five candidates are scored in parallel)."""
+    num_evaluators: int | None = Field(None, ge=1)
+    """Evaluator-pool size P (candidates are scored in parallel); None: min(5, what the free
+    resources allow, at least 1)."""
+    score: Literal["accuracy", "teacher_kl"] = "accuracy"
+    """V: greedy accuracy on D_v (paper), or teacher_kl = -mean reverse KL to the teacher on the
+    candidate's own samples of D_v (same sampling seed for every candidate; lower variance)."""
     evaluator_cpus: float = Field(0.25, ge=0)
     """Ray CPUs per evaluator."""
     max_search_step: int | None = Field(None, gt=0)
@@ -248,6 +262,10 @@ class ExperimentConfig(_Strict):
                 f"rollout.batch_prompts*samples_per_prompt={total} is smaller than "
                 f"learner.world_size={self.learner.world_size}: some ranks would get no data"
             )
+        if self.loss.rlvr_mix < 1.0 and self.rollout.samples_per_prompt < 2:
+            raise ValueError("loss.rlvr_mix < 1 needs rollout.samples_per_prompt >= 2 (GRPO group advantages)")
+        if self.loss.rlvr_mix < 1.0 and self.loss.type != "pg_reverse_kl":
+            raise ValueError(f"loss.rlvr_mix mixes policy-gradient advantages; loss.type={self.loss.type} has none")
         return self
 
     @property

@@ -46,6 +46,8 @@ class ResolvedPlan:
     cluster: ClusterSpec | None = None
     concurrent: int = 1
     gpu_hours: float = 0.0
+    num_evaluators: int = 0
+    """EffOPD evaluator-pool size P (configured, or derived from the free resources)."""
 
     @property
     def total_cpus(self) -> float:
@@ -102,11 +104,13 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
         RoleGroup("teacher", cfg.teacher.num_workers, cfg.teacher.num_cpus, "teacher log-probs"),
         RoleGroup("learner", cfg.learner.world_size, cfg.learner.num_cpus_per_rank, "DeepSpeed ZeRO-3 ranks (gloo)"),
     ]
-    if isinstance(cfg.method, EffOPD):
-        plan.groups.append(RoleGroup("evaluator", cfg.method.num_evaluators, cfg.method.evaluator_cpus,
-                                     f"EffOPD candidate scoring, {cfg.method.num_candidates} candidates"))
     resources = {"CPU": cpus} if cpus is not None else cluster_resources()
     plan.available_cpus = float(resources.get("CPU", 0))
+    if isinstance(cfg.method, EffOPD):
+        plan.num_evaluators = cfg.method.num_evaluators or auto_evaluators(
+            plan.available_cpus - plan.total_cpus, cfg.method.evaluator_cpus, cfg.method.num_candidates)
+        plan.groups.append(RoleGroup("evaluator", plan.num_evaluators, cfg.method.evaluator_cpus,
+                                     f"EffOPD candidate scoring, {cfg.method.num_candidates} candidates"))
     if scale.gpu:
         raise ConfigError(file, "run.scale", f"scale {scale.name} needs GPUs and this Ray cluster has "
                           f"{resources.get('GPU', 0):g}; check the plan without GPUs with "
@@ -121,9 +125,20 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
     return plan
 
 
+def auto_evaluators(free: float, per_evaluator: float, candidates: int) -> int:
+    """min(5, candidates + 1, what the free resources allow), at least 1."""
+    fit = int(free // per_evaluator + 1e-9) if per_evaluator > 0 else candidates + 1
+    return max(1, min(5, candidates + 1, fit))
+
+
 def _gpu_plan(cfg: ExperimentConfig, plan: ResolvedPlan, cluster: ClusterSpec, file) -> ResolvedPlan:
     scale = SCALES[cfg.run.scale]
-    evaluators = cfg.method.num_evaluators if isinstance(cfg.method, EffOPD) else 0
+    evaluators = 0
+    if isinstance(cfg.method, EffOPD):
+        spare = cluster.gpus - (scale.rollout_engines * scale.rollout_tp + scale.teacher_replicas * scale.teacher_tp
+                                + scale.learner_ranks)
+        evaluators = cfg.method.num_evaluators or auto_evaluators(spare, scale.evaluator_tp, cfg.method.num_candidates)
+    plan.num_evaluators = evaluators
     seq_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
     plan.cluster = cluster
     plan.gpu = plan_gpus(scale, cluster, seq_len=seq_len, tokens_per_gpu=cfg.learner.max_tokens_per_gpu,

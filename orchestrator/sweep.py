@@ -5,6 +5,8 @@
     matrix:
       method.type: [vanilla, effopd]
       run.seed: [0, 1]
+    exclude: [{method.type: vanilla, run.seed: 1}]   # drop matching combinations
+    include: [{name: exopd15, method.type: exopd, method.lam: 1.5}]  # extra trials; `name` sets the suffix
 
 Trials are the cartesian product of the matrix axes in file order, named deterministically
 (`demo-method.type=effopd-run.seed=1` -> run.name `demo_effopd_s1`). Every trial config is
@@ -23,7 +25,7 @@ from typing import Any
 from orchestrator.config import ConfigError, ExperimentConfig, deep_merge, parse_overrides, read_yaml, validate
 
 log = logging.getLogger(__name__)
-SWEEP_KEYS = {"sweep", "base", "matrix"}
+SWEEP_KEYS = {"sweep", "base", "matrix", "include", "exclude"}
 
 
 @dataclass(frozen=True)
@@ -57,17 +59,24 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[str, l
     if not isinstance(base, dict):
         raise ConfigError(path, "base", "must be a mapping (an experiment config)")
     matrix = data.get("matrix") or {}
-    if not isinstance(matrix, dict) or not matrix:
-        raise ConfigError(path, "matrix", "must be a non-empty mapping of dotted key -> list of values")
+    include, exclude = data.get("include") or [], data.get("exclude") or []
+    if not isinstance(matrix, dict) or not (matrix or include):
+        raise ConfigError(path, "matrix", "must be a non-empty mapping of dotted key -> list of values (or give include)")
     for key, values in matrix.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(path, f"matrix.{key}", "must be a non-empty list of values")
+    for field_name, items in (("include", include), ("exclude", exclude)):
+        if not isinstance(items, list) or not all(isinstance(i, dict) and i for i in items):
+            raise ConfigError(path, field_name, "must be a list of non-empty mappings of dotted key -> value")
     base = deep_merge(base, parse_overrides(overrides or []))
+    assignments = [dict(zip(matrix.keys(), combo)) for combo in itertools.product(*matrix.values())] if matrix else []
+    assignments = [a for a in assignments if not any(all(a.get(k) == v for k, v in ex.items()) for ex in exclude)]
+    assignments += [dict(i) for i in include]
     trials = []
-    for combo in itertools.product(*matrix.values()):
-        assignment = dict(zip(matrix.keys(), combo))
+    for assignment in assignments:
+        label = assignment.pop("name", None)
         dotted = [f"{k}={_yaml_scalar(v)}" for k, v in assignment.items()]
-        trial_name = "_".join([name] + [_short(k, v) for k, v in assignment.items()])
+        trial_name = f"{name}_{label}" if label else "_".join([name] + [_short(k, v) for k, v in assignment.items()])
         merged = deep_merge(deep_merge(base, parse_overrides(dotted)),
                             {"run": {"name": trial_name}, "tracking": {"experiment": name}})
         try:

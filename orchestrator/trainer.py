@@ -59,6 +59,7 @@ def actor_config(cfg: ExperimentConfig, run_dir: Path | None = None) -> dict[str
         "learner": cfg.learner.model_dump(),
         "loss": cfg.loss.model_dump(),
         "val_size": getattr(cfg.method, "val_size", 50),
+        "val_score": getattr(cfg.method, "score", "accuracy"),
         "pid_dir": str((run_dir or cfg.run_dir).resolve() / "actors"),
     }
 
@@ -121,7 +122,7 @@ class OPDTrainer:
         self.learner = ActorGroup(Learner, ws, lambda r: (r, ws, port, acfg), {"num_cpus": cfg.learner.num_cpus_per_rank})
         self.evaluators = None
         if isinstance(cfg.method, EffOPD):
-            self.evaluators = ActorGroup(CandidateEvaluator, cfg.method.num_evaluators, lambda i: (acfg,),
+            self.evaluators = ActorGroup(CandidateEvaluator, self.plan.num_evaluators, lambda i: (acfg,),
                                          {"num_cpus": cfg.method.evaluator_cpus, "max_restarts": 3, "max_task_retries": 3})
         ray.get(self.learner.call("setup"))
         if tag:
@@ -201,8 +202,9 @@ class OPDTrainer:
         with timer("step"):
             # 1. rollout: the student samples completions for this step's prompts
             with timer("rollout"):
-                parts = split(batch_indices(step, self.n_train, cfg.rollout.batch_prompts, cfg.run.seed), len(self.rollout))
-                rollout_refs = self.rollout.call_each("generate", [(step, p, self.weights) for p in parts])
+                samplers = self.rollout if cfg.rollout.source == "student" else self.teacher
+                parts = split(batch_indices(step, self.n_train, cfg.rollout.batch_prompts, cfg.run.seed), len(samplers))
+                rollout_refs = samplers.call_each("generate", [(step, p, self.weights) for p in parts])
                 ray.wait(rollout_refs, num_returns=len(rollout_refs))
             # 2. teacher: log-prob of every sampled token
             with timer("teacher"):
@@ -213,7 +215,7 @@ class OPDTrainer:
             # 3. learner: one ZeRO-3 AdamW step on the OPD loss
             with timer("learner"):
                 adv_scale = cfg.method.lam if isinstance(cfg.method, ExOPD) else 1.0
-                stats = ray.get(self.learner.call("train_step", rollout_refs, teacher_refs, adv_scale))
+                stats = ray.get(self.learner.call("train_step", rollout_refs, teacher_refs, adv_scale, step))
             # 4. weight sync: put once, every rollout worker loads the same buckets
             with timer("sync"):
                 self.weights = self._publish()

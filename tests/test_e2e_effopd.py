@@ -128,3 +128,24 @@ def test_kill_and_resume_across_search_boundary_reproduces_decisions(models, tmp
     for key in ["effopd/accepted_k", "effopd/base_score"] + [f"effopd/score_k{k}" for k in range(1, 6)]:
         assert history(client, run_id, key) == history(ref_client, ref_id, key), key
     assert_same_metrics(client, run_id, {"client": ref_client, "run": ref_runs[0]})
+
+
+def test_teacher_kl_validation_score(cluster):
+    """V = -mean reverse KL on the candidate's own D_v samples, recomputed independently here."""
+    from orchestrator.modeling import gather_logp, generate, load_model, load_tokenizer, response_logits
+
+    learners, acfg = cluster["learners"], {**cluster["acfg"], "val_score": "teacher_kl"}
+    current, anchor = publish(learners, version=20), publish(learners, "anchor", 21)
+    got = CandidateEvaluator(acfg).score(current, anchor, [0.0, 2.0])
+    student, teacher = load_model(acfg["student_path"]), load_model(acfg["teacher_path"])
+    tok = load_tokenizer(acfg["student_path"])
+    w = fetch_state_dict(current)
+    student.load_state_dict(w, strict=False)
+    val = __import__("orchestrator.task", fromlist=["build_task"]).build_task(acfg["task_cfg"]).validation_set(50, acfg["seed"])
+    out = generate(student, tok, [e.prompt for e in val], 6, greedy=False, seed=acfg["seed"] + 12345)
+    with torch.no_grad():
+        s = gather_logp(torch.log_softmax(response_logits(student, out["input_ids"], out["attention_mask"], out["prompt_len"]), -1), out["response"])
+        q = gather_logp(torch.log_softmax(response_logits(teacher, out["input_ids"], out["attention_mask"], out["prompt_len"]), -1), out["response"])
+    m = out["response_mask"]
+    assert got[0] == pytest.approx(-float(((s - q) * m).sum() / m.sum()), abs=1e-5)
+    assert got[0] < 0 and got[1] != got[0]

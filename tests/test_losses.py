@@ -77,3 +77,45 @@ def test_masked_tokens_do_not_count():
     s0, q0 = 2.0 - lse([2, 0, 0]), 0.0 - lse([0, 2, 0])
     assert stats["tokens"] == 1.0
     assert math.isclose(loss.item(), -(q0 - s0) * s0, rel_tol=1e-6)
+
+
+def test_grpo_group_advantages():
+    from orchestrator.losses import grpo_advantages
+
+    adv = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]), group=3)
+    # group 1: mean 1/3, std sqrt(2)/3 ; group 2: mean 2/3
+    s = math.sqrt(2) / 3
+    want = [(1 - 1 / 3) / s, -1 / 3 / s, -1 / 3 / s, -2 / 3 / s, 1 / 3 / s, 1 / 3 / s]
+    assert torch.allclose(adv, torch.tensor(want), atol=1e-5)
+    assert torch.allclose(grpo_advantages(torch.ones(4), 2), torch.zeros(4))
+
+
+def test_rlvr_mixing_interpolates_advantages():
+    x = example()
+    rl = torch.tensor([[0.7, 0.7]])
+    pure_opd, _ = opd_loss("pg_reverse_kl", example(rlvr_adv_BR=rl, rlvr_mix=1.0))
+    base, _ = opd_loss("pg_reverse_kl", x)
+    assert math.isclose(pure_opd.item(), base.item(), rel_tol=1e-7)
+    grpo, _ = opd_loss("pg_reverse_kl", example(rlvr_adv_BR=rl, rlvr_mix=0.0))
+    s = [2.0 - lse([2, 0, 0]), 1.0 - lse([0, 1, 0])]
+    assert math.isclose(grpo.item(), -(0.7 * s[0] + 0.7 * s[1]) / 2, rel_tol=1e-6)
+    half, _ = opd_loss("pg_reverse_kl", example(rlvr_adv_BR=rl, rlvr_mix=0.5))
+    assert math.isclose(half.item(), 0.5 * base.item() + 0.5 * grpo.item(), rel_tol=1e-6)
+
+
+def test_token_sparsification_keeps_top_kl_and_rescales():
+    from orchestrator.losses import sparsify
+
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    score = torch.tensor([[0.1, 3.0, 0.2, 2.0, 9.0]])  # the masked token must never be picked
+    keep = sparsify(mask, score, 0.5, "top_kl", seed=0)
+    assert keep.tolist() == [[0.0, 2.0, 0.0, 2.0, 0.0]]  # 2 of 4 kept, each weighted 4/2
+    rand = sparsify(mask, score, 0.25, "random", seed=1)
+    assert float((rand > 0).sum()) == 1.0 and float(rand.sum()) == 4.0 and rand[0, 4] == 0
+    assert torch.equal(rand, sparsify(mask, score, 0.25, "random", seed=1))
+
+
+def test_sft_loss_is_cross_entropy_on_samples():
+    loss, _ = opd_loss("sft", example(importance_correction=False))
+    s = [2.0 - lse([2, 0, 0]), 1.0 - lse([0, 1, 0])]
+    assert math.isclose(loss.item(), -(s[0] + s[1]) / 2, rel_tol=1e-6)
