@@ -26,10 +26,12 @@ ACTOR_ENV = {
 class ActorGroup:
     """`n` actors of `cls`; `call` fans a method out to all of them and returns the refs."""
 
-    def __init__(self, cls: type, n: int, args: Callable[[int], tuple], options: dict[str, Any]) -> None:
+    def __init__(self, cls: type, n: int, args: Callable[[int], tuple], options: dict[str, Any],
+                 placement: tuple[Any, int] | None = None) -> None:
+        """`placement` = (placement group, first bundle index): actor i goes to bundle index + i."""
         remote_cls = ray.remote(cls)
         opts = {"runtime_env": {"env_vars": dict(ACTOR_ENV)}, **options}
-        self.actors = [remote_cls.options(**opts).remote(*args(i)) for i in range(n)]
+        self.actors = [remote_cls.options(**opts, **_bundle(placement, i)).remote(*args(i)) for i in range(n)]
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -44,6 +46,16 @@ class ActorGroup:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def _bundle(placement: tuple[Any, int] | None, i: int) -> dict[str, Any]:
+    if placement is None or placement[0] is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg, first = placement
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                    placement_group_bundle_index=first + i)}
 
 
 def free_port() -> int:

@@ -86,8 +86,8 @@ def load_curves(uri: str, experiment: str) -> list[RunCurve]:
         raise SystemExit(f"error: no MLflow experiment '{experiment}' at {uri}")
     curves = []
     for run in client.search_runs([exp.experiment_id], max_results=1000):
-        if "eval/accuracy" not in run.data.metrics:
-            continue  # a sweep's parent run
+        if "eval/accuracy" not in run.data.metrics or run.info.status != "FINISHED":
+            continue  # a sweep's parent run, or a failed / pruned / unfinished trial
         acc = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/accuracy"))
         step_times = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "timing/step"))
         total, wall_at = 0.0, {}

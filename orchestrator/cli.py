@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import ConfigError, deep_merge, load_config, parse_overrides, validate
 
 log = logging.getLogger("foresight")
 
@@ -42,14 +42,27 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace) -> tuple[str | None, list]:
-    """Config or sweep file -> (sweep name or None, [(cfg, plan)]), all validated and fit-checked."""
+def _load(args: argparse.Namespace) -> tuple[str | None, list, dict]:
+    """Config, sweep or search file -> (sweep name or None, [(cfg, plan)], extras), all validated and
+    fit-checked before anything starts. For a search, extras holds the base and the search space."""
     from orchestrator.config import read_yaml
     from orchestrator.plan import resolve
-    from orchestrator.sweep import expand, is_sweep
+    from orchestrator.sweep import expand, is_sweep, scheduler_options
 
-    if is_sweep(read_yaml(args.config)):
+    data = read_yaml(args.config)
+    extras: dict = {}
+    if "search" in data:
+        from orchestrator.search import check_search_space, parse_search
+
+        name = str(data.get("sweep") or Path(args.config).stem)
+        base = deep_merge(data.get("base") or {}, parse_overrides(args.overrides))
+        search = parse_search(data["search"], args.config)
+        check_search_space(name, base, search, args.config)
+        extras = {"base": base, "search": search}
+        cfgs = [validate(deep_merge(base, {"run": {"name": f"{name}_t000"}, "tracking": {"experiment": name}}), args.config)]
+    elif is_sweep(data):
         name, trials = expand(args.config, args.overrides)
+        extras = {"scheduler": scheduler_options(data, args.config)}
         cfgs = [t.cfg for t in trials]
     else:
         name, cfgs = None, [load_config(args.config, args.overrides)]
@@ -67,12 +80,17 @@ def _load(args: argparse.Namespace) -> tuple[str | None, list]:
         plan = resolve(cfg, args.config, cpus, cluster=cluster)
         cpus = plan.available_cpus if cluster is None else None
         plans.append((cfg, plan))
-    return name, plans
+    return name, plans, extras
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    sweep, plans = _load(args)
-    if sweep:
+    sweep, plans, extras = _load(args)
+    if "search" in extras:
+        s = extras["search"]
+        print(f"# search {sweep}: {s.n_trials} Optuna trials ({s.sampler}, pruner {s.pruner}), {s.objective}")
+        for key, p in s.params.items():
+            print(f"  {key}: {p.model_dump(exclude_none=True)}")
+    elif sweep:
         print(f"# sweep {sweep}: {len(plans)} trials")
     for cfg, plan in plans:
         if not args.brief:
@@ -102,34 +120,57 @@ def connect_ray(num_cpus: float) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.trainer import OPDTrainer, done_marker, sweep_parent_run
-
-    sweep, plans = _load(args)
-    parent = sweep_parent_run(sweep, plans) if sweep else None
     from orchestrator.checkpoint import latest_tag
+    from orchestrator.trainer import done_marker, sweep_parent_run
 
+    sweep, plans, extras = _load(args)
     if args.no_resume:
         for cfg, plan in plans:
             if latest_tag(plan.run_dir) or done_marker(plan.run_dir).is_file():
                 raise ConfigError(args.config, "run.name", f"{plan.run_dir} already holds a run; --no-resume would "
                                   "overwrite it: pick another run.name or run.output_dir, or delete the folder")
-    for i, (cfg, plan) in enumerate(plans, 1):
-        label = f"[{i}/{len(plans)}] " if sweep else ""
-        if done_marker(plan.run_dir).is_file():
-            print(f"{label}{cfg.run.name}: already finished ({done_marker(plan.run_dir)}), skipped")
-            continue
-        log.info("%sresolved config:\n%s", label, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
-        log.info("plan:\n%s", plan.describe())
-        connect_ray(plan.available_cpus)
-        trainer = OPDTrainer(cfg, plan, resume=not args.no_resume, parent_run_id=parent,
-                             show_progress=sys.stderr.isatty() or args.progress)
-        try:
-            final = trainer.run()
-        finally:
-            trainer.shutdown()
-        print(f"{label}done: {cfg.run.name} ({cfg.method.type}) final test accuracy {final.get('eval/accuracy', float('nan')):.3f}")
-    print(f"mlflow: {plans[0][1].tracking_uri} (experiment '{plans[0][0].tracking.experiment}')")
+    connect_ray(plans[0][1].available_cpus)
+    parent = sweep_parent_run(sweep, plans) if sweep else None
+    cfg0, plan0 = plans[0]
+    if "search" in extras:
+        from orchestrator.search import run_study
+
+        run_study(sweep, extras["base"], extras["search"], args.config, parent)
+    elif sweep:
+        from orchestrator.scheduler import run_sweep
+
+        opts = extras["scheduler"]
+        result = run_sweep(plans, parent, max_retries=opts.max_retries, max_concurrent=opts.max_concurrent)
+        for name in result.skipped:
+            print(f"{name}: already finished, skipped")
+        for name, final in result.finished.items():
+            print(f"done: {name} final test accuracy {final.get('eval/accuracy', float('nan')):.3f}")
+        for name, reason in result.failed.items():
+            print(f"FAILED: {name}: {reason}")
+        if result.failed:
+            print(f"mlflow: {plan0.tracking_uri} (experiment '{cfg0.tracking.experiment}')")
+            return 1
+    else:
+        run_single(cfg0, plan0, args)
+    print(f"mlflow: {plan0.tracking_uri} (experiment '{cfg0.tracking.experiment}')")
     return 0
+
+
+def run_single(cfg, plan, args: argparse.Namespace) -> None:
+    """One experiment in this process, with a progress bar."""
+    from orchestrator.trainer import OPDTrainer, done_marker
+
+    if done_marker(plan.run_dir).is_file():
+        print(f"{cfg.run.name}: already finished ({done_marker(plan.run_dir)}), skipped")
+        return
+    log.info("resolved config:\n%s", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    log.info("plan:\n%s", plan.describe())
+    trainer = OPDTrainer(cfg, plan, resume=not args.no_resume, show_progress=sys.stderr.isatty() or args.progress)
+    try:
+        final = trainer.run()
+    finally:
+        trainer.shutdown()
+    print(f"done: {cfg.run.name} ({cfg.method.type}) final test accuracy {final.get('eval/accuracy', float('nan')):.3f}")
 
 
 def cmd_geometry(args: argparse.Namespace) -> int:

@@ -22,10 +22,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from orchestrator.config import ConfigError, ExperimentConfig, deep_merge, parse_overrides, read_yaml, validate
 
 log = logging.getLogger(__name__)
-SWEEP_KEYS = {"sweep", "base", "matrix", "include", "exclude"}
+SWEEP_KEYS = {"sweep", "base", "matrix", "include", "exclude", "scheduler", "search"}
+
+
+class SchedulerOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_concurrent: int | None = Field(None, gt=0)
+    """Trials at once at most (None: as many as the cluster's CPUs allow)."""
+    max_retries: int = Field(2, ge=0)
+    """Retries of a failed trial (each resumes from the trial's last checkpoint)."""
+
+
+def scheduler_options(data: dict[str, Any], path: str | Path) -> SchedulerOptions:
+    try:
+        return SchedulerOptions.model_validate(data.get("scheduler") or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = "scheduler." + ".".join(str(p) for p in first["loc"])
+        raise ConfigError(path, key, "unknown key" if first["type"] == "extra_forbidden" else first["msg"]) from None
 
 
 @dataclass(frozen=True)
@@ -36,7 +55,7 @@ class Trial:
 
 
 def is_sweep(data: dict[str, Any]) -> bool:
-    return "matrix" in data or "sweep" in data
+    return bool({"matrix", "include", "search", "sweep"} & set(data))
 
 
 def _short(key: str, value: Any) -> str:

@@ -20,7 +20,7 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ray
 import yaml
@@ -98,9 +98,13 @@ class OPDTrainer:
     """Full weights of the EffOPD anchor (the previous accepted point), for evaluators."""
 
     def __init__(self, cfg: ExperimentConfig, plan: ResolvedPlan, *, resume: bool = True, show_progress: bool = True,
-                 parent_run_id: str | None = None) -> None:
+                 parent_run_id: str | None = None, placement_group: Any = None,
+                 on_eval: Callable[[int, float], bool] | None = None) -> None:
+        """`placement_group`: bundles in plan order (scheduler); `on_eval(step, acc)` returning True
+        stops the run early (Optuna pruning)."""
         self.cfg, self.plan, self.resume, self.show_progress = cfg, plan, resume, show_progress
-        self.parent_run_id = parent_run_id
+        self.parent_run_id, self.pg, self.on_eval = parent_run_id, placement_group, on_eval
+        self.pruned = False
         self.run_dir = plan.run_dir
         task = build_task(cfg.task)
         self.n_train, self.n_test = len(task.train), len(task.test)
@@ -113,17 +117,20 @@ class OPDTrainer:
         tag = ckpt.latest_tag(self.run_dir) if self.resume else None
         self.state = ckpt.read_driver_state(self.run_dir, tag) if tag else ckpt.RunState()
         restart = {"max_restarts": cfg.rollout.max_restarts, "max_task_retries": cfg.rollout.max_restarts}
+        offsets = self._bundle_offsets()
         self.rollout = ActorGroup(RolloutWorker, cfg.rollout.num_workers, lambda i: (acfg, i),
-                                  {"num_cpus": cfg.rollout.num_cpus, **restart})
+                                  {"num_cpus": cfg.rollout.num_cpus, **restart}, (self.pg, offsets["rollout"]))
         self.teacher = ActorGroup(TeacherScorer, cfg.teacher.num_workers, lambda i: (acfg, i),
                                   {"num_cpus": cfg.teacher.num_cpus, "max_restarts": cfg.teacher.max_restarts,
-                                   "max_task_retries": cfg.teacher.max_restarts})
+                                   "max_task_retries": cfg.teacher.max_restarts}, (self.pg, offsets["teacher"]))
         port, ws = free_port(), cfg.learner.world_size
-        self.learner = ActorGroup(Learner, ws, lambda r: (r, ws, port, acfg), {"num_cpus": cfg.learner.num_cpus_per_rank})
+        self.learner = ActorGroup(Learner, ws, lambda r: (r, ws, port, acfg), {"num_cpus": cfg.learner.num_cpus_per_rank},
+                                  (self.pg, offsets["learner"]))
         self.evaluators = None
         if isinstance(cfg.method, EffOPD):
             self.evaluators = ActorGroup(CandidateEvaluator, self.plan.num_evaluators, lambda i: (acfg,),
-                                         {"num_cpus": cfg.method.evaluator_cpus, "max_restarts": 3, "max_task_retries": 3})
+                                         {"num_cpus": cfg.method.evaluator_cpus, "max_restarts": 3, "max_task_retries": 3},
+                                         (self.pg, offsets.get("evaluator", 0)))
         ray.get(self.learner.call("setup"))
         if tag:
             log.info("resuming from %s (step %d)", tag, self.state.step)
@@ -143,6 +150,14 @@ class OPDTrainer:
             for f in sorted(cfg.model_paths[0].glob("*.safetensors")):
                 w0.update(load_file(str(f)))
             self.monitor = GeometryMonitor(w0, self.run_dir / "geometry", cfg.geometry.sim_k)
+
+    def _bundle_offsets(self) -> dict[str, int]:
+        """First placement-group bundle of each role (bundles follow the plan's group order)."""
+        offsets, at = {}, 0
+        for g in self.plan.groups:
+            offsets[g.role] = at
+            at += g.actors
+        return offsets
 
     @property
     def _extrapolates(self) -> bool:
@@ -178,12 +193,19 @@ class OPDTrainer:
         status = "FAILED"
         try:
             if self.state.step == 0:
-                self.tracker.log(0, {"eval/accuracy": self.evaluate()})
+                acc0 = self.evaluate()
+                self.tracker.log(0, {"eval/accuracy": acc0})
+                self._report(0, acc0)
             bar = _progress(self.state.step, cfg.run.steps, self.show_progress)
             for step in range(self.state.step + 1, cfg.run.steps + 1):
                 metrics = self.step_once(step)
                 self.tracker.log(step, metrics)
                 final.update(metrics)
+                if "eval/accuracy" in metrics and self._report(step, metrics["eval/accuracy"]):
+                    self.pruned = True
+                    self.tracker.set_tags({"pruned": "true", "pruned_at_step": str(step)})
+                    status = "KILLED"
+                    return final
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.run.steps:
                     self.save(step)
                 bar.update(1)
@@ -196,6 +218,9 @@ class OPDTrainer:
             return final
         finally:
             self.tracker.close(status)
+
+    def _report(self, step: int, acc: float) -> bool:
+        return bool(self.on_eval and self.on_eval(step, acc))
 
     def step_once(self, step: int) -> dict[str, float]:
         cfg, timer = self.cfg, Timer()
