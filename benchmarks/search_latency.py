@@ -54,7 +54,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search_latency.json"))
     args = parser.parse_args()
     coefs = [0.0] + [coefficient(k) for k in range(1, 6)]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR", runtime_env={"env_vars": dict(ACTOR_ENV)})
     with tempfile.TemporaryDirectory() as tmp:
         student, teacher = build_models(args.size, Path(tmp))

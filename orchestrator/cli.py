@@ -115,7 +115,8 @@ def connect_ray(num_cpus: float) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
     else:
-        ray.init(num_cpus=max(1, int(num_cpus)), include_dashboard=False, _node_ip_address="127.0.0.1",
+        # address="local": always a fresh local cluster, even if another `ray start` runs on this machine
+        ray.init(address="local", num_cpus=max(1, int(num_cpus)), include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level="WARNING", runtime_env={"env_vars": dict(ACTOR_ENV)})
 
 

@@ -32,7 +32,7 @@ def cluster(models, tmp_path_factory):
     """A local Ray cluster in this process, two ZeRO-3 learner ranks after one OPD step."""
     cfg = load_config(SMOKE, model_overrides(models) + [f"run.output_dir={tmp_path_factory.mktemp('fx')}"])
     acfg = actor_config(cfg)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
     port = free_port()
     learners = ActorGroup(Learner, 2, lambda r: (r, 2, port, acfg), {"num_cpus": 0.5})
     ray.get(learners.call("setup"))

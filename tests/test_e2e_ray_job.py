@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def wait_http(url: str, timeout: float = 120) -> None:
         try:
             urllib.request.urlopen(url, timeout=2)
             return
+        except urllib.error.HTTPError:
+            return  # answering (401 without the token): the dashboard is up
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(0.5)
     raise AssertionError(f"{url} did not come up")
