@@ -48,8 +48,9 @@ def run_trial(method: str, lr: float, seed: int, args, out: Path) -> None:
     cfg = validate({
         "run": {"name": name, "steps": args.steps, "seed": seed, "output_dir": str(out)},
         "learner": {"lr": lr, "world_size": 2}, "loss": {"type": args.loss},
-        "rollout": {"batch_prompts": 64, "max_new_tokens": 6}, "method": METHODS[method],
-        "eval": {"every": args.eval_every}, "checkpoint": {"every": 0},
+        "rollout": {"batch_prompts": 64, "max_new_tokens": 6},
+        "method": {**METHODS[method], **({"score": args.score} if method == "effopd" else {})},
+        "eval": {"every": args.eval_every, "at_powers_of_two": True}, "checkpoint": {"every": 0},
         "tracking": {"uri": args.uri, "experiment": "effopd_speedup"},
     })
     plan = resolve(cfg)
@@ -71,7 +72,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=384)
     parser.add_argument("--eval-every", type=int, default=16)
     parser.add_argument("--loss", default="full_reverse_kl")
-    parser.add_argument("--all-methods-only-at-default", action="store_true", default=True)
+    parser.add_argument("--score", default="accuracy", choices=["accuracy", "teacher_kl"], help="EffOPD validation score")
+    parser.add_argument("--methods", default="vanilla,effopd,fixed_extrapolation,exopd", help="methods at the default lr")
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "bench_effopd"))
     args = parser.parse_args()
     out = Path(args.out_dir)
@@ -81,7 +83,7 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
     for lr in lrs:
-        methods = list(METHODS) if lr == args.default_lr else ["vanilla", "effopd"]
+        methods = args.methods.split(",") if lr == args.default_lr else ["vanilla", "effopd"]
         for seed in seeds:
             for method in methods:
                 run_trial(method, lr, seed, args, out)
@@ -102,7 +104,8 @@ def main() -> int:
         "per_lr": per_lr,
         "settings": {"lrs": lrs, "seeds": seeds, "steps": args.steps, "eval_every": args.eval_every,
                      "eval_examples": 500, "loss": args.loss, "batch_prompts": 64, "val_size": 50,
-                     "validation_score": "accuracy", "comparison": ">=", "learner_world_size": 2,
+                     "validation_score": args.score, "comparison": ">=", "learner_world_size": 2,
+                     "eval_schedule": "every eval_every steps and at 1, 2, 4, 8, ...",
                      "fixed_extrapolation_k": 1, "exopd_lambda": 1.25,
                      "target": "acc0 + f * (vanilla_final - acc0), per seed"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

@@ -222,6 +222,8 @@ class EvalConfig(_Strict):
     """Greedy accuracy on the held-out test split every N steps (and at step 0 and the end)."""
     num_examples: int | None = Field(None, gt=0)
     """Test examples used (None: the whole test split)."""
+    at_powers_of_two: bool = False
+    """Also evaluate at steps 1, 2, 4, 8, ... (fine early resolution for steps-to-target)."""
 
 
 class GeometryConfig(_Strict):

@@ -251,7 +251,7 @@ class OPDTrainer:
                 with timer("search"):
                     metrics.update(self.search(step))
             # 6. periodic evaluation on the held-out test split (and the geometry monitor)
-            if step % cfg.eval.every == 0 or step == cfg.run.steps:
+            if step % cfg.eval.every == 0 or step == cfg.run.steps or (cfg.eval.at_powers_of_two and is_search_step(step)):
                 with timer("eval"):
                     metrics["eval/accuracy"] = self.evaluate()
             if cfg.geometry.every and (step % cfg.geometry.every == 0 or step == cfg.run.steps):
