@@ -136,6 +136,26 @@ class Learner:
                             seed=self.cfg["seed"] * 1_000_003 + step)
         return rlvr, keep
 
+    # ------------------------------------------------------------------ controls
+    def set_grad_projection(self, bases_ref: list) -> int:
+        """Project every listed weight's gradient onto its basis: g <- g V V^T (V: [in, K]).
+
+        The hook sees each rank's local (pre-reduction) gradient; projection is linear, so the
+        averaged gradient is projected too. Returns the number of hooked matrices.
+        """
+        import ray
+
+        bases = ray.get(bases_ref[0]) if isinstance(bases_ref, list) else bases_ref
+        hooked = 0
+        for name, p in self.engine.module.named_parameters():
+            v = bases.get(name)
+            if v is None:
+                continue
+            v = v.to(torch.float32)
+            p.register_hook(lambda g, v=v: (g.float() @ v @ v.T).to(g.dtype))
+            hooked += 1
+        return hooked
+
     # ------------------------------------------------------------------ weights
     def _buckets(self, bucket_mb: float) -> list[list[tuple[str, torch.nn.Parameter]]]:
         """Parameters grouped into buckets of about `bucket_mb` MB of fp32 (full size)."""

@@ -142,6 +142,12 @@ class LearnerConfig(_Strict):
     """AdamW decoupled weight decay."""
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip (0 disables)."""
+    grad_project_rank: int = Field(0, ge=0)
+    """Rank-K gradient projection (geometry paper 4.2): from `grad_project_at` of the run on, every
+    2-D weight's gradient g <- g V_K V_K^T, V_K the top-K right singular vectors of that matrix's
+    update W_t - W_0 at that point (0: off)."""
+    grad_project_at: float = Field(0.2, gt=0.0, lt=1.0)
+    """Progress (share of run.steps) at which the projection basis is taken and switched on."""
     max_tokens_per_gpu: int = Field(22000, gt=0)
     """Learner micro-batch token budget per GPU (GPU plans; the papers: 22,000)."""
     sync_bucket_mb: float = Field(64.0, gt=0)

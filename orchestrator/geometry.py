@@ -107,6 +107,12 @@ def subspace_similarity(v_t: np.ndarray, v_end: np.ndarray) -> float:
     return float(np.sum((v_t.T @ v_end) ** 2) / k)
 
 
+def top_right_basis(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k right singular vectors of a matrix as columns, [in, k] (float64 SVD)."""
+    _, _, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return vh[: min(k, vh.shape[0])].T.contiguous()
+
+
 def top_mask(values: torch.Tensor, alpha: float, largest: bool) -> torch.Tensor:
     """Boolean mask of the top (or bottom) alpha fraction of entries."""
     flat = values.flatten()

@@ -142,6 +142,8 @@ class OPDTrainer:
         self.anchor = self._publish(which="anchor") if self._extrapolates else None
         if tag:
             ray.get(self.rollout.call("sync", self.weights))
+            if cfg.learner.grad_project_rank and self.state.step >= self._project_step:
+                self.start_grad_projection_from_disk()
         self._open_tracker()
         if cfg.geometry.every:
             from safetensors.torch import load_file
@@ -219,6 +221,37 @@ class OPDTrainer:
         finally:
             self.tracker.close(status)
 
+    @property
+    def _project_step(self) -> int:
+        return max(1, round(self.cfg.learner.grad_project_at * self.cfg.run.steps))
+
+    def start_grad_projection(self) -> None:
+        """Basis V_K of each 2-D weight's update so far; learners project gradients onto it from now on.
+
+        The basis is saved to <run_dir>/projection_basis.pt, so a resumed run projects onto the same one.
+        """
+        import torch
+        from safetensors.torch import load_file
+
+        from orchestrator.geometry import top_right_basis
+
+        w0 = {}
+        for f in sorted(self.cfg.model_paths[0].glob("*.safetensors")):
+            w0.update(load_file(str(f)))
+        w = fetch_state_dict(self.weights)
+        bases = {k: top_right_basis(w[k] - w0[k], self.cfg.learner.grad_project_rank) for k in w0 if w0[k].dim() == 2}
+        torch.save(bases, self.run_dir / "projection_basis.pt")
+        self._install_projection(bases)
+
+    def start_grad_projection_from_disk(self) -> None:
+        import torch
+
+        self._install_projection(torch.load(self.run_dir / "projection_basis.pt"))
+
+    def _install_projection(self, bases: dict) -> None:
+        hooked = ray.get(self.learner.call("set_grad_projection", [ray.put(bases)]))
+        log.info("rank-%d gradient projection on %d matrices", self.cfg.learner.grad_project_rank, hooked[0])
+
     def _report(self, step: int, acc: float) -> bool:
         return bool(self.on_eval and self.on_eval(step, acc))
 
@@ -250,6 +283,8 @@ class OPDTrainer:
             if self._extrapolates and is_search_step(step, self.cfg.method.max_search_step):
                 with timer("search"):
                     metrics.update(self.search(step))
+            if cfg.learner.grad_project_rank and step == self._project_step:
+                self.start_grad_projection()
             # 6. periodic evaluation on the held-out test split (and the geometry monitor)
             if step % cfg.eval.every == 0 or step == cfg.run.steps or (cfg.eval.at_powers_of_two and is_search_step(step)):
                 with timer("eval"):

@@ -136,3 +136,20 @@ def test_cli_streams_sharded_checkpoints(tmp_path):
     bad = foresight("geometry", "--base", str(tmp_path / "nope"), "--updated", str(tmp_path / "upd"),
                     "--out", str(out), check=False)
     assert bad.returncode == 2 and "--base" in bad.stderr
+
+
+def test_gradient_projection_hook_projects_onto_the_basis():
+    """The learner's hook g <- g V V^T, on a plain parameter: the gradient lands in span(V)."""
+    from orchestrator.geometry import top_right_basis
+
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(6, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 10, generator=gen, dtype=torch.float64)
+    v = top_right_basis(delta, 2)
+    assert v.shape == (10, 2) and torch.allclose(v.T @ v, torch.eye(2, dtype=torch.float64))
+    p = torch.nn.Parameter(torch.randn(6, 10, generator=gen))
+    vf = v.float()
+    p.register_hook(lambda g: (g.float() @ vf @ vf.T).to(g.dtype))
+    (p * torch.randn(6, 10, generator=gen)).sum().backward()
+    g = p.grad.double()
+    assert torch.allclose(g, g @ v @ v.T, atol=1e-5)  # already in the span: projecting again is a no-op
+    assert torch.linalg.matrix_rank(g, atol=1e-5) <= 2
