@@ -91,6 +91,9 @@ class JsonlTask(_Strict):
     """Held-out file in the same format."""
     prompt_key: str = "prompt"
     answer_key: str = "answer"
+    reward: Literal["math_verify", "exact", "python_tests"] = "math_verify"
+    """How a completion is checked: math-verify equivalence, exact string match, or (code data)
+    the answer field holds Python test code run against the completion's code in a subprocess."""
 
 
 TaskConfig = Annotated[Union[AdditionTask, JsonlTask], Field(discriminator="type")]

@@ -5,7 +5,8 @@ Registry (a plain dict) keyed by the config's `task.type`:
 - `addition`: `ABC+DEF=` -> zero-padded sum `SSSS`, exact match. Splits are drawn with a fixed
   task seed (independent of `run.seed`), so every run and every actor sees the same data.
 - `jsonl`: local `.jsonl` / `.parquet` files with prompt/answer columns; a completion is correct
-  when `math_verify.verify(parse(answer), parse(completion))` holds.
+  when `math_verify.verify(parse(answer), parse(completion))` holds (`reward: math_verify`), on
+  exact match (`exact`), or for code data when the answer's Python tests pass (`python_tests`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,33 @@ def math_verify_reward(completion: str, answer: str) -> float:
 
     gold, pred = parse(answer), parse(completion)
     return float(bool(gold) and bool(pred) and verify(gold, pred))
+
+
+def python_tests_reward(completion: str, tests: str, timeout: float = 10.0) -> float:
+    """1.0 when the completion's code (the last ```python block, else the whole text) passes `tests`.
+
+    Runs `python -I` in a fresh temporary folder with a timeout; no network is needed or used.
+    """
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    blocks = re.findall(r"```(?:python)?\n(.*?)```", completion, flags=re.S)
+    code = blocks[-1] if blocks else completion
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "check.py"
+        script.write_text(code + "\n\n" + tests + "\n")
+        try:
+            proc = subprocess.run([sys.executable, "-I", str(script)], cwd=tmp, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return 0.0
+    return float(proc.returncode == 0)
+
+
+REWARDS: dict[str, Callable[[str, str], float]] = {
+    "math_verify": math_verify_reward, "exact": exact_match, "python_tests": python_tests_reward,
+}
 
 
 def addition_pairs(digits: int, count: int, rng: random.Random, exclude: set[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -107,7 +135,7 @@ def build_jsonl(cfg: JsonlTask) -> Task:
     return Task(
         train=read_records(cfg.train_path, cfg.prompt_key, cfg.answer_key),
         test=read_records(cfg.test_path, cfg.prompt_key, cfg.answer_key),
-        reward=math_verify_reward,
+        reward=REWARDS[cfg.reward],
     )
 
 

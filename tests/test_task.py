@@ -45,3 +45,12 @@ def test_jsonl_and_parquet_loader(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n{oops')
     with pytest.raises(ValueError, match="bad.jsonl: line 2: invalid JSON"):
         build_jsonl(JsonlTask(train_path=tmp_path / "bad.jsonl", test_path=tmp_path / "test.parquet"))
+
+
+def test_python_tests_reward_runs_the_tests_in_a_subprocess():
+    from orchestrator.task import python_tests_reward
+
+    tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
+    assert python_tests_reward("Here you go:\n```python\ndef add(a, b):\n    return a + b\n```", tests) == 1.0
+    assert python_tests_reward("```python\ndef add(a, b):\n    return a - b\n```", tests) == 0.0
+    assert python_tests_reward("while True: pass", "", timeout=1.0) == 0.0
