@@ -196,8 +196,7 @@ def cmd_geometry(args: argparse.Namespace) -> int:
 def _state(folder: str):
     from orchestrator.geometry import Checkpoint
 
-    ckpt = Checkpoint(Path(folder))
-    return {k: ckpt.get(k) for k in ckpt.keys()}
+    return Checkpoint(Path(folder)).state_dict()
 
 
 def cmd_intervene(args: argparse.Namespace) -> int:

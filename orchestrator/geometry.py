@@ -208,6 +208,10 @@ class Checkpoint:
         with self._open(str(self.folder / self.weight_map[key]), "pt") as h:
             return h.get_tensor(key)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor (loads the whole checkpoint; use `get` to stream)."""
+        return {k: self.get(k) for k in self.keys()}
+
 
 def iter_matrices(base: Checkpoint, updated: Checkpoint, final: Checkpoint | None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     for key in base.keys():

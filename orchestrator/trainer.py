@@ -146,12 +146,7 @@ class OPDTrainer:
                 self.start_grad_projection_from_disk()
         self._open_tracker()
         if cfg.geometry.every:
-            from safetensors.torch import load_file
-
-            w0 = {}
-            for f in sorted(cfg.model_paths[0].glob("*.safetensors")):
-                w0.update(load_file(str(f)))
-            self.monitor = GeometryMonitor(w0, self.run_dir / "geometry", cfg.geometry.sim_k)
+            self.monitor = GeometryMonitor(self._initial_weights(), self.run_dir / "geometry", cfg.geometry.sim_k)
 
     def _bundle_offsets(self) -> dict[str, int]:
         """First placement-group bundle of each role (bundles follow the plan's group order)."""
@@ -207,6 +202,7 @@ class OPDTrainer:
                     self.pruned = True
                     self.tracker.set_tags({"pruned": "true", "pruned_at_step": str(step)})
                     status = "KILLED"
+                    bar.close()
                     return final
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.run.steps:
                     self.save(step)
@@ -221,6 +217,12 @@ class OPDTrainer:
         finally:
             self.tracker.close(status)
 
+    def _initial_weights(self) -> dict:
+        """W_0: the student checkpoint's tensors."""
+        from orchestrator.geometry import Checkpoint
+
+        return Checkpoint(self.cfg.model_paths[0]).state_dict()
+
     @property
     def _project_step(self) -> int:
         return max(1, round(self.cfg.learner.grad_project_at * self.cfg.run.steps))
@@ -231,14 +233,10 @@ class OPDTrainer:
         The basis is saved to <run_dir>/projection_basis.pt, so a resumed run projects onto the same one.
         """
         import torch
-        from safetensors.torch import load_file
 
         from orchestrator.geometry import top_right_basis
 
-        w0 = {}
-        for f in sorted(self.cfg.model_paths[0].glob("*.safetensors")):
-            w0.update(load_file(str(f)))
-        w = fetch_state_dict(self.weights)
+        w0, w = self._initial_weights(), fetch_state_dict(self.weights)
         bases = {k: top_right_basis(w[k] - w0[k], self.cfg.learner.grad_project_rank) for k in w0 if w0[k].dim() == 2}
         torch.save(bases, self.run_dir / "projection_basis.pt")
         self._install_projection(bases)
