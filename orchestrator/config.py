@@ -365,7 +365,11 @@ def validate(data: dict[str, Any], file: str | Path | None = None) -> Experiment
 
 
 def _is_union_tag(part: Any) -> bool:
-    return part in {"addition", "jsonl", "vanilla", "effopd", "fixed_extrapolation", "exopd"}
+    """Pydantic puts the chosen variant's `type` tag into error locations; drop it from the key."""
+    return part in _UNION_TAGS
+
+
+_UNION_TAGS = {m.model_fields["type"].default for m in (AdditionTask, JsonlTask, Vanilla, EffOPD, FixedExtrapolation, ExOPD)}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
