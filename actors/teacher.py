@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from actors.rollout import VllmRolloutWorker
 from actors.weights import write_pid
 from orchestrator.modeling import gather_logp, load_model, quiet_hf, response_logits
 
@@ -40,3 +41,21 @@ class TeacherScorer:
         if full:
             out["logp_full"] = logp_BRV
         return out
+
+
+class VllmTeacherScorer(VllmRolloutWorker):
+    """Backend `vllm`: teacher log-probs through vLLM prompt log-probs (`max_tokens=1`, temperature
+    1.0), and teacher sampling for off-policy runs. Token-level losses only (the config enforces it)."""
+
+    model_key, role = "teacher_path", "teacher"
+
+    def sync(self, handle: Any) -> bool:
+        """The teacher is frozen: student weight handles are ignored."""
+        return False
+
+    def score(self, batch: dict[str, Any], full: bool = False) -> dict[str, torch.Tensor]:
+        from actors.vllm_engine import score_batch
+
+        if full:
+            raise ValueError("teacher.backend=vllm cannot return the full distribution (use teacher.backend=hf)")
+        return {"logp": score_batch(self.llm, batch)}

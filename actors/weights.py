@@ -39,13 +39,16 @@ class HoldsWeights:
         """Load `handle` if it is newer than what this actor holds; True when weights changed."""
         if handle is None or handle.version == self.version:
             return False
-        state = fetch_state_dict(handle)
+        self.load_weights(fetch_state_dict(handle))
+        self.version = handle.version
+        return True
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the held weights (HF model here; the vLLM rollout worker pushes into its engine)."""
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [m for m in missing if "rotary" not in m]
         if missing or unexpected:
             raise RuntimeError(f"weight sync mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        self.version = handle.version
-        return True
 
 
 def write_pid(cfg: dict, role: str, index: int) -> None:

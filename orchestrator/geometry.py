@@ -43,10 +43,12 @@ class GeometryOptions:
     hill_k: int | None = None
     """Top singular values used by the Hill estimate (None: half of them, at least 2)."""
     svd: str = "full"
-    """`full` (exact) or `randomized` (torch.svd_lowrank, rank max(rotation_k, mask_rank, sim_k) + 10
-    oversampling, 2 power iterations: the top singular values agree with the exact SVD to ~1e-6
-    relative on matrices with a decaying spectrum; metrics that need every sigma use the exact
-    Frobenius norm)."""
+    """`full` (exact LAPACK SVDs) or `randomized` (a seeded randomized range finder of rank
+    max(rotation_k, mask_rank, sim_k) with 10 oversampling and 2 power iterations, for large
+    matrices). Randomized mode sees only the top singular values: spectral norm, top-q% ratios and
+    stable rank use the exact Frobenius norm and stay accurate; effective rank, Hill and the spectral
+    shift are computed on the top values only. Measured error: benchmarks/randomized_svd_error.py
+    (results/randomized_svd_error.json)."""
 
 
 def singular_values(m: np.ndarray) -> np.ndarray:
@@ -90,9 +92,30 @@ def hill(s: np.ndarray, k: int | None = None) -> float:
     return 1.0 / mean_log if mean_log > 0 else math.inf
 
 
-def bf16_unchanged(w0: torch.Tensor, w1: torch.Tensor, eta: float) -> torch.Tensor:
-    a, b = w0.to(torch.bfloat16).float(), w1.to(torch.bfloat16).float()
-    return (b - a).abs() <= eta * torch.maximum(a.abs(), b.abs())
+def bf16_unchanged(w0: torch.Tensor, w1: torch.Tensor, eta: float, chunk: int = 1 << 20) -> torch.Tensor:
+    """Entries whose bf16 values differ by at most eta * max(|b(w0)|, |b(w1)|) (row blocks of
+    about `chunk` entries, so the temporaries stay small)."""
+    out = torch.empty(w0.shape, dtype=torch.bool)
+    flat0, flat1, flat_out = w0.reshape(-1), w1.reshape(-1), out.view(-1)
+    for lo in range(0, flat0.numel(), chunk):
+        a = flat0[lo : lo + chunk].to(torch.bfloat16).float()
+        b = flat1[lo : lo + chunk].to(torch.bfloat16).float()
+        flat_out[lo : lo + chunk] = (b - a).abs() <= eta * torch.maximum(a.abs(), b.abs())
+    return out
+
+
+def _float64(w: torch.Tensor) -> np.ndarray:
+    """A fresh float64 copy (never a view of the caller's tensor)."""
+    return w.detach().to(torch.float64, copy=True).numpy()
+
+
+def _difference(w1: torch.Tensor, w0: torch.Tensor, chunk: int = 1 << 20) -> np.ndarray:
+    """float64 W_1 - W_0, subtracting row blocks so no second full float64 matrix is made."""
+    d = torch.from_numpy(_float64(w1))
+    rows = max(1, chunk // max(w0.shape[-1], 1))
+    for lo in range(0, w0.shape[0], rows):
+        d[lo : lo + rows] -= w0[lo : lo + rows].detach().double()
+    return d.numpy()
 
 
 def principal_angles_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -114,52 +137,102 @@ def top_right_basis(delta: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_mask(values: torch.Tensor, alpha: float, largest: bool) -> torch.Tensor:
-    """Boolean mask of the top (or bottom) alpha fraction of entries."""
-    flat = values.flatten()
-    k = int(round(alpha * flat.numel()))
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    if k:
-        mask[torch.topk(flat, k, largest=largest).indices] = True
-    return mask.view_as(values)
+    """Boolean mask of exactly round(alpha * n) entries: the largest (or smallest) values, ties
+    broken by position. Linear-time selection (np.partition), not a sort."""
+    values = values.detach()
+    flat = (values.float() if values.dtype in (torch.bfloat16, torch.float16) else values).flatten().cpu().numpy()
+    n = flat.size
+    k = int(round(alpha * n))
+    if k in (0, n):
+        return torch.full(values.shape, k == n, dtype=torch.bool)
+    if largest:
+        thr = np.partition(flat, n - k)[n - k]
+        mask = flat > thr
+    else:
+        thr = np.partition(flat, k - 1)[k - 1]
+        mask = flat < thr
+    mask[np.flatnonzero(flat == thr)[: k - int(mask.sum())]] = True
+    return torch.from_numpy(mask).view(values.shape)
 
 
-def _svd(m: np.ndarray, opts: GeometryOptions, rank: int):
-    if opts.svd == "randomized" and min(m.shape) > rank + 10:
-        u, s, v = torch.svd_lowrank(torch.from_numpy(m), q=rank + 10, niter=2)
-        return u.numpy(), s.numpy(), v.numpy().T
-    return np.linalg.svd(m, full_matrices=False)
+def randomized_svd(m: np.ndarray, k: int, oversample: int = 10, power_iters: int = 2,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k SVD by a randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4):
+    Q = orth(A Omega), refined by `power_iters` rounds of Q <- orth(A orth(A^T Q)); then the exact
+    SVD of the small B = Q^T A. Seeded; A is never copied or transposed (A^T Q = (Q^T A)^T)."""
+    q = min(k + oversample, *m.shape)
+    omega = np.random.default_rng(seed).standard_normal((m.shape[1], q))
+    basis = np.linalg.qr(m @ omega)[0]
+    for _ in range(power_iters):
+        basis = np.linalg.qr(m @ np.linalg.qr((basis.T @ m).T)[0])[0]
+    u_small, s, vt = np.linalg.svd(basis.T @ m, full_matrices=False)
+    return (basis @ u_small[:, :k]), s[:k], vt[:k]
+
+
+def _top_svd(m: np.ndarray, opts: GeometryOptions, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(U_k, sigma, V_k^T) of a float64 matrix: the top-k singular vectors, and sigma the whole
+    spectrum (`full`) or its top k (`randomized`).
+
+    `full`: LAPACK SVD. `randomized`: `randomized_svd` with 10 oversampling and 2 power iterations,
+    used only when min(m, n) > k + 10; its error against the exact SVD is measured by
+    benchmarks/randomized_svd_error.py.
+    """
+    if opts.svd == "randomized" and min(m.shape) > k + 10:
+        return randomized_svd(m, k)
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    return u[:, :k].copy(), s, vt[:k].copy()
 
 
 def matrix_metrics(w0: torch.Tensor, w1: torch.Tensor, opts: GeometryOptions,
                    w_final: torch.Tensor | None = None) -> dict[str, float]:
-    """Every diagnostic of one weight matrix (2-D tensors of equal shape)."""
-    a, b = w0.double().numpy(), w1.double().numpy()
-    d = b - a
-    rank = max(opts.rotation_k, opts.mask_rank, opts.sim_k)
-    ud, sd, vdt = _svd(d, opts, rank)
-    out = spectral_metrics(sd, opts, fro=float(np.linalg.norm(d)), r=min(d.shape))
+    """Every diagnostic of one weight matrix (2-D tensors of equal shape).
+
+    Memory: one float64 matrix is live at a time next to its SVD (plus the two boolean masks), so
+    the peak is a small constant number of matrix-sized buffers, whatever the checkpoint size.
+    """
     unchanged = bf16_unchanged(w0, w1, opts.eta)
+    # the update Delta W = W_+ - W_0: full spectrum always, top-K right subspace only for Sim_K
+    d = _difference(w1, w0)
+    fro = float(np.linalg.norm(d))
+    v_upd = None
+    if opts.svd == "randomized" or w_final is not None:
+        _, sd, vdt = _top_svd(d, opts, max(opts.rotation_k, opts.mask_rank, opts.sim_k))
+        v_upd = vdt[: opts.sim_k]
+    else:
+        sd = singular_values(d)
+    del d
+    out = spectral_metrics(sd, opts, fro=fro, r=min(w0.shape))
     out["bf16_sparsity"] = float(unchanged.float().mean())
-    u0, s0, v0t = np.linalg.svd(a, full_matrices=False)
-    u1, s1, v1t = np.linalg.svd(b, full_matrices=False)
-    k = min(opts.rotation_k, len(s0))
-    ang_u, ang_v = principal_angles_deg(u0[:, :k], u1[:, :k]), principal_angles_deg(v0t[:k].T, v1t[:k].T)
+    # W_0 and W_+: top-k singular subspaces (rotation), spectra (spectral shift), masks of W_0
+    k = min(opts.rotation_k, *w0.shape)
+    a = _float64(w0)
+    u0, s0, v0t = _top_svd(a, opts, max(k, opts.mask_rank))
+    del a
+    r = min(opts.mask_rank, len(s0))
+    recon = (u0[:, :r] * s0[:r]) @ v0t[:r]
+    recon = torch.from_numpy(np.abs(recon, out=recon)).float()  # ranked in fp32: half the memory
+    princ = top_mask(recon, opts.mask_alpha, largest=True)
+    del recon
+    low = top_mask(w0.detach().abs(), opts.mask_alpha, largest=False)  # |W_0| orders the same in its own dtype
+    b = _float64(w1)
+    u1, s1, v1t = _top_svd(b, opts, k)
+    del b
+    ang_u, ang_v = principal_angles_deg(u0[:, :k], u1), principal_angles_deg(v0t[:k].T, v1t.T)
     out.update({"rotation_u_mean_deg": float(ang_u.mean()), "rotation_u_max_deg": float(ang_u.max()),
                 "rotation_v_mean_deg": float(ang_v.mean()), "rotation_v_max_deg": float(ang_v.max())})
-    out["spectral_shift"] = float(np.linalg.norm(s1 - s0) / np.linalg.norm(s0))
-    r = min(opts.mask_rank, len(s0))
-    recon = torch.from_numpy((u0[:, :r] * s0[:r]) @ v0t[:r])
+    n = min(len(s0), len(s1))
+    out["spectral_shift"] = float(np.linalg.norm(s1[:n] - s0[:n]) / np.linalg.norm(s0[:n]))
     update = ~unchanged
     n_upd = int(update.sum())
-    princ = top_mask(recon.abs(), opts.mask_alpha, largest=True)
-    low = top_mask(w0.double().abs(), opts.mask_alpha, largest=False)
     out["update_density"] = n_upd / update.numel()
     out["overlap_principal"] = float((princ & update).sum()) / n_upd if n_upd else math.nan
     out["overlap_low_magnitude"] = float((low & update).sum()) / n_upd if n_upd else math.nan
     if w_final is not None:
-        _, _, vft = _svd(w_final.double().numpy() - a, opts, rank)
-        kk = min(opts.sim_k, vdt.shape[0], vft.shape[0])
-        out[f"sim{opts.sim_k}_to_final"] = subspace_similarity(vdt[:kk].T, vft[:kk].T)
+        f = _difference(w_final, w0)
+        vft = _top_svd(f, opts, opts.sim_k)[2]
+        del f
+        kk = min(opts.sim_k, v_upd.shape[0], vft.shape[0])
+        out[f"sim{opts.sim_k}_to_final"] = subspace_similarity(v_upd[:kk].T, vft[:kk].T)
     return out
 
 

@@ -100,8 +100,10 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
     if cluster is None:
         check_paths(cfg, file)
     plan.groups = [
-        RoleGroup("rollout", cfg.rollout.num_workers, cfg.rollout.num_cpus, "student sampling (HF generate)"),
-        RoleGroup("teacher", cfg.teacher.num_workers, cfg.teacher.num_cpus, "teacher log-probs"),
+        RoleGroup("rollout", cfg.rollout.num_workers, cfg.rollout.num_cpus,
+                  "student sampling (vLLM engine)" if cfg.rollout.backend == "vllm" else "student sampling (HF generate)"),
+        RoleGroup("teacher", cfg.teacher.num_workers, cfg.teacher.num_cpus,
+                  "teacher log-probs (vLLM prompt log-probs)" if cfg.teacher.backend == "vllm" else "teacher log-probs"),
         RoleGroup("learner", cfg.learner.world_size, cfg.learner.num_cpus_per_rank, "DeepSpeed ZeRO-3 ranks (gloo)"),
     ]
     resources = {"CPU": cpus} if cpus is not None else cluster_resources()

@@ -26,8 +26,9 @@ from orchestrator.task import Example, Task, build_addition
 
 log = logging.getLogger(__name__)
 
-TEACHER_ARCH = TinyArch(hidden=96, layers=3, heads=4, intermediate=384)
-STUDENT_ARCH = TinyArch(hidden=64, layers=2, heads=4, intermediate=192)
+# head_dim 32: the smallest head size vLLM's CPU attention backend supports (rollout.backend=vllm)
+TEACHER_ARCH = TinyArch(hidden=96, layers=3, heads=3, intermediate=384)
+STUDENT_ARCH = TinyArch(hidden=64, layers=2, heads=2, intermediate=192)
 RECIPE_VERSION = 1
 
 

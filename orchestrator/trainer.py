@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -28,8 +29,8 @@ import yaml
 from actors.evaluator import CandidateEvaluator
 from actors.group import ActorGroup, free_port, split
 from actors.learner import Learner
-from actors.rollout import RolloutWorker
-from actors.teacher import TeacherScorer
+from actors.rollout import RolloutWorker, VllmRolloutWorker
+from actors.teacher import TeacherScorer, VllmTeacherScorer
 from actors.weights import WeightsHandle, fetch_state_dict
 from orchestrator import checkpoint as ckpt
 from orchestrator.config import EffOPD, ExOPD, ExperimentConfig, FixedExtrapolation, flatten
@@ -61,7 +62,14 @@ def actor_config(cfg: ExperimentConfig, run_dir: Path | None = None) -> dict[str
         "val_size": getattr(cfg.method, "val_size", 50),
         "val_score": getattr(cfg.method, "score", "accuracy"),
         "pid_dir": str((run_dir or cfg.run_dir).resolve() / "actors"),
+        "vllm_cache_dir": vllm_cache_dir(),
     }
+
+
+def vllm_cache_dir() -> str:
+    """VLLM_CACHE_ROOT and TMPDIR of vLLM engines: the project's `.cache/vllm` (shared by runs, so
+    compiled ops are reused), or $FORESIGHT_VLLM_CACHE."""
+    return os.environ.get("FORESIGHT_VLLM_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "vllm"))
 
 
 class Timer:
@@ -118,9 +126,11 @@ class OPDTrainer:
         self.state = ckpt.read_driver_state(self.run_dir, tag) if tag else ckpt.RunState()
         restart = {"max_restarts": cfg.rollout.max_restarts, "max_task_retries": cfg.rollout.max_restarts}
         offsets = self._bundle_offsets()
-        self.rollout = ActorGroup(RolloutWorker, cfg.rollout.num_workers, lambda i: (acfg, i),
+        rollout_cls = VllmRolloutWorker if cfg.rollout.backend == "vllm" else RolloutWorker
+        teacher_cls = VllmTeacherScorer if cfg.teacher.backend == "vllm" else TeacherScorer
+        self.rollout = ActorGroup(rollout_cls, cfg.rollout.num_workers, lambda i: (acfg, i),
                                   {"num_cpus": cfg.rollout.num_cpus, **restart}, (self.pg, offsets["rollout"]))
-        self.teacher = ActorGroup(TeacherScorer, cfg.teacher.num_workers, lambda i: (acfg, i),
+        self.teacher = ActorGroup(teacher_cls, cfg.teacher.num_workers, lambda i: (acfg, i),
                                   {"num_cpus": cfg.teacher.num_cpus, "max_restarts": cfg.teacher.max_restarts,
                                    "max_task_retries": cfg.teacher.max_restarts}, (self.pg, offsets["teacher"]))
         port, ws = free_port(), cfg.learner.world_size

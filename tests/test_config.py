@@ -37,6 +37,8 @@ def test_overrides_parse_nested_and_typed():
     ("run: [1, 2\n", "line", "invalid YAML"),
     ("- a\n- b\n", "<root>", "expected a mapping"),
     ("rollout:\n  batch_prompts: 1\n", "<root>", "smaller than learner.world_size"),
+    ("rollout:\n  backend: sglang\n", "rollout.backend", "'hf' or 'vllm'"),
+    ("teacher:\n  backend: vllm\nloss:\n  type: forward_kl\n", "<root>", "full distribution"),
 ])
 def test_bad_values_name_file_key_reason(tmp_path, fake_models, text, key, reason):
     path = write(tmp_path, text)
@@ -51,6 +53,19 @@ def test_missing_model_path(tmp_path, fake_models):
     with pytest.raises(ConfigError) as err:
         resolve(cfg, path, cpus=2)
     assert err.value.key == "models.student" and "no HF checkpoint" in err.value.reason
+
+
+def test_vllm_backend_rejects_head_sizes_its_cpu_attention_lacks(tmp_path, fake_models):
+    import json
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                            "num_attention_heads": 4}))
+    path = write(tmp_path, "rollout:\n  backend: vllm\n")
+    cfg = load_config(path, model_overrides(fake_models) + [f"models.student={tmp_path / 'm'}"])
+    with pytest.raises(ConfigError) as err:
+        resolve(cfg, path, cpus=2)
+    assert err.value.key == "rollout.backend" and "head size 16" in err.value.reason
 
 
 def test_world_size_larger_than_cluster(tmp_path, fake_models):

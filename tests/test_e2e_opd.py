@@ -59,7 +59,7 @@ def test_smoke_run_improves_student_and_logs_to_mlflow(reference):
     assert len(reference["runs"]) == 1 and run.info.status == "FINISHED"
     acc = history(client, run.info.run_id, "eval/accuracy")
     assert acc[0][0] == 0 and acc[-1][0] == 80
-    assert acc[-1][1] - acc[0][1] >= 0.15, f"accuracy went {acc[0][1]:.3f} -> {acc[-1][1]:.3f}"
+    assert_student_learned(client, run.info.run_id)
     for key in ("train/loss", "train/reverse_kl", "timing/rollout", "timing/teacher", "timing/learner",
                 "timing/sync", "timing/step"):
         steps = [s for s, _ in history(client, run.info.run_id, key)]
@@ -76,6 +76,14 @@ def test_smoke_run_improves_student_and_logs_to_mlflow(reference):
     assert {"resolved_config.yaml", "final_checkpoint.txt"} <= arts
     assert (reference["out"] / "smoke" / "final" / "model.safetensors").is_file()
     print(f"smoke run wall time {reference['seconds']:.0f}s; accuracy {acc[0][1]:.3f} -> {acc[-1][1]:.3f}")
+
+
+def assert_student_learned(client, run_id: str) -> None:
+    """The student moved toward the teacher: reverse KL down by a fifth, test accuracy up."""
+    kl = [v for _, v in history(client, run_id, "train/reverse_kl")]
+    acc = history(client, run_id, "eval/accuracy")
+    assert sum(kl[-10:]) <= 0.8 * sum(kl[:10]), f"reverse KL {sum(kl[:10]) / 10:.3f} -> {sum(kl[-10:]) / 10:.3f}"
+    assert acc[-1][1] - acc[0][1] >= 0.05, f"accuracy went {acc[0][1]:.3f} -> {acc[-1][1]:.3f}"
 
 
 def start_run(models: Path, out: Path, *extra: str) -> subprocess.Popen:

@@ -13,7 +13,7 @@ from scipy.stats import entropy, ortho_group
 from safetensors.torch import save_file
 
 from conftest import foresight
-from orchestrator.geometry import (GeometryOptions, bf16_unchanged, hill, matrix_metrics, module_type,
+from orchestrator.geometry import (GeometryOptions, bf16_unchanged, hill, matrix_metrics, module_type, top_mask,
                                    principal_angles_deg, spectral_metrics, subspace_similarity)
 
 OPTS = GeometryOptions(rotation_k=8, mask_rank=4, sim_k=4)
@@ -153,3 +153,14 @@ def test_gradient_projection_hook_projects_onto_the_basis():
     g = p.grad.double()
     assert torch.allclose(g, g @ v @ v.T, atol=1e-5)  # already in the span: projecting again is a no-op
     assert torch.linalg.matrix_rank(g, atol=1e-5) <= 2
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_top_mask_selects_exactly_k_entries_like_a_sort(largest):
+    rng = np.random.default_rng(1)
+    values = torch.from_numpy(np.round(rng.standard_normal((40, 30)), 1))  # many ties
+    mask = top_mask(values, 0.3, largest)
+    k = round(0.3 * values.numel())
+    assert int(mask.sum()) == k
+    chosen, rest = values[mask], values[~mask]
+    assert (chosen.min() >= rest.max()) if largest else (chosen.max() <= rest.min())

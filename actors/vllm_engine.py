@@ -1,0 +1,165 @@
+"""vLLM engines inside Ray actors (`rollout.backend: vllm`, `teacher.backend: vllm`).
+
+One `vllm.LLM` per actor, fp32, in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: no engine-core
+subprocess to orphan when Ray kills the actor), eager mode, a fixed KV-cache size on CPU. Token ids
+go in and come out; the HF tokenizer of the checkpoint encodes prompts, as on the HF backend, so
+both backends build the same batch layout (`orchestrator/modeling.py`).
+
+Weight sync on CPU (and any single-node setup): the learner's new state dict is serialized to
+safetensors bytes and handed to every engine worker through `LLM.collective_rpc`, whose worker
+extension (`WeightSyncExtension`) reloads it in place with
+`model_runner.reload_weights(weights_iterator=...)`; the prefix cache is reset afterwards, or
+cached prompt KV from the old weights would be reused. On GPU clusters the NCCL path in
+`actors/vllm_nccl.py` broadcasts from learner rank 0 instead.
+
+Sampling log-probs: `logprobs_mode="processed_logprobs"`, so `logprobs` are log softmax(logits /
+temperature) of each sampled token, the quantity the learner's importance correction divides by.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EXTENSION = "actors.vllm_engine.WeightSyncExtension"
+
+
+def engine_env(cache_dir: str | Path) -> None:
+    """Process environment every vLLM engine here needs (call before importing vllm)."""
+    cache = Path(cache_dir)
+    (cache / "tmp").mkdir(parents=True, exist_ok=True)
+    os.environ.update({
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": str(cache),
+        "TMPDIR": str(cache / "tmp"),
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+    })
+
+
+def build_engine(model_path: str | Path, rollout_cfg: dict[str, Any], seed: int, cache_dir: str | Path,
+                 max_model_len: int | None = None):
+    """A `vllm.LLM` on a local checkpoint (fp32, eager, prefix caching, weight-sync extension)."""
+    engine_env(cache_dir)
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = {}
+    if torch.cuda.is_available():  # the checkpoint's dtype (bf16), a share of the GPU, NCCL weight updates
+        from actors.vllm_nccl import engine_kwargs
+
+        kwargs.update(dtype="auto", gpu_memory_utilization=rollout_cfg["gpu_memory_utilization"],
+                      **engine_kwargs(rollout_cfg))
+    else:  # fp32 (log-probs match the learner's to ~1e-6), a fixed KV-cache size
+        kwargs.update(dtype="float32", kv_cache_memory_bytes=int(rollout_cfg["vllm_kv_cache_mb"]) * 2**20)
+    return LLM(
+        model=str(model_path), tokenizer=str(model_path), skip_tokenizer_init=True,
+        enforce_eager=True, seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
+        logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION, disable_log_stats=True, **kwargs,
+    )
+
+
+class WeightSyncExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`); called through `LLM.collective_rpc`."""
+
+    def load_safetensors_bytes(self, blob: bytes) -> int:
+        """Reload the model in place from a safetensors-serialized {HF name: tensor} dict."""
+        from safetensors.torch import load
+
+        state = load(bytes(blob))
+        self.model_runner.reload_weights(weights_iterator=iter(state.items()))  # type: ignore[attr-defined]
+        return len(state)
+
+
+def load_weights(llm, state: dict[str, torch.Tensor]) -> None:
+    """Push a full state dict into a running engine, then drop prefix-cache entries of old weights."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    llm.collective_rpc("load_safetensors_bytes", args=(blob,))
+    llm.reset_prefix_cache()
+
+
+def sample(llm, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, temperature: float,
+           seeds: list[int] | None) -> tuple[list[list[int]], list[list[float]] | None]:
+    """Completions of token-id prompts: greedy when `temperature` is 0, else sampled with one seed
+    per request (a retried step draws the same tokens). Returns (token ids, sampling log-probs or None)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    greedy = temperature == 0.0
+    params = [SamplingParams(temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
+                             stop_token_ids=[eos_id], logprobs=None if greedy else 0, detokenize=False,
+                             seed=None if greedy else seeds[i])
+              for i in range(len(prompts))]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    if greedy:
+        return tokens, None
+    logps = [[step[t].logprob for t, step in zip(toks, o.outputs[0].logprobs)] for toks, o in zip(tokens, outs)]
+    return tokens, logps
+
+
+def score(llm, sequences: list[list[int]], first: list[int]) -> list[list[float]]:
+    """log p(x_j | x_<j) for j >= first[i] of every sequence, through prompt log-probs
+    (`max_tokens=1`; temperature 1.0: prompt log-probs are unscaled model log-probs)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+    return [[o.prompt_logprobs[j][seq[j]].logprob for j in range(f, len(seq))]
+            for o, seq, f in zip(outs, sequences, first)]
+
+
+def to_batch(prompts: list[list[int]], responses: list[list[int]], logps: list[list[float]] | None,
+             pad_id: int, eos_id: int) -> dict[str, Any]:
+    """The rollout batch layout of `orchestrator.modeling.generate`: left-padded prompts, responses
+    right-padded after EOS, masks, prompt width P and (when sampled) `logp` [B, R]."""
+    from orchestrator.modeling import response_mask
+
+    B, P = len(prompts), max(len(p) for p in prompts)
+    R = max(1, max(len(r) for r in responses))
+    prompt_BP = torch.full((B, P), pad_id, dtype=torch.long)
+    pmask_BP = torch.zeros((B, P), dtype=torch.long)
+    response_BR = torch.full((B, R), pad_id, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        prompt_BP[i, P - len(p):] = torch.tensor(p)
+        pmask_BP[i, P - len(p):] = 1
+        response_BR[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    rmask_BR = response_mask(response_BR, eos_id)
+    lengths = torch.tensor([len(r) for r in responses])
+    rmask_BR = rmask_BR * (torch.arange(R)[None, :] < lengths[:, None]).float()
+    batch: dict[str, Any] = {
+        "input_ids": torch.cat([prompt_BP, response_BR], dim=1),
+        "attention_mask": torch.cat([pmask_BP, rmask_BR.long()], dim=1),
+        "prompt_len": P,
+        "response": response_BR,
+        "response_mask": rmask_BR,
+    }
+    if logps is not None:
+        logp_BR = torch.zeros((B, R))
+        for i, lp in enumerate(logps):
+            logp_BR[i, : len(lp)] = torch.tensor(lp)
+        batch["logp"] = logp_BR * rmask_BR
+    return batch
+
+
+def score_batch(llm, batch: dict[str, Any]) -> torch.Tensor:
+    """log p(y_t | x, y_<t) of every response token of a rollout batch, [B, R] (0 where masked)."""
+    P, mask_BR = batch["prompt_len"], batch["response_mask"]
+    prompt_mask = batch["attention_mask"][:, :P].bool()
+    sequences, first = [], []
+    for i in range(mask_BR.shape[0]):
+        prompt = batch["input_ids"][i, :P][prompt_mask[i]].tolist()
+        response = batch["response"][i][mask_BR[i].bool()].tolist()
+        sequences.append(prompt + response)
+        first.append(len(prompt))
+    logp_BR = torch.zeros(mask_BR.shape)
+    for i, lp in enumerate(score(llm, sequences, first)):
+        logp_BR[i, : len(lp)] = torch.tensor(lp)
+    return logp_BR * mask_BR

@@ -1,0 +1,81 @@
+"""`foresight geometry` streams a multi-GB checkpoint one matrix at a time.
+
+The test writes two sharded fp32 checkpoints of 2 GiB each (32 matrices of 64 MiB), runs the CLI
+in a subprocess that reports its own peak RSS, and compares that peak with the same command on a
+one-matrix checkpoint: the difference is what the extra 31 matrices cost, and it must stay a small
+multiple of one matrix (a loader that held a whole checkpoint would add >= 2 GiB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import ROOT, TEST_ENV
+
+ROWS, COLS = 256, 65536          # 16.8M entries: 64 MiB in fp32, 128 MiB in float64
+MATRIX_BYTES = ROWS * COLS * 4
+RUN_AND_REPORT_PEAK = (
+    "import resource, sys; from orchestrator.cli import main; rc = main(sys.argv[1:]); "
+    "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+)
+
+
+def write_checkpoints(root, n_matrices: int, per_shard: int, shape: tuple[int, int] = (ROWS, COLS)) -> None:
+    """base W_0 (random) and updated W_0 + a rank-4 update, sharded like an HF checkpoint."""
+    gen = torch.Generator().manual_seed(0)
+    for tag in ("base", "updated"):
+        (root / tag).mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    for first in range(0, n_matrices, per_shard):
+        shard_name = f"model-{first // per_shard + 1:05d}.safetensors"
+        base, updated = {}, {}
+        for i in range(first, min(first + per_shard, n_matrices)):
+            name = f"model.layers.{i}.mlp.up_proj.weight"
+            w0 = torch.randn(*shape, generator=gen)
+            delta = 1e-2 * torch.randn(shape[0], 4, generator=gen) @ torch.randn(4, shape[1], generator=gen)
+            base[name], updated[name] = w0, w0 + delta
+            weight_map[name] = shard_name
+        save_file(base, str(root / "base" / shard_name))
+        save_file(updated, str(root / "updated" / shard_name))
+        del base, updated
+    for tag in ("base", "updated"):
+        (root / tag / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def peak_rss(root, out) -> tuple[int, dict]:
+    cmd = [sys.executable, "-c", RUN_AND_REPORT_PEAK, "geometry", "--base", str(root / "base"),
+           "--updated", str(root / "updated"), "--out", str(out), "--svd", "randomized", "--rotation-k", "16"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **TEST_ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak_kb = int(proc.stdout.split("PEAK_KB")[1].split()[0])
+    return peak_kb * 1024, json.loads(out.read_text())
+
+
+@pytest.mark.e2e
+def test_geometry_streams_a_multi_gb_checkpoint_in_bounded_memory(tmp_path):
+    write_checkpoints(tmp_path / "small", n_matrices=1, per_shard=1, shape=(64, 64))
+    write_checkpoints(tmp_path / "one", n_matrices=1, per_shard=1)
+    write_checkpoints(tmp_path / "big", n_matrices=32, per_shard=8)
+    size = sum(f.stat().st_size for f in (tmp_path / "big" / "updated").glob("*.safetensors"))
+    assert size > 2 * 1024**3  # a multi-GB checkpoint (and its base of the same size)
+
+    imports, _ = peak_rss(tmp_path / "small", tmp_path / "small.json")  # the process itself
+    baseline, _ = peak_rss(tmp_path / "one", tmp_path / "one.json")
+    peak, report = peak_rss(tmp_path / "big", tmp_path / "big.json")
+
+    assert len(report["matrices"]) == 32
+    m = report["matrices"]["model.layers.31.mlp.up_proj.weight"]
+    assert 1.0 <= m["stable_rank"] <= 4.0  # the rank-4 update is seen as low-rank
+    growth, working_set = peak - baseline, baseline - imports
+    print(f"checkpoint {size / 2**30:.2f} GiB; peak RSS {peak / 2**20:.0f} MiB; one-matrix run {baseline / 2**20:.0f} MiB; "
+          f"process without data {imports / 2**20:.0f} MiB; per-matrix working set {working_set / MATRIX_BYTES:.2f} "
+          f"fp32 matrices; growth from 1 to 32 matrices {growth / MATRIX_BYTES:.2f} fp32 matrices")
+    assert growth < 2 * MATRIX_BYTES  # 32 matrices cost no more than 2 extra matrices over one
+    assert working_set < 10 * MATRIX_BYTES  # one matrix: inputs + float64 copies + SVD, a constant
