@@ -192,6 +192,45 @@ class Learner:
             return self._with_working_copy(self.anchor, lambda: self._put_full(bucket_mb))
         return self._put_full(bucket_mb)
 
+    # ------------------------------------------------------------------ GPU: NCCL to vLLM engines
+    def nccl_endpoint(self) -> tuple[str, int]:
+        """(node IP, free port) for the weight-transfer group's rendezvous, hosted by rank 0."""
+        import ray
+
+        from actors.group import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def nccl_open(self, address: str, port: int, world_size: int, bucket_bytes: int) -> list | None:
+        """Rank 0 joins the weight-transfer group as its sender (blocks until every engine joins);
+        returns the update's metadata (name, dtype, full shape), in send order."""
+        if self.rank != 0:
+            return None
+        from actors.vllm_nccl import TrainerSender
+
+        self.sender = TrainerSender(address, port, world_size, bucket_bytes)
+        return TrainerSender.meta([item for bucket in self._buckets(self.cfg["learner"]["sync_bucket_mb"])
+                                   for item in bucket])
+
+    def nccl_send(self) -> None:
+        """Every rank gathers the same buckets (ZeRO-3 collectives); rank 0 broadcasts each
+        gathered tensor to the engines (vLLM packs them into `bucket_bytes` buffers)."""
+        import deepspeed
+
+        self._release_gathered()
+
+        def gathered():
+            for bucket in self._buckets(self.cfg["learner"]["sync_bucket_mb"]):
+                with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                    for name, p in bucket:
+                        yield name, p.detach().clone()  # the gather buffer is released on exit
+
+        if self.rank == 0:
+            self.sender.send(gathered())
+        else:
+            for _ in gathered():
+                pass
+
     # ------------------------------------------------------------------ EffOPD (partition-local)
     def _release_gathered(self) -> None:
         """Re-partition parameters a no-grad forward left gathered (`engine.empty_partition_cache`

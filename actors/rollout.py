@@ -89,6 +89,19 @@ class VllmRolloutWorker(HoldsWeights):
 
         load_weights(self.llm, state)
 
+    def nccl_join(self, address: str, port: int, rank_offset: int, world_size: int, bucket_bytes: int) -> None:
+        """GPU: join learner rank 0's weight-transfer group (`actors/vllm_nccl.py`)."""
+        from actors.vllm_nccl import engine_init
+
+        engine_init(self.llm, address, port, rank_offset, world_size, bucket_bytes=bucket_bytes)
+
+    def nccl_receive(self, meta: list, version: int) -> None:
+        """GPU: receive the learner's broadcast of weights `version` (runs alongside `Learner.nccl_send`)."""
+        from actors.vllm_nccl import engine_receive
+
+        engine_receive(self.llm, meta)
+        self.version = version
+
     def _encode(self, prompts: list[str]) -> list[list[int]]:
         return [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 

@@ -39,6 +39,9 @@ class HoldsWeights:
         """Load `handle` if it is newer than what this actor holds; True when weights changed."""
         if handle is None or handle.version == self.version:
             return False
+        if not handle.refs:
+            raise RuntimeError(f"weights version {handle.version} are not in the object store (NCCL weight sync): "
+                               "a restarted engine cannot rejoin the NCCL group; resume the run instead")
         self.load_weights(fetch_state_dict(handle))
         self.version = handle.version
         return True

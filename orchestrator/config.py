@@ -165,6 +165,10 @@ class LearnerConfig(_Strict):
     """Learner micro-batch token budget per GPU (GPU plans; the papers: 22,000)."""
     sync_bucket_mb: float = Field(64.0, gt=0)
     """Weight-sync bucket size: the full weights are put in the object store in buckets this big."""
+    weight_sync: Literal["auto", "object_store", "nccl"] = "auto"
+    """How rollout engines get new weights: rank 0 puts them in the Ray object store (CPU; any
+    backend), or NCCL broadcast from rank 0 into vLLM engines (GPU clusters, `actors/vllm_nccl.py`).
+    `auto`: NCCL when the plan has GPUs and rollout.backend=vllm."""
 
 
 class LossConfig(_Strict):
@@ -285,6 +289,8 @@ class ExperimentConfig(_Strict):
             )
         if self.loss.rlvr_mix < 1.0 and self.rollout.samples_per_prompt < 2:
             raise ValueError("loss.rlvr_mix < 1 needs rollout.samples_per_prompt >= 2 (GRPO group advantages)")
+        if self.learner.weight_sync == "nccl" and self.rollout.backend != "vllm":
+            raise ValueError("learner.weight_sync=nccl sends weights into vLLM engines; set rollout.backend=vllm")
         if self.teacher.backend == "vllm" and self.loss.type in ("full_reverse_kl", "forward_kl"):
             raise ValueError(f"loss.type={self.loss.type} needs the teacher's full distribution; teacher.backend=vllm "
                              "returns log-probs of the sampled tokens only (use teacher.backend=hf)")

@@ -45,9 +45,9 @@ class GeometryOptions:
     svd: str = "full"
     """`full` (exact LAPACK SVDs) or `randomized` (a seeded randomized range finder of rank
     max(rotation_k, mask_rank, sim_k) with 10 oversampling and 2 power iterations, for large
-    matrices). Randomized mode sees only the top singular values: spectral norm, top-q% ratios and
-    stable rank use the exact Frobenius norm and stay accurate; effective rank, Hill and the spectral
-    shift are computed on the top values only. Measured error: benchmarks/randomized_svd_error.py
+    matrices). Randomized mode sees only the top singular values: spectral norm, spectral/Frobenius,
+    stable rank and the top-q% ratios it covers use the exact Frobenius norm; effective rank, Hill,
+    the spectral shift and top-q% ratios beyond the computed values are NaN. Measured error: benchmarks/randomized_svd_error.py
     (results/randomized_svd_error.json)."""
 
 
@@ -59,9 +59,12 @@ def spectral_metrics(s: np.ndarray, opts: GeometryOptions, fro: float | None = N
                      r: int | None = None) -> dict[str, float]:
     """Spectrum-only metrics of Delta W from its singular values (descending).
 
-    `fro` is the exact Frobenius norm and `r` = min(m, n), for when `s` holds only the top values.
+    `fro` is the exact Frobenius norm and `r` = min(m, n), for when `s` holds only the top values
+    (randomized SVD): metrics that need values beyond those are NaN (null in JSON), not guessed.
     """
     s = np.asarray(s, dtype=np.float64)
+    r = r or len(s)
+    partial = len(s) < r
     sq = float(np.sum(s**2)) if fro is None else fro**2
     fro = math.sqrt(sq)
     out: dict[str, float] = {"spectral_norm": float(s[0]), "frobenius": fro}
@@ -72,12 +75,12 @@ def spectral_metrics(s: np.ndarray, opts: GeometryOptions, fro: float | None = N
     out["stable_rank"] = sq / float(s[0]) ** 2
     p = s / s.sum()
     p = p[p > 0]
-    out["effective_rank"] = float(np.exp(-np.sum(p * np.log(p))))
-    r = r or len(s)
+    out["effective_rank"] = math.nan if partial else float(np.exp(-np.sum(p * np.log(p))))
     for q in opts.top_percents:
         k = max(1, math.ceil(q * r / 100))
-        out[f"top{q:g}pct_ratio"] = math.sqrt(float(np.sum(s[:k] ** 2)) / sq)
-    out["hill_alpha"] = hill(s, opts.hill_k)
+        out[f"top{q:g}pct_ratio"] = math.nan if k > len(s) else math.sqrt(float(np.sum(s[:k] ** 2)) / sq)
+    hill_k = max(2, r // 2) if opts.hill_k is None else opts.hill_k
+    out["hill_alpha"] = math.nan if hill_k > len(s) else hill(s, hill_k)
     return out
 
 
@@ -220,8 +223,8 @@ def matrix_metrics(w0: torch.Tensor, w1: torch.Tensor, opts: GeometryOptions,
     ang_u, ang_v = principal_angles_deg(u0[:, :k], u1), principal_angles_deg(v0t[:k].T, v1t.T)
     out.update({"rotation_u_mean_deg": float(ang_u.mean()), "rotation_u_max_deg": float(ang_u.max()),
                 "rotation_v_mean_deg": float(ang_v.mean()), "rotation_v_max_deg": float(ang_v.max())})
-    n = min(len(s0), len(s1))
-    out["spectral_shift"] = float(np.linalg.norm(s1[:n] - s0[:n]) / np.linalg.norm(s0[:n]))
+    full_spectra = len(s0) == len(s1) == min(w0.shape)
+    out["spectral_shift"] = float(np.linalg.norm(s1 - s0) / np.linalg.norm(s0)) if full_spectra else math.nan
     update = ~unchanged
     n_upd = int(update.sum())
     out["update_density"] = n_upd / update.numel()

@@ -117,6 +117,9 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
         raise ConfigError(file, "run.scale", f"scale {scale.name} needs GPUs and this Ray cluster has "
                           f"{resources.get('GPU', 0):g}; check the plan without GPUs with "
                           "`foresight plan CONFIG --cluster 4x8xH100-80GB`")
+    if cfg.learner.weight_sync == "nccl":
+        raise ConfigError(file, "learner.weight_sync", "nccl broadcasts between CUDA GPUs and this plan runs on "
+                                                       "CPUs; use auto or object_store")
     if cfg.learner.world_size > plan.available_cpus:
         raise ConfigError(file, "learner.world_size",
                           f"{cfg.learner.world_size} ranks but the Ray cluster has {plan.available_cpus:g} CPUs")

@@ -148,10 +148,13 @@ class OPDTrainer:
         else:
             ray.get(self.learner.call("set_anchor"))
         self._version = 0
-        self.weights = WeightsHandle(0, []) if not tag else self._publish()
+        self.weights = WeightsHandle(0, [])
         self.anchor = self._publish(which="anchor") if self._extrapolates else None
+        self._nccl = self._uses_nccl()
+        if self._nccl:
+            self._open_nccl()
         if tag:
-            ray.get(self.rollout.call("sync", self.weights))
+            self._sync_rollout()
             if cfg.learner.grad_project_rank and self.state.step >= self._project_step:
                 self.start_grad_projection_from_disk()
         self._open_tracker()
@@ -246,7 +249,7 @@ class OPDTrainer:
 
         from orchestrator.geometry import top_right_basis
 
-        w0, w = self._initial_weights(), fetch_state_dict(self.weights)
+        w0, w = self._initial_weights(), fetch_state_dict(self._stored())
         bases = {k: top_right_basis(w[k] - w0[k], self.cfg.learner.grad_project_rank) for k in w0 if w0[k].dim() == 2}
         torch.save(bases, self.run_dir / "projection_basis.pt")
         self._install_projection(bases)
@@ -282,10 +285,9 @@ class OPDTrainer:
             with timer("learner"):
                 adv_scale = cfg.method.lam if isinstance(cfg.method, ExOPD) else 1.0
                 stats = ray.get(self.learner.call("train_step", rollout_refs, teacher_refs, adv_scale, step))
-            # 4. weight sync: put once, every rollout worker loads the same buckets
+            # 4. weight sync: learner -> rollout engines
             with timer("sync"):
-                self.weights = self._publish()
-                ray.get(self.rollout.call("sync", self.weights))
+                self._sync_rollout()
             metrics = self._train_metrics(stats)
             # 5. extrapolation search at t = 2^n
             if self._extrapolates and is_search_step(step, self.cfg.method.max_search_step):
@@ -299,11 +301,44 @@ class OPDTrainer:
                     metrics["eval/accuracy"] = self.evaluate()
             if cfg.geometry.every and (step % cfg.geometry.every == 0 or step == cfg.run.steps):
                 with timer("geometry"):
-                    metrics.update(self.monitor.observe(step, fetch_state_dict(self.weights)))
+                    metrics.update(self.monitor.observe(step, fetch_state_dict(self._stored())))
         self.state.step = step
         return {**metrics, **timer.times}
 
     # ------------------------------------------------------------------ phases
+    def _sync_rollout(self) -> None:
+        """Step 4. Object store (default): learner rank 0 puts the weights once, in buckets, and every
+        rollout worker loads the same refs. NCCL (GPU, vLLM engines): rank 0 broadcasts to every
+        engine worker; the object-store copy is then made only when something else needs it."""
+        if not self._nccl:
+            self.weights = self._publish()
+            ray.get(self.rollout.call("sync", self.weights))
+            return
+        self._version += 1
+        self.weights = WeightsHandle(self._version, [])
+        ray.get(self.learner.call("nccl_send") + self.rollout.call("nccl_receive", self._nccl_meta, self._version))
+
+    def _stored(self) -> WeightsHandle:
+        """The current weights in the object store (for evaluators, the monitor, the final save)."""
+        if self.weights.version and not self.weights.refs:
+            refs = ray.get(self.learner.call("publish_weights", self.cfg.learner.sync_bucket_mb, "current"))
+            self.weights = WeightsHandle(self.weights.version, refs[0])
+        return self.weights
+
+    def _uses_nccl(self) -> bool:
+        mode = self.cfg.learner.weight_sync
+        gpus = self.plan.gpu is not None
+        return mode == "nccl" or (mode == "auto" and gpus and self.cfg.rollout.backend == "vllm")
+
+    def _open_nccl(self) -> None:
+        """One NCCL group: learner rank 0 (rank 0, the sender) and each engine (one worker per
+        engine here: rank offset 1 + i). Both sides must join at once."""
+        address, port = ray.get(self.learner.actors[0].nccl_endpoint.remote())
+        n, bucket = len(self.rollout), int(self.cfg.learner.sync_bucket_mb * 2**20)
+        refs = self.learner.call("nccl_open", address, port, 1 + n, bucket)
+        refs += [a.nccl_join.remote(address, port, 1 + i, 1 + n, bucket) for i, a in enumerate(self.rollout.actors)]
+        self._nccl_meta = ray.get(refs)[0]
+
     def _publish(self, which: str = "current") -> WeightsHandle:
         """Learner rank 0 puts the full weights (or the anchor) once; a fresh version number."""
         refs = ray.get(self.learner.call("publish_weights", self.cfg.learner.sync_bucket_mb, which))
@@ -338,16 +373,15 @@ class OPDTrainer:
             coefs = [0.0] + [coefficient(k) for k in range(1, method.num_candidates + 1)]
             parts = split(list(range(len(coefs))), len(self.evaluators))
             results = ray.get(self.evaluators.call_each(
-                "score", [(self.weights, self.anchor, [coefs[i] for i in p]) for p in parts if p]))
+                "score", [(self._stored(), self.anchor, [coefs[i] for i in p]) for p in parts if p]))
             flat = [s for r in results for s in r]
             base, scores = flat[0], flat[1:]
             k = accept(base, scores, method.comparison)
         if k > 0:
             ray.get(self.learner.call("extrapolate", coefficient(k)))
-            self.weights = self._publish()
-            ray.get(self.rollout.call("sync", self.weights))
+            self._sync_rollout()
         ray.get(self.learner.call("set_anchor"))
-        self.anchor = self.weights
+        self.anchor = self._stored()
         decision = Decision(step, base, scores, k, getattr(method, "comparison", "fixed"))
         self.state.decisions.append(decision.to_dict())
         log.info("step %d: %s accepted k=%d (base %.3f, scores %s)", step, method.type, k, base,
@@ -369,7 +403,7 @@ class OPDTrainer:
 
         final_dir = self.run_dir / "final"
         model = load_model(self.cfg.model_paths[0])
-        model.load_state_dict(fetch_state_dict(self.weights), strict=False)
+        model.load_state_dict(fetch_state_dict(self._stored()), strict=False)
         model.save_pretrained(final_dir, safe_serialization=True)
         load_tokenizer(self.cfg.model_paths[0]).save_pretrained(final_dir)
         self.tracker.log_text(str(final_dir.resolve()), "final_checkpoint.txt")

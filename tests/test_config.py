@@ -39,6 +39,7 @@ def test_overrides_parse_nested_and_typed():
     ("rollout:\n  batch_prompts: 1\n", "<root>", "smaller than learner.world_size"),
     ("rollout:\n  backend: sglang\n", "rollout.backend", "'hf' or 'vllm'"),
     ("teacher:\n  backend: vllm\nloss:\n  type: forward_kl\n", "<root>", "full distribution"),
+    ("learner:\n  weight_sync: nccl\n", "<root>", "rollout.backend=vllm"),
 ])
 def test_bad_values_name_file_key_reason(tmp_path, fake_models, text, key, reason):
     path = write(tmp_path, text)
@@ -66,6 +67,19 @@ def test_vllm_backend_rejects_head_sizes_its_cpu_attention_lacks(tmp_path, fake_
     with pytest.raises(ConfigError) as err:
         resolve(cfg, path, cpus=2)
     assert err.value.key == "rollout.backend" and "head size 16" in err.value.reason
+
+
+def test_nccl_weight_sync_needs_gpus(tmp_path, fake_models):
+    import json
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                            "num_attention_heads": 2}))
+    cfg = load_config(None, model_overrides(fake_models) + [f"models.student={tmp_path / 'm'}", "rollout.backend=vllm",
+                                                            "learner.weight_sync=nccl"])
+    with pytest.raises(ConfigError) as err:
+        resolve(cfg, "exp.yaml", cpus=2)
+    assert err.value.key == "learner.weight_sync" and "CUDA" in err.value.reason
 
 
 def test_world_size_larger_than_cluster(tmp_path, fake_models):
