@@ -41,6 +41,7 @@ models: install
 	$(VENV)/bin/foresight prepare --out $(MODELS)
 
 demo: models
+	@echo "rollout backend: hf (faster than vLLM on the tiny models here: benchmarks/results/rollout_throughput.json)"
 	$(VENV)/bin/foresight run experiments/demo.yaml
 	$(PY) -m dashboards.compare --experiment demo --out runs/demo_dashboard
 	@echo ""

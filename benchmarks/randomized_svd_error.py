@@ -13,7 +13,6 @@ benchmarks/results/randomized_svd_error.json and logs it to MLflow (experiment `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from orchestrator.geometry import GeometryOptions, _top_svd, matrix_metrics, subspace_similarity  # noqa: E402
-from step_overhead import log_benchmark  # noqa: E402
+from step_overhead import save_result  # noqa: E402
 
 METRICS = ["spectral_norm", "spectral_fro_ratio", "stable_rank", "top1pct_ratio", "top10pct_ratio", "effective_rank",
            "hill_alpha", "spectral_shift", "rotation_u_mean_deg", "rotation_v_mean_deg", "overlap_principal"]
@@ -94,9 +93,7 @@ def main() -> int:
         "max_relative_error": {k: max(c["relative_error"][k] for c in cases.values())
                                for k in METRICS if all(k in c["relative_error"] for c in cases.values())},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    log_benchmark(result, "randomized_svd_error")
+    save_result(result, args.out, "randomized_svd_error")
     print(f"wrote {args.out}")
     return 0
 

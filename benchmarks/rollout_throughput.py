@@ -14,7 +14,6 @@ benchmarks/results/rollout_throughput.json and logs it to MLflow (experiment `be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -126,7 +125,7 @@ def bench_size(size: str, path: Path, repeats: int, cache: Path) -> dict:
 
 
 def main() -> int:
-    from step_overhead import log_benchmark
+    from step_overhead import save_result
     from orchestrator.trainer import vllm_cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -151,9 +150,7 @@ def main() -> int:
         "vllm_over_hf": {k: v["vllm_over_hf"] for k, v in sizes.items()},
         "faster_backend_tiny": "vllm" if sizes.get("tiny", {}).get("vllm_over_hf", 0) > 1 else "hf",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    log_benchmark(result, "rollout_throughput")
+    save_result(result, args.out, "rollout_throughput")
     print(f"vllm_over_hf {result['vllm_over_hf']}; wrote {args.out}")
     return 0
 

@@ -154,6 +154,13 @@ def main() -> int:
     return 0
 
 
+def save_result(result: dict, out: str | Path, name: str) -> None:
+    """Write the result JSON (committed under benchmarks/results/) and log it to MLflow."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    log_benchmark(result, name)
+
+
 def log_benchmark(result: dict, name: str) -> None:
     """Log a benchmark result to MLflow (experiment `benchmarks`, default local store)."""
     from orchestrator.config import flatten

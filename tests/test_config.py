@@ -56,26 +56,25 @@ def test_missing_model_path(tmp_path, fake_models):
     assert err.value.key == "models.student" and "no HF checkpoint" in err.value.reason
 
 
-def test_vllm_backend_rejects_head_sizes_its_cpu_attention_lacks(tmp_path, fake_models):
+def student_with_heads(tmp_path: Path, hidden: int, heads: int) -> str:
+    """A `models.student=` override to a folder whose config.json has this attention geometry."""
     import json
 
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
-                                                            "num_attention_heads": 4}))
-    path = write(tmp_path, "rollout:\n  backend: vllm\n")
-    cfg = load_config(path, model_overrides(fake_models) + [f"models.student={tmp_path / 'm'}"])
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": hidden,
+                                                            "num_attention_heads": heads}))
+    return f"models.student={tmp_path / 'm'}"
+
+
+def test_vllm_backend_rejects_head_sizes_its_cpu_attention_lacks(tmp_path, fake_models):
+    cfg = load_config(None, model_overrides(fake_models) + [student_with_heads(tmp_path, 64, 4), "rollout.backend=vllm"])
     with pytest.raises(ConfigError) as err:
-        resolve(cfg, path, cpus=2)
+        resolve(cfg, "exp.yaml", cpus=2)
     assert err.value.key == "rollout.backend" and "head size 16" in err.value.reason
 
 
 def test_nccl_weight_sync_needs_gpus(tmp_path, fake_models):
-    import json
-
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
-                                                            "num_attention_heads": 2}))
-    cfg = load_config(None, model_overrides(fake_models) + [f"models.student={tmp_path / 'm'}", "rollout.backend=vllm",
+    cfg = load_config(None, model_overrides(fake_models) + [student_with_heads(tmp_path, 64, 2), "rollout.backend=vllm",
                                                             "learner.weight_sync=nccl"])
     with pytest.raises(ConfigError) as err:
         resolve(cfg, "exp.yaml", cpus=2)
