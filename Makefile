@@ -49,7 +49,7 @@ demo: models
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$$(pwd)/runs/mlflow.db --port 5000"
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-unit: install
 	$(PY) -m pytest -q -m "not e2e"

@@ -181,7 +181,7 @@ def cmd_geometry(args: argparse.Namespace) -> int:
         folder = getattr(args, flag)
         if folder and not Path(folder).is_dir():
             raise ConfigError("<command line>", f"--{flag}", f"no such checkpoint folder: {folder}")
-    opts = GeometryOptions(svd=args.svd, rotation_k=args.rotation_k, sim_k=args.sim_k)
+    opts = GeometryOptions(svd=args.svd, rotation_k=args.rotation_k, sim_k=args.sim_k, mask_rank=args.mask_rank)
     report = analyze(Path(args.base), Path(args.updated), Path(args.final) if args.final else None, opts,
                      progress=sys.stderr.isatty())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svd", choices=["full", "randomized"], default="full", help="SVD of Delta W (default exact)")
     p.add_argument("--rotation-k", type=int, default=512, help="top-k singular subspaces for principal angles")
     p.add_argument("--sim-k", type=int, default=16, help="K of Sim_K")
+    p.add_argument("--mask-rank", type=int, default=64, help="rank of the W_0 reconstruction for the principal mask")
     p.set_defaults(fn=cmd_geometry)
     p = sub.add_parser("intervene", help="weight-space interventions on an update, evaluated on the task")
     p.add_argument("kind", choices=["scale", "beta", "rank", "window", "embedding"])

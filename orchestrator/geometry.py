@@ -297,6 +297,7 @@ def iter_matrices(base: Checkpoint, updated: Checkpoint, final: Checkpoint | Non
         if w0.dim() != 2:
             continue
         yield key, w0, updated.get(key), final.get(key) if final else None
+        del w0  # before the next load: at most one pair is alive
 
 
 @dataclass
