@@ -15,7 +15,7 @@ import signal
 import pytest
 import torch
 
-from conftest import ROOT, foresight, model_overrides, run_overrides
+from conftest import ROOT, model_overrides
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
