@@ -1,5 +1,6 @@
 # Foresight: two commands on a fresh machine.
-#   make demo   install, build the embedded models, run the OPD vs EffOPD sweep, print the comparison
+#   make demo   install, build the embedded models, run the OPD vs EffOPD sweep, write its dashboard
+#               (foresight dashboard demo: HTML + PNGs, logged to MLflow) and print how to open the MLflow UI
 #   make test   install and run the whole test suite (unit + end-to-end)
 # Quick loop while working: make test-unit   (skips the slow end-to-end tests)
 #                           make test-vllm   (only the vLLM backend tests)
@@ -20,7 +21,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONWARNINGS := ignore
 
-.PHONY: install models demo test test-unit test-vllm bench clean
+.PHONY: install models demo test test-unit test-vllm bench gpu-check gpu-wheels clean
 
 # torch is pinned in the same pip command as everything else (a CPU build on local disk);
 # an unpinned torch would pull a multi-GB CUDA build.
@@ -43,10 +44,8 @@ models: install
 demo: models
 	@echo "rollout backend: hf (faster than vLLM on the tiny models here: benchmarks/results/rollout_throughput.json)"
 	$(VENV)/bin/foresight run experiments/demo.yaml
-	$(PY) -m dashboards.compare --experiment demo --out runs/demo_dashboard
 	@echo ""
-	@echo "MLflow store: runs/mlflow.db   open the UI with:"
-	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$$(pwd)/runs/mlflow.db --port 5000"
+	$(VENV)/bin/foresight dashboard demo --out runs/demo_dashboard
 
 test: install
 	$(PY) -m pytest -q --durations=15
@@ -59,6 +58,17 @@ test-vllm: install
 
 bench: models
 	$(PY) benchmarks/step_overhead.py
+
+# The device check (benchmarks/gpu_check.py): run on a GPU machine that has CUDA torch and transformers.
+gpu-check:
+	python -m benchmarks.gpu_check
+
+# Wheels the GPU machine lacks (it cannot download): DeepSpeed and its pure-Python requirements, for Python 3.12.
+gpu-wheels: install
+	@mkdir -p .cache/gpu_wheels
+	$(PY) -m pip wheel -q --no-deps -w .cache/gpu_wheels deepspeed==0.19.8
+	$(PY) -m pip download -q --no-deps -d .cache/gpu_wheels --python-version 3.12 --only-binary=:all: \
+		hjson einops msgpack ninja py-cpuinfo pydantic pydantic-core annotated-types typing-inspection
 
 clean:
 	rm -rf runs .pytest_cache

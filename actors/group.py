@@ -6,10 +6,9 @@ classes directly.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, Callable
-
-import ray
 
 ACTOR_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -18,9 +17,32 @@ ACTOR_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TRANSFORMERS_VERBOSITY": "error",
-    "DS_ACCELERATOR": "cpu",
     "PYTHONWARNINGS": "ignore",
 }
+"""Environment of every actor. DeepSpeed's accelerator is not set here: each learner rank picks
+it from the device it has (`actors/learner.py`)."""
+
+
+class Placed:
+    """Mixin: every actor can say where Ray placed it."""
+
+    def placement(self) -> dict[str, Any]:
+        """Node id and IP, the GPU ids Ray assigned, CUDA_VISIBLE_DEVICES as this process sees it, pid."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
+
+
+class PlacementProbe(Placed):
+    """Stands in for any actor of a plan when only its placement matters (`foresight plan --probe`,
+    the simulated-cluster tests): it asks Ray for the same resources in the same bundle, loads
+    nothing, and reports where it was placed."""
+
+    def __init__(self, *args: Any) -> None:
+        pass
 
 
 class ActorGroup:
@@ -29,6 +51,8 @@ class ActorGroup:
     def __init__(self, cls: type, n: int, args: Callable[[int], tuple], options: dict[str, Any],
                  placement: tuple[Any, int] | None = None) -> None:
         """`placement` = (placement group, first bundle index): actor i goes to bundle index + i."""
+        import ray
+
         remote_cls = ray.remote(cls)
         opts = {"runtime_env": {"env_vars": dict(ACTOR_ENV)}, **options}
         self.actors = [remote_cls.options(**opts, **_bundle(placement, i)).remote(*args(i)) for i in range(n)]
@@ -36,13 +60,15 @@ class ActorGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
-    def call_each(self, method: str, per_actor_args: list[tuple]) -> list[ray.ObjectRef]:
+    def call_each(self, method: str, per_actor_args: list[tuple]) -> list:
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args)]
 
     def kill(self) -> None:
+        import ray
+
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
@@ -58,9 +84,9 @@ def _bundle(placement: tuple[Any, int] | None, i: int) -> dict[str, Any]:
                                                                     placement_group_bundle_index=first + i)}
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -13,6 +13,7 @@ parameter is gathered.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -21,32 +22,43 @@ from typing import Any
 import numpy as np
 import torch
 
+from actors.group import Placed
+from actors.batching import fetch_rows, micro_batches
+from orchestrator.faults import fires
 from orchestrator.extrapolation import extrapolate
-from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION, LossInputs, grpo_advantages, opd_loss, sparsify
-from orchestrator.modeling import concat_batches, load_model, quiet_hf, response_logits, slice_batch
+from orchestrator.modeling import load_model, quiet_hf
+
+log = logging.getLogger(__name__)
 
 
-def ds_config(lr: float, betas: tuple[float, float], weight_decay: float, grad_clip: float) -> dict[str, Any]:
-    """ZeRO-3 config that partitions even tiny models and compiles no op (torch AdamW)."""
+def ds_config(lc: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """ZeRO-3 config that partitions even tiny models and compiles no op.
+
+    Optimizer: torch AdamW (no DeepSpeed JIT op), its fused multi-tensor kernel on CUDA. Precision
+    (`learner.dtype`): bf16 working weights, gradients and activations with fp32 master weights and
+    Adam states (`auto` on CUDA), or fp32 throughout (`auto` on CPU)."""
+    bf16 = lc["dtype"] == "bf16" or (lc["dtype"] == "auto" and cuda)
+    adam = {"lr": lc["lr"], "betas": list(lc["betas"]), "eps": 1e-8, "weight_decay": lc["weight_decay"], "torch_adam": True}
+    if cuda:
+        adam["fused"] = True
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": grad_clip,
+        "gradient_clipping": lc["grad_clip"],
         "zero_optimization": {
             "stage": 3,
             "stage3_param_persistence_threshold": 0,
             "stage3_model_persistence_threshold": 0,
         },
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
-                                                  "weight_decay": weight_decay, "torch_adam": True}},
-        "bf16": {"enabled": False},
+        "optimizer": {"type": "AdamW", "params": adam},
+        "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
-class Learner:
+class Learner(Placed):
     """One ZeRO-3 rank. Plain Python; `ray.remote(Learner)` is applied in `actors/group.py`."""
 
     # set in __init__
@@ -57,84 +69,208 @@ class Learner:
     engine: Any
     anchor: list[torch.Tensor] | None
 
-    def __init__(self, rank: int, world_size: int, master_port: int, cfg: dict[str, Any]) -> None:
+    def __init__(self, rank: int, world_size: int, cfg: dict[str, Any]) -> None:
         quiet_hf()
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
-        os.environ.update({
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "RANK": str(rank),
-            "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0" if not torch.cuda.is_available() else str(rank),
-            "LOCAL_WORLD_SIZE": str(world_size),
-        })
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         torch.set_num_threads(1)
-        self.engine, self.anchor = None, None
+        self.engine, self.anchor, self._listen = None, None, None
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
+        # DeepSpeed's accelerator follows the device this actor has (a GPU plan on a machine whose
+        # torch sees no CUDA device, e.g. a simulated GPU cluster, computes on CPU)
+        os.environ["DS_ACCELERATOR"] = "cuda" if self.cuda else "cpu"
+        from actors.weights import write_pid
+
+        write_pid(cfg, "learner", rank)
+        if not self.cuda and os.environ.get("CUDA_VISIBLE_DEVICES"):
+            log.warning("learner rank %d: Ray assigned GPU(s) %s but torch sees no CUDA device: computing on CPU",
+                        rank, os.environ["CUDA_VISIBLE_DEVICES"])
 
     # ------------------------------------------------------------------ lifecycle
-    def setup(self) -> int:
-        """Join the process group and build the ZeRO-3 engine from the student checkpoint."""
-        import torch._dynamo  # noqa: F401  (DeepSpeed + transformers 5 need it imported first)
+    def open_store(self, host: str) -> int:
+        """Rank 0: listen for the rendezvous on `host` only (127.0.0.1 for a single-node run, the node's
+        address on a cluster) and return the port. The TCPStore server takes over this socket, so
+        nothing listens on other interfaces (torch's own TCPStore would bind all of them)."""
+        import socket
+
+        self._listen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listen.bind((host, 0))
+        self._listen.listen(max(128, self.world_size))
+        return self._listen.getsockname()[1]
+
+    def setup(self, env: dict[str, Any], port: int) -> int:
+        """Join the process group (rendezvous at rank 0's store) and build the ZeRO-3 engine.
+
+        `env`: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and MASTER_ADDR from where Ray placed
+        the ranks (`orchestrator.placement.learner_env`). Returns the model's parameter count."""
+        import datetime
+        from types import SimpleNamespace
+
+        import torch.distributed as dist
+
+        _skip_muon_import()
         import deepspeed
         import deepspeed.ops
 
+        os.environ.update({k: str(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")})
+        os.environ["MASTER_PORT"] = str(port)
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a JIT compile
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if self.cuda else "gloo"
+        if self.cuda:
+            torch.cuda.set_device(0)  # the one GPU Ray made visible to this actor
+        if env["MASTER_ADDR"] == "127.0.0.1":  # one node: gloo's pair sockets on loopback too
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        store = dist.TCPStore(env["MASTER_ADDR"], port, self.world_size, is_master=self.rank == 0,
+                              timeout=datetime.timedelta(minutes=10),
+                              master_listen_fd=self._listen.detach() if self.rank == 0 else None)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                timeout=datetime.timedelta(minutes=30))
+        deepspeed.init_distributed(dist_backend=backend)  # wraps the group above
         torch.manual_seed(self.cfg["seed"])
-        model = load_model(self.cfg["student_path"])
-        model.train()
         lc = self.cfg["learner"]
+        bf16 = ds_config(lc, self.cuda)["bf16"]["enabled"]
+        model = load_model(self.cfg["student_path"], torch.bfloat16 if bf16 else torch.float32)  # half the host RAM in bf16
+        model.train()
+        if lc["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine, *_ = deepspeed.initialize(
+            args=SimpleNamespace(device_rank=0, local_rank=int(env["LOCAL_RANK"])),
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=ds_config(lc["lr"], tuple(lc["betas"]), lc["weight_decay"], lc["grad_clip"]),
+            config=ds_config(lc, self.cuda),
         )
         return sum(p.ds_numel for p in self.engine.module.parameters())
 
+    def has_cuda(self) -> bool:
+        return self.cuda
+
+    def rendezvous(self) -> dict[str, str]:
+        """The distributed environment this rank runs with (for checks)."""
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+        return {k: os.environ.get(k, "") for k in keys}
+
     # ------------------------------------------------------------------ training
-    def train_step(self, rollout_refs: list, teacher_refs: list, adv_scale: float, step: int = 0) -> dict[str, float]:
-        """One optimizer step on this rank's shard of the global batch; returns token-sum stats."""
-        import ray
+    def train_step(self, parts: list, spec: dict[str, Any], step: int = 0) -> dict[str, float]:
+        """One optimizer step on this rank's rows [r B / W, (r + 1) B / W) of the global batch.
 
-        batch = concat_batches(ray.get(rollout_refs))
-        teacher = concat_batches(ray.get(teacher_refs))
-        lcfg = self.cfg["loss"]
-        rlvr_all, keep_all = self._token_controls(batch, teacher, lcfg, step)
-        B = batch["input_ids"].shape[0]
+        `parts`: (rollout ref, teacher ref, rows) of every rollout part in batch order; this rank
+        fetches only the parts its rows overlap (`actors.batching.fetch_rows`), then `train_on`."""
+        B = sum(int(n) for _, _, n in parts)
         lo, hi = self.rank * B // self.world_size, (self.rank + 1) * B // self.world_size
-        mine, tmine = slice_batch(batch, lo, hi), slice_batch(teacher, lo, hi)
-        rlvr, keep = (t[lo:hi] if t is not None else None for t in (rlvr_all, keep_all))
-        logits = response_logits(self.engine, mine["input_ids"], mine["attention_mask"], mine["prompt_len"])
-        inputs = LossInputs(
-            logits_BRV=logits, tokens_BR=mine["response"], mask_BR=mine["response_mask"],
-            teacher_logp_BR=tmine["logp"], rollout_logp_BR=mine["logp"],
-            teacher_logp_BRV=tmine.get("logp_full") if lcfg["type"] in NEEDS_TEACHER_DISTRIBUTION else None,
-            adv_scale=adv_scale, importance_correction=lcfg["importance_correction"],
-            importance_threshold=lcfg["importance_threshold"],
-            norm=float(batch["response_mask"].sum()) / self.world_size,
-            rlvr_adv_BR=rlvr, rlvr_mix=lcfg["rlvr_mix"], keep_BR=keep,
-        )
-        loss, stats = opd_loss(lcfg["type"], inputs)
-        self.engine.backward(loss)
-        self.engine.step()
-        stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        stats["reward_sum"] = float(mine["rewards"].sum())
-        stats["sequences"] = float(hi - lo)
-        return stats
+        batch, x = fetch_rows(parts, lo, hi, self.cfg["rollout"]["samples_per_prompt"], self.cfg["loss"])
+        if fires("nan_teacher", step):  # test hook: one corrupted teacher score, whatever the loss reads
+            for name in ("teacher_logp_BR", "teacher_logp_BRV", "teacher_topk_logp_BRK"):
+                if getattr(x, name) is not None:
+                    setattr(x, name, getattr(x, name).clone())
+                    getattr(x, name)[0, 0] = float("nan")
+        return self.train_on(batch, x, spec, step, global_rows=B, first_row=lo)
 
-    def _token_controls(self, batch: dict, teacher: dict, lcfg: dict, step: int):
-        """Global-batch GRPO advantages [B, R] and token-sparsification weights [B, R] (or None).
+    def train_on(self, batch: dict[str, Any], x, spec: dict[str, Any], step: int = 0, global_rows: int | None = None,
+                 first_row: int = 0) -> dict[str, float]:
+        """One optimizer step on this rank's rows (`batch`: the rollout layout; `x`: the per-token
+        loss inputs, `orchestrator.losses.TokenBatch`). The rows are split into micro-batches of at
+        most `learner.max_tokens_per_gpu` tokens (every rank runs the same number, padding with
+        empty ones, because ZeRO-3 gathers parameters collectively), gradients accumulate into one
+        optimizer step, and each micro-batch's logits exist one sequence chunk at a time
+        (`learner.logit_chunk_tokens`, recomputed in backward). Returns token-sum statistics.
 
-        Computed before sharding so groups and the top-KL selection see the whole batch; the
-        per-token KL score uses the rollout log-probs (r_t - q_t).
-        """
-        mask = batch["response_mask"]
-        rlvr = None
-        if lcfg["rlvr_mix"] < 1.0:
-            adv = grpo_advantages(batch["rewards"], self.cfg["rollout"]["samples_per_prompt"])
-            rlvr = adv[:, None] * mask
-        keep = None
+        A non-finite loss or gradient (a NaN teacher score, a bf16 overflow) gives a non-finite
+        global gradient norm, computed across ranks: ZeRO-3 then skips the optimizer step on every
+        rank (weights and Adam states untouched); `skipped` reports it."""
+        from orchestrator.losses import STAT_KEYS, LossSpec
+
+        lcfg = self.cfg["loss"]
+        rows = batch["input_ids"].shape[0]
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        x = x.map(lambda t: t.to(self.device))
         if lcfg["token_keep"] < 1.0:
-            keep = sparsify(mask, batch["logp"] - teacher["logp"], lcfg["token_keep"], lcfg["token_select"],
-                            seed=self.cfg["seed"] * 1_000_003 + step)
-        return rlvr, keep
+            x.keep_BR = self._global_keep(x, global_rows or rows, first_row, lcfg, step)
+        norm = float(self._all_reduce(x.mask_BR.sum(), "sum")) / self.world_size
+        micro = micro_batches(rows, batch["input_ids"].shape[1], self.cfg["learner"]["max_tokens_per_gpu"])
+        n = int(self._all_reduce(torch.tensor(len(micro), device=self.device), "max"))
+        loss_spec = LossSpec(**spec)
+        stats = torch.zeros(len(STAT_KEYS), device=self.device)
+        for i in range(n):
+            a, b = micro[i] if i < len(micro) else (0, 1)  # an empty micro-batch keeps the collectives in step
+            self.engine.set_gradient_accumulation_boundary(i == n - 1)
+            total, st = self._forward_loss(loss_spec, batch, x, a, b)
+            weight = 1.0 if i < len(micro) else 0.0
+            self.engine.backward(total * (weight / norm), scale_wrt_gas=False)
+            stats += st * weight
+        self.engine.step()
+        out = dict(zip(STAT_KEYS, stats.tolist()))
+        out["skipped"] = 0.0 if self.engine.was_step_applied() else 1.0
+        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["reward_sum"] = float(batch["rewards"].sum())
+        out["sequences"] = float(rows)
+        out["micro_batches"] = float(len(micro))
+        return out
+
+    def _forward_loss(self, spec, batch: dict, x, a: int, b: int):
+        """Loss terms (sum, with grad) and statistics of rows a:b, logits one chunk at a time."""
+        from torch.utils.checkpoint import checkpoint
+
+        from orchestrator.modeling import position_ids
+
+        ids, att, P = batch["input_ids"][a:b], batch["attention_mask"][a:b], batch["prompt_len"]
+        captured: dict[str, torch.Tensor] = {}
+        handle = self.engine.module.get_decoder().register_forward_hook(
+            lambda _m, _i, out: captured.update(h=out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
+        try:  # the LM head runs on one position here; the response positions get it chunk by chunk below
+            self.engine(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False,
+                        logits_to_keep=1)
+        finally:
+            handle.remove()
+        hidden = captured["h"][:, P - 1 : -1]  # position P + j - 1 predicts response token j
+        xs, R = x.rows(a, b), hidden.shape[1]
+        step = max(1, self.cfg["learner"]["logit_chunk_tokens"] // max(b - a, 1))
+        total, stats = 0.0, 0.0
+        for j0 in range(0, R, step):
+            t, st = checkpoint(self._chunk_terms, spec, hidden[:, j0 : j0 + step], xs.positions(j0, j0 + step),
+                               use_reentrant=False)
+            total, stats = total + t, stats + st
+        return total, stats
+
+    def _chunk_terms(self, spec, hidden, x):
+        from orchestrator.losses import token_terms
+
+        return token_terms(spec, self.engine.module.lm_head(hidden), x)
+
+    # ------------------------------------------------------------------ collectives
+    def _all_reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        import torch.distributed as dist
+
+        t = value.detach().to(self.device, torch.float64 if op == "sum" else torch.int64).clone()
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t
+
+    def _global_keep(self, x, B: int, lo: int, lcfg: dict, step: int) -> torch.Tensor:
+        """Token sparsification over the whole batch: every rank gathers the [B, R] masks and KL
+        scores (r_t - q_t), selects with the same seed, and keeps its own rows."""
+        from orchestrator.losses import sparsify
+
+        mask = self._gather_rows(x.mask_BR, B)
+        score = self._gather_rows(x.rollout_logp_BR - x.teacher_logp_BR, B)
+        keep = sparsify(mask.cpu(), score.cpu(), lcfg["token_keep"], lcfg["token_select"],
+                        seed=self.cfg["seed"] * 1_000_003 + step)
+        b, R = x.mask_BR.shape
+        return keep[lo : lo + b, :R].to(self.device)
+
+    def _gather_rows(self, t_BR: torch.Tensor, B: int) -> torch.Tensor:
+        """[B, R_max] from every rank's [b_r, R_r] rows, in rank order (zero-padded)."""
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return t_BR
+        W = self.world_size
+        R = int(self._all_reduce(torch.tensor(t_BR.shape[1]), "max"))
+        rows = -(-B // W)
+        buf = torch.zeros(rows, R, device=self.device, dtype=torch.float32)
+        buf[: t_BR.shape[0], : t_BR.shape[1]] = t_BR
+        out = [torch.zeros_like(buf) for _ in range(W)]
+        dist.all_gather(out, buf)
+        return torch.cat([o[: (r + 1) * B // W - r * B // W] for r, o in enumerate(out)])
 
     # ------------------------------------------------------------------ controls
     def set_grad_projection(self, bases_ref: list) -> int:
@@ -180,6 +316,35 @@ class Learner:
                 if refs is not None:
                     refs.append(ray.put({name: p.detach().to("cpu", torch.float32, copy=True) for name, p in bucket}))
         return refs
+
+    def _gathered(self, bucket_mb: float):
+        """(name, full tensor) of every weight; every rank must iterate (one collective per bucket)."""
+        import deepspeed
+
+        self._release_gathered()
+        for bucket in self._buckets(bucket_mb):
+            with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                for name, p in bucket:
+                    yield name, p.detach().to("cpu", copy=True)
+
+    def save_hf(self, out_dir: str) -> None:
+        """The current weights as an HF checkpoint: rank 0 writes model.safetensors tensor by tensor
+        (model dtype) and copies the student's config and tokenizer files; all ranks gather."""
+        import shutil
+
+        from actors.weights import write_safetensors
+
+        named = self._gathered(self.cfg["learner"]["sync_bucket_mb"])
+        if self.rank != 0:
+            for _ in named:
+                pass
+            return
+        out, src = Path(out_dir), Path(self.cfg["student_path"])
+        out.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".safetensors.index.json")):
+                shutil.copy2(f, out / f.name)
+        write_safetensors(out / "model.safetensors", named)
 
     def publish_weights(self, bucket_mb: float, which: str = "current") -> list | None:
         """Put the full weights (or the EffOPD anchor) in the object store once, in buckets.
@@ -292,6 +457,20 @@ class Learner:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _skip_muon_import() -> None:
+    """DeepSpeed 0.19 imports its Muon optimizer module in every ZeRO-3 setup only to compare
+    classes, and that import compiles kernels (~1 s per rank, most of a tiny run's learner start).
+    Foresight never uses Muon: register a stand-in module whose class no optimizer is an instance of."""
+    import sys
+    import types
+
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name not in sys.modules:
+        stub = types.ModuleType(name)
+        stub.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {"__doc__": "never used by Foresight"})
+        sys.modules[name] = stub
 
 
 def rng_state() -> dict[str, Any]:

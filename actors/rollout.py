@@ -11,13 +11,18 @@ from typing import Any
 
 import torch
 
+from actors.candidates import HfScoresCandidates, VllmScoresCandidates
+from actors.group import Placed
 from actors.weights import HoldsWeights, WeightsHandle, write_pid
 from orchestrator.modeling import decode_responses, generate, greedy_accuracy, load_model, load_tokenizer, quiet_hf
 from orchestrator.task import build_task
 
 
-class RolloutWorker(HoldsWeights):
-    """Plain Python; `ray.remote(RolloutWorker)` is applied in `actors/group.py`."""
+class RolloutWorker(HfScoresCandidates, HoldsWeights, Placed):
+    """Plain Python; `ray.remote(RolloutWorker)` is applied in `actors/group.py`. Also scores EffOPD
+    candidates (`score`) when the evaluator pool is borrowed."""
+
+    role = "rollout"
 
     def __init__(self, cfg: dict[str, Any], index: int = 0) -> None:
         quiet_hf()
@@ -27,7 +32,7 @@ class RolloutWorker(HoldsWeights):
         self.model = load_model(cfg["student_path"])
         self.task = build_task(cfg["task_cfg"])
         self.version = 0
-        write_pid(cfg, "rollout", index)
+        write_pid(cfg, self.role, index)
 
     def generate(self, step: int, indices: list[int], handle: WeightsHandle | None) -> dict[str, Any]:
         """Sample `samples_per_prompt` completions for train prompts `indices` (seeded by step)."""
@@ -62,7 +67,7 @@ def sample_seed(cfg: dict[str, Any], step: int, index: int) -> int:
     return (cfg["seed"] * 1_000_003 + step) * 97 + index
 
 
-class VllmRolloutWorker(HoldsWeights):
+class VllmRolloutWorker(VllmScoresCandidates, HoldsWeights, Placed):
     """Backend `vllm`: the same API as `RolloutWorker`, sampling with an in-process vLLM engine.
 
     Sampling log-probs come from vLLM (`processed_logprobs`: log softmax(logits / T) of each sampled
@@ -80,14 +85,21 @@ class VllmRolloutWorker(HoldsWeights):
         self.cfg, self.index = cfg, index
         self.tokenizer = load_tokenizer(cfg[self.model_key])
         self.task = build_task(cfg["task_cfg"])
-        self.llm = build_engine(cfg[self.model_key], cfg["rollout"], cfg["seed"] + index, cfg["vllm_cache_dir"])
+        self.llm = build_engine(cfg[self.model_key], cfg["rollout"], cfg["seed"] + index, cfg["vllm_cache_dir"],
+                                tensor_parallel=cfg["tp"].get(self.role, 1))
         self.version = 0
         write_pid(cfg, self.role, index)
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        from actors.vllm_engine import load_weights
+    def load_stream(self, named) -> None:
+        """Reload the engine from a weight stream (one tensor in memory at a time)."""
+        from actors.vllm_engine import load_stream
 
-        load_weights(self.llm, state)
+        load_stream(self.llm, named, self.cfg["vllm_cache_dir"])
+
+    def rewards(self, out: dict[str, Any], examples) -> float:
+        """Sum of the task rewards of a batch's decoded responses."""
+        texts = decode_responses(self.tokenizer, out["response"], out["response_mask"])
+        return float(sum(self.task.reward(t, e.answer) for t, e in zip(texts, examples)))
 
     def nccl_join(self, address: str, port: int, rank_offset: int, world_size: int, bucket_bytes: int) -> None:
         """GPU: join learner rank 0's weight-transfer group (`actors/vllm_nccl.py`)."""
@@ -134,13 +146,11 @@ class VllmRolloutWorker(HoldsWeights):
         self.sync(handle)
         data = self.task.test if split == "test" else self.task.train
         examples = [data[i] for i in indices]
-        out = self.greedy([e.prompt for e in examples])
-        texts = decode_responses(self.tokenizer, out["response"], out["response_mask"])
-        return float(sum(self.task.reward(t, e.answer) for t, e in zip(texts, examples))), len(examples)
+        return self.rewards(self.greedy([e.prompt for e in examples]), examples), len(examples)
 
     def logprobs(self, batch: dict[str, Any]) -> torch.Tensor:
         """log pi(y_t | x, y_<t) of the batch's response tokens under the engine's current weights
         (prompt log-probs, temperature 1), [B, R] masked: for checking a weight sync."""
         from actors.vllm_engine import score_batch
 
-        return score_batch(self.llm, batch)
+        return score_batch(self.llm, batch)["logp"]

@@ -5,11 +5,11 @@ subprocess to orphan when Ray kills the actor), eager mode, a fixed KV-cache siz
 go in and come out; the HF tokenizer of the checkpoint encodes prompts, as on the HF backend, so
 both backends build the same batch layout (`orchestrator/modeling.py`).
 
-Weight sync on CPU (and any single-node setup): the learner's new state dict is serialized to
-safetensors bytes and handed to every engine worker through `LLM.collective_rpc`, whose worker
-extension (`WeightSyncExtension`) reloads it in place with
-`model_runner.reload_weights(weights_iterator=...)`; the prefix cache is reset afterwards, or
-cached prompt KV from the old weights would be reused. On GPU clusters the NCCL path in
+Weight sync on CPU (and any single-node setup): the learner's buckets are written tensor by tensor
+into a local safetensors file, and every engine worker reloads from it through `LLM.collective_rpc`,
+whose worker extension (`WeightSyncExtension`) calls
+`model_runner.reload_weights(weights_iterator=...)` on a memory-mapped reader; the prefix cache is
+reset afterwards, or cached prompt KV from the old weights would be reused. On GPU clusters the NCCL path in
 `actors/vllm_nccl.py` broadcasts from learner rank 0 instead.
 
 Sampling log-probs: `logprobs_mode="processed_logprobs"`, so `logprobs` are log softmax(logits /
@@ -43,22 +43,36 @@ def engine_env(cache_dir: str | Path) -> None:
 
 
 def build_engine(model_path: str | Path, rollout_cfg: dict[str, Any], seed: int, cache_dir: str | Path,
-                 max_model_len: int | None = None):
-    """A `vllm.LLM` on a local checkpoint (fp32, eager, prefix caching, weight-sync extension)."""
+                 max_model_len: int | None = None, tensor_parallel: int = 1):
+    """A `vllm.LLM` on a local checkpoint (prefix caching, the weight-sync extension).
+
+    CUDA (GPU scales): the checkpoint's dtype, `gpu_memory_utilization` of each GPU, CUDA graphs,
+    tensor parallelism over the GPUs Ray gave this actor (worker processes on this node, `mp`
+    executor), NCCL weight updates. CPU: fp32 (log-probs match the learner's to ~1e-6), eager,
+    a fixed KV-cache size, no tensor parallelism."""
     engine_env(cache_dir)
     from vllm import LLM
 
     kwargs: dict[str, Any] = {}
-    if torch.cuda.is_available():  # the checkpoint's dtype (bf16), a share of the GPU, NCCL weight updates
+    if torch.cuda.is_available():
         from actors.vllm_nccl import engine_kwargs
 
-        kwargs.update(dtype="auto", gpu_memory_utilization=rollout_cfg["gpu_memory_utilization"],
-                      **engine_kwargs(rollout_cfg))
-    else:  # fp32 (log-probs match the learner's to ~1e-6), a fixed KV-cache size
-        kwargs.update(dtype="float32", kv_cache_memory_bytes=int(rollout_cfg["vllm_kv_cache_mb"]) * 2**20)
+        kwargs.update(dtype="auto", gpu_memory_utilization=rollout_cfg["gpu_memory_utilization"], enforce_eager=False,
+                      tensor_parallel_size=tensor_parallel, **engine_kwargs(rollout_cfg))
+        if tensor_parallel > 1:
+            kwargs["distributed_executor_backend"] = "mp"
+    else:
+        if tensor_parallel > 1:
+            import logging
+
+            logging.getLogger(__name__).warning("no CUDA device in this actor (CUDA_VISIBLE_DEVICES=%s): the vLLM "
+                                                "engine runs on CPU without tensor parallelism (planned TP %d)",
+                                                os.environ.get("CUDA_VISIBLE_DEVICES"), tensor_parallel)
+        kwargs.update(dtype="float32", enforce_eager=True,
+                      kv_cache_memory_bytes=int(rollout_cfg["vllm_kv_cache_mb"]) * 2**20)
     return LLM(
         model=str(model_path), tokenizer=str(model_path), skip_tokenizer_init=True,
-        enforce_eager=True, seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
+        seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
         logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION, disable_log_stats=True, **kwargs,
     )
 
@@ -66,21 +80,25 @@ def build_engine(model_path: str | Path, rollout_cfg: dict[str, Any], seed: int,
 class WeightSyncExtension:
     """Mixed into every vLLM worker (`worker_extension_cls`); called through `LLM.collective_rpc`."""
 
-    def load_safetensors_bytes(self, blob: bytes) -> int:
-        """Reload the model in place from a safetensors-serialized {HF name: tensor} dict."""
-        from safetensors.torch import load
+    def load_safetensors_file(self, path: str) -> None:
+        """Reload the model in place from a safetensors file of {HF name: tensor}, one tensor at a time."""
+        from actors.weights import read_safetensors
 
-        state = load(bytes(blob))
-        self.model_runner.reload_weights(weights_iterator=iter(state.items()))  # type: ignore[attr-defined]
-        return len(state)
+        self.model_runner.reload_weights(weights_iterator=read_safetensors(path))  # type: ignore[attr-defined]
 
 
-def load_weights(llm, state: dict[str, torch.Tensor]) -> None:
-    """Push a full state dict into a running engine, then drop prefix-cache entries of old weights."""
-    from safetensors.torch import save
+def load_stream(llm, named, cache_dir: str | Path) -> None:
+    """Push a full weight stream into a running engine through a local safetensors file (written and
+    read tensor by tensor: no second full copy in memory), then drop prefix-cache entries of the old
+    weights. Every worker of a TP engine reads the same file (one node)."""
+    from actors.weights import write_safetensors
 
-    blob = save({k: v.detach().contiguous().cpu() for k, v in state.items()})
-    llm.collective_rpc("load_safetensors_bytes", args=(blob,))
+    path = Path(cache_dir) / "tmp" / f"weights-{os.getpid()}.safetensors"
+    write_safetensors(path, named)
+    try:
+        llm.collective_rpc("load_safetensors_file", args=(str(path),))
+    finally:
+        path.unlink(missing_ok=True)
     llm.reset_prefix_cache()
 
 
@@ -104,16 +122,21 @@ def sample(llm, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, t
     return tokens, logps
 
 
-def score(llm, sequences: list[list[int]], first: list[int]) -> list[list[float]]:
-    """log p(x_j | x_<j) for j >= first[i] of every sequence, through prompt log-probs
-    (`max_tokens=1`; temperature 1.0: prompt log-probs are unscaled model log-probs)."""
+def score(llm, sequences: list[list[int]], first: list[int], topk: int | None = None) -> list[list[Any]]:
+    """log p(x_j | x_<j) for j >= first[i] of every sequence, through prompt log-probs (`max_tokens=1`;
+    temperature 1.0: prompt log-probs are unscaled model log-probs). With `topk`, each entry is
+    (log p(x_j), [(token, log p) of the k most likely tokens at j])."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+    params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=topk or 0, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
-    return [[o.prompt_logprobs[j][seq[j]].logprob for j in range(f, len(seq))]
-            for o, seq, f in zip(outs, sequences, first)]
+    if not topk:
+        return [[o.prompt_logprobs[j][seq[j]].logprob for j in range(f, len(seq))]
+                for o, seq, f in zip(outs, sequences, first)]
+    return [[(o.prompt_logprobs[j][seq[j]].logprob,
+              [(t, lp.logprob) for t, lp in o.prompt_logprobs[j].items() if lp.rank is not None and lp.rank <= topk])
+             for j in range(f, len(seq))] for o, seq, f in zip(outs, sequences, first)]
 
 
 def to_batch(prompts: list[list[int]], responses: list[list[int]], logps: list[list[float]] | None,
@@ -149,8 +172,9 @@ def to_batch(prompts: list[list[int]], responses: list[list[int]], logps: list[l
     return batch
 
 
-def score_batch(llm, batch: dict[str, Any]) -> torch.Tensor:
-    """log p(y_t | x, y_<t) of every response token of a rollout batch, [B, R] (0 where masked)."""
+def score_batch(llm, batch: dict[str, Any], topk: int | None = None) -> dict[str, torch.Tensor]:
+    """{"logp": [B, R]}: log p(y_t | x, y_<t) of every response token of a rollout batch (0 where
+    masked); with `topk` also "topk_ids" / "topk_logp" [B, R, k], the k most likely tokens per position."""
     P, mask_BR = batch["prompt_len"], batch["response_mask"]
     prompt_mask = batch["attention_mask"][:, :P].bool()
     sequences, first = [], []
@@ -160,6 +184,21 @@ def score_batch(llm, batch: dict[str, Any]) -> torch.Tensor:
         sequences.append(prompt + response)
         first.append(len(prompt))
     logp_BR = torch.zeros(mask_BR.shape)
-    for i, lp in enumerate(score(llm, sequences, first)):
-        logp_BR[i, : len(lp)] = torch.tensor(lp)
-    return logp_BR * mask_BR
+    out: dict[str, torch.Tensor] = {}
+    if topk:
+        ids_BRK = torch.zeros((*mask_BR.shape, topk), dtype=torch.long)
+        top_BRK = torch.full((*mask_BR.shape, topk), -1e4)
+    for i, rows in enumerate(score(llm, sequences, first, topk)):
+        for j, row in enumerate(rows):
+            if topk:
+                lp, top = row
+                top = sorted(top, key=lambda tl: -tl[1])[:topk]
+                ids_BRK[i, j, : len(top)] = torch.tensor([t for t, _ in top])
+                top_BRK[i, j, : len(top)] = torch.tensor([v for _, v in top])
+            else:
+                lp = row
+            logp_BR[i, j] = lp
+    out["logp"] = logp_BR * mask_BR
+    if topk:
+        out["topk_ids"], out["topk_logp"] = ids_BRK, top_BRK
+    return out

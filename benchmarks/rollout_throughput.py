@@ -64,7 +64,7 @@ def tokens(mask: torch.Tensor) -> int:
 
 
 def bench_size(size: str, path: Path, repeats: int, cache: Path) -> dict:
-    from actors.vllm_engine import build_engine, load_weights, sample, to_batch
+    from actors.vllm_engine import build_engine, load_stream, sample, to_batch
 
     spec = SIZES[size]
     tok, model = load_tokenizer(path), load_model(path)
@@ -105,7 +105,7 @@ def bench_size(size: str, path: Path, repeats: int, cache: Path) -> dict:
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
-    load_weights(llm, state)
+    load_stream(llm, iter(state.items()), cache)
     sync_seconds = time.perf_counter() - t0
     del llm
 

@@ -1,12 +1,16 @@
-"""Compare the runs of one MLflow experiment (a sweep): accuracy vs step and vs wall time,
-and the speed-up table.
+"""Compare the runs of one MLflow experiment (a sweep): prints the speed-up table and, with
+--out, writes the dashboard there (the same page as `foresight dashboard`, dashboards/dashboard.py).
 
     python -m dashboards.compare --experiment demo [--uri sqlite:///runs/mlflow.db] [--out DIR]
 
-Speed-up at fraction f: with a_0 the step-0 accuracy and a_V vanilla's final accuracy, the
-target is a_0 + f (a_V - a_0); a method's steps-to-target is the first evaluated step whose
-accuracy reaches it, and its speed-up is vanilla's steps-to-target divided by its own (median
-over seeds). Wall-time speed-up uses the cumulative `timing/step` instead of steps.
+The functions below (RunCurve, load_curves, speedup_table, plot, render) are the per-seed paired
+comparison that benchmarks/effopd_speedup.py records in its JSON (also in --out/comparison.json);
+the dashboard uses dashboards/metrics.py (one target per panel from the vanilla medians).
+
+Per-seed speed-up at fraction f: with a_0 the step-0 accuracy and a_V the same seed's vanilla
+final accuracy, the target is a_0 + f (a_V - a_0); a method's steps-to-target is the first
+evaluated step whose accuracy reaches it, and its speed-up is vanilla's steps-to-target divided
+by its own (median over seeds). Wall-time speed-up uses the cumulative `timing/step` instead.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import argparse
 import json
 import math
 import statistics
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dashboards.metrics import Curve, first_crossing
 
 FRACTIONS = (0.5, 0.75, 0.9)
 
@@ -43,10 +50,8 @@ class RunCurve:
 
 def first_reach(xs: list[float], acc: list[float], target: float) -> float:
     """The x (step or seconds) of the first evaluation with accuracy >= target (inf if never)."""
-    for x, a in zip(xs, acc):
-        if a >= target - 1e-12:
-            return float(x)
-    return math.inf
+    x = first_crossing(Curve(list(xs), list(acc)), target)
+    return math.inf if x is None else x
 
 
 def speedup_table(curves: list[RunCurve], fractions=FRACTIONS, baseline: str = "vanilla") -> dict:
@@ -132,24 +137,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", required=True, help="MLflow experiment (the sweep name)")
     parser.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
-    parser.add_argument("--out", default=None, help="folder for comparison.json and comparison.png")
+    parser.add_argument("--out", default=None, help="folder for the dashboard (dashboard.html + PNGs) and comparison.json")
     args = parser.parse_args(argv)
+    from dashboards.dashboard import build
+    from dashboards.mlflow_ui import ui_command
+    from dashboards.page import text_tables
+    from dashboards.store import NotFound
     from orchestrator.tracking import resolve_uri
 
     uri = resolve_uri(args.uri, Path("runs"))
-    curves = load_curves(uri, args.experiment)
-    if not curves:
-        raise SystemExit(f"error: experiment '{args.experiment}' has no runs with eval/accuracy")
-    table = speedup_table(curves)
-    print(render(table))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out or tmp)
+        try:
+            result = build(uri, args.experiment, out, log_artifacts=bool(args.out))
+        except NotFound as err:
+            raise SystemExit(f"error: {err}") from None
+    print(text_tables(result.analysis) or "no speed-up table yet (needs vanilla runs with two evaluations)")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        curves = load_curves(uri, args.experiment)
         (out / "comparison.json").write_text(json.dumps(
-            {"experiment": args.experiment, "uri": uri, "table": table,
+            {"experiment": args.experiment, "uri": uri, "table": speedup_table(curves) if curves else {},
              "curves": [c.__dict__ for c in curves]}, indent=2, default=str))
-        plot(curves, out / "comparison.png")
-        print(f"wrote {out / 'comparison.json'} and {out / 'comparison.png'}")
+        print(f"dashboard: {result.page.resolve()}")
+        if ui_command(uri):
+            print(f"MLflow UI: {ui_command(uri)}")
+        print(f"then open: {result.ui_url}")
     return 0
 
 

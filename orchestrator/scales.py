@@ -1,23 +1,47 @@
-"""Scale registry: named model scales -> models and a GPU resource plan, checkable without GPUs.
+"""Scale registry, GPU types, memory formulas and the cost model: all checkable without GPUs.
 
 `SCALES` is a plain dict. GPU scales follow the papers (Qwen3 / Qwen2.5 students; the teacher is
 a larger or RL-tuned model of the same family); their checkpoints are local folders under
 `$FORESIGHT_MODEL_ROOT` (default /models), never downloaded. The tiny scale is the embedded
-CPU task.
+CPU task. A scale gives each role its default actor count and tensor-parallel size; the YAML can
+override every one of them (`orchestrator/plan.py` resolves the trial's plan).
 
-Memory per GPU (GB = 1e9 bytes), Psi = parameters, N = ZeRO-3 ranks, TP = tensor parallel:
-- learner, ZeRO-3 with bf16 weights/grads and fp32 Adam (ZeRO paper):  16 * Psi / N
-  + activations with gradient checkpointing: L * T_gpu * h * 2 (one bf16 checkpoint per layer)
-    + 34 * T_gpu * h (one layer recomputed, flash attention)
-  + logits in chunks of 2048 tokens: 2048 * V * 4
-- vLLM engine (rollout, teacher scoring, evaluator): 2 * Psi / TP weights + KV cache for at
-  least one full sequence: S * 2 * L * kv_heads * head_dim * 2 / TP, within
-  `gpu_memory_utilization` of the GPU.
-T_gpu is the learner's max tokens per GPU per micro-batch (the papers: 22,000).
+Memory per GPU (GB = 1e9 bytes; `learner_mem_phases`, `engine_mem_terms`, `evaluator_mem_terms`), Psi =
+parameters, N = ZeRO-3 ranks, TP = tensor parallel, w = bytes of the working dtype (bf16 2 on GPU, fp32 4
+on CPU), T = the learner's tokens per micro-batch per GPU (`learner.max_tokens_per_gpu`, the papers:
+22,000), s = min(Psi / N, 1e9) (DeepSpeed's optimizer sub-group). Measured on CPU (fp32) by
+`benchmarks/memory_model.py`: within 25% per role, `benchmarks/results/memory_model.json`.
+- learner, DeepSpeed ZeRO-3 with fp32 master weights and Adam (the peak of three phases):
+  states  (2w + 12) Psi / N: working weights and gradient partitions (w each; DeepSpeed accumulates
+          gradients in the working dtype), fp32 master (4), Adam m and v (8): 16 Psi / N in bf16, 20 in
+          fp32; + 4 Psi / N for the EffOPD anchor (fp32, partition-local); + the reduce bucket,
+          w min(5e8, Psi) (DeepSpeed's `reduce_bucket_size`, 1 GB in bf16).
+  + the larger of
+  backward  gathered parameters, w min(Psi, 1e9) (ZeRO-3 keeps them from forward to backward, up to
+            `stage3_max_live_parameters`; at N = 1 a gathered parameter is its partition: w V h, the
+            largest module's full gradient), plus
+            with gradient checkpointing: L T h w (each layer's input) + max(one layer recomputed,
+            T a w, the logits chunk); without: L T a w + the logits chunk. a w = bytes per token one
+            layer saves, (8 h + 2 kv d + 4 I) w + 2 h (4 - w) (RMSNorm's fp32 upcast in bf16), I the
+            MLP width (estimated from Psi, `intermediate_size`).
+            logits chunk: min(chunk, response tokens) V (12 + 4 - w) (logits, fp32 copy, log-softmax
+            and its gradient; `learner.logit_chunk_tokens`, default 2048).
+  optimizer step  4 s (the fp32 gradient of one sub-group) + max(w s if w < 4 (its bf16 flat copy),
+            8 s for torch AdamW on CPU (two fp32 temporaries); fused Adam on GPU has none).
+  setup   max(w Psi (the loaded model, on the GPU before ZeRO-3 partitions it), (2w + 8) Psi / N
+          (working, gradient, master partitions and the first fp32 gradient buffer)).
+- vLLM engine (rollout, teacher scoring, evaluator): 2 Psi / TP weights + KV cache for at least one
+  full sequence: S * 2 * L * kv_heads * head_dim * 2 / TP, within `gpu_memory_utilization` of the GPU.
+  HF rollout worker (CPU): 4 Psi + KV of the batch (fp32) + 4 B R V 4 (HF `generate` keeps every
+  sampled step's logits; stacked, divided by the temperature, log-softmaxed).
+- HF evaluator (CPU): 4 Psi + 4 buckets (W and A of two buckets overlap while streaming; a bucket is
+  at most `sync_bucket_mb` + the largest tensor) + 2 x the largest tensor (W + c (W - A)) + greedy
+  decoding of D_v.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -42,6 +66,8 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Scale:
+    """Defaults of one model scale: models and, per role, actor count and tensor-parallel size."""
+
     name: str
     student: ModelShape
     teacher: ModelShape
@@ -67,8 +93,8 @@ QWEN3_8B = ModelShape("Qwen3-8B", 8.2, 36, 4096, 8, 128)
 QWEN3_14B = ModelShape("Qwen3-14B", 14.8, 40, 5120, 8, 128)
 QWEN3_32B = ModelShape("Qwen3-32B", 32.8, 64, 5120, 8, 128)
 QWEN25_1_5B = ModelShape("Qwen2.5-1.5B-Instruct", 1.54, 28, 1536, 2, 128)
-QWEN25_7B = ModelShape("Qwen2.5-7B-Instruct", 7.6, 28, 3584, 4, 128)
-QWEN25_7B_MATH_RL = ModelShape("Qwen2.5-7B-RL", 7.6, 28, 3584, 4, 128)
+QWEN25_7B = ModelShape("Qwen2.5-7B-Instruct", 7.6, 28, 3584, 4, 128, vocab=152_064)
+QWEN25_7B_MATH_RL = ModelShape("Qwen2.5-7B-RL", 7.6, 28, 3584, 4, 128, vocab=152_064)
 QWEN3_8B_RL = ModelShape("Qwen3-8B-RL", 8.2, 36, 4096, 8, 128)
 QWEN3_14B_RL = ModelShape("Qwen3-14B-RL", 14.8, 40, 5120, 8, 128)
 QWEN3_32B_RL = ModelShape("Qwen3-32B-RL", 32.8, 64, 5120, 8, 128)
@@ -84,139 +110,287 @@ SCALES: dict[str, Scale] = {
     "32B": Scale("32B", QWEN3_32B, QWEN3_32B_RL, 2, 4, 1, 4, 12, 1, 4),
 }
 
+
 def model_paths(scale: str, student: Path | None, teacher: Path | None) -> tuple[Path, Path]:
     """Configured model folders, or the scale's defaults where the config leaves them unset."""
     entry = SCALES[scale]
     return student or entry.model_path("student"), teacher or entry.model_path("teacher")
 
 
-GPU_TYPES = {"H100": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
-"""Dense bf16 peak FLOP/s per GPU, for the GPU-hour estimate."""
+# ----------------------------------------------------------------------------- GPUs and clusters
+@dataclass(frozen=True)
+class GpuType:
+    peak_flops: float
+    """Dense bf16 peak FLOP/s."""
+    mem_gb: float
+    """Memory of the common variant (a cluster spec names its own)."""
+    hbm_bytes_per_s: float
+    """Memory bandwidth: what bounds decoding."""
+
+
+GPU_TYPES: dict[str, GpuType] = {
+    "H100": GpuType(989e12, 80, 3.35e12),
+    "H800": GpuType(989e12, 80, 3.35e12),
+    "H200": GpuType(989e12, 141, 4.8e12),
+    "H20": GpuType(148e12, 96, 4.0e12),
+    "A100": GpuType(312e12, 80, 2.0e12),
+    "A800": GpuType(312e12, 80, 2.0e12),
+    "L40S": GpuType(362e12, 48, 0.864e12),
+}
 
 
 @dataclass(frozen=True)
 class ClusterSpec:
+    """GPUs per node and their type: a spec string, a YAML file, or the live Ray cluster's nodes."""
+
     nodes: int
     gpus_per_node: int
     gpu: str
     gpu_mem_gb: float
+    node_gpus: tuple[int, ...] = ()
+    """GPUs of each node when they differ (a live cluster); empty: `gpus_per_node` on every node."""
+
+    @property
+    def per_node(self) -> list[int]:
+        return list(self.node_gpus) if self.node_gpus else [self.gpus_per_node] * self.nodes
 
     @property
     def gpus(self) -> int:
-        return self.nodes * self.gpus_per_node
+        return sum(self.per_node)
+
+    @property
+    def gpu_type(self) -> GpuType | None:
+        return GPU_TYPES.get(self.gpu)
 
     def __str__(self) -> str:
+        if self.node_gpus:
+            return f"live Ray cluster: {len(self.node_gpus)} node(s) with {'+'.join(map(str, self.node_gpus))} GPUs ({self.gpu})"
         return f"{self.nodes}x{self.gpus_per_node}x{self.gpu}-{self.gpu_mem_gb:g}GB"
 
 
 def parse_cluster(spec: str) -> ClusterSpec:
-    """`4x8xH100-80GB` -> 4 nodes of 8 H100 80 GB; or a YAML file with the four fields."""
+    """`4x8xH100-80GB` -> 4 nodes of 8 H100 80 GB; or a YAML file with the four fields.
+    Raises ValueError on a malformed spec or a GPU type without known peak FLOP/s."""
     m = re.fullmatch(r"(\d+)x(\d+)x([A-Za-z0-9]+)-(\d+(?:\.\d+)?)GB", spec.strip())
     if m:
-        return ClusterSpec(int(m[1]), int(m[2]), m[3], float(m[4]))
-    path = Path(spec)
-    if path.is_file():
+        cluster = ClusterSpec(int(m[1]), int(m[2]), m[3], float(m[4]))
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"cluster spec '{spec}': expected NODESxGPUSxTYPE-MEMGB (e.g. 4x8xH100-80GB) or a YAML file")
         import yaml
 
         data = yaml.safe_load(path.read_text()) or {}
         try:
-            return ClusterSpec(int(data["nodes"]), int(data["gpus_per_node"]), str(data["gpu"]), float(data["gpu_mem_gb"]))
+            cluster = ClusterSpec(int(data["nodes"]), int(data["gpus_per_node"]), str(data["gpu"]), float(data["gpu_mem_gb"]))
         except KeyError as err:
             raise ValueError(f"{path}: missing key {err.args[0]} (need nodes, gpus_per_node, gpu, gpu_mem_gb)") from None
-    raise ValueError(f"cluster spec '{spec}': expected NODESxGPUSxTYPE-MEMGB (e.g. 4x8xH100-80GB) or a YAML file")
+    if cluster.gpu not in GPU_TYPES:
+        raise ValueError(f"unknown GPU type '{cluster.gpu}' (known: {', '.join(GPU_TYPES)}); its peak FLOP/s and "
+                         "memory bandwidth are needed for the cost model")
+    if cluster.nodes < 1 or cluster.gpus_per_node < 1 or cluster.gpu_mem_gb <= 0:
+        raise ValueError(f"cluster spec '{spec}': nodes, GPUs per node and memory must be positive")
+    return cluster
 
 
-@dataclass
-class Bundle:
-    """GPUs that must sit on one node (a tensor-parallel group, or one learner rank)."""
+# ----------------------------------------------------------------------------- memory
+LOGIT_CHUNK = 2048
+"""Tokens per logits chunk on the learner (the chunked log-prob / loss computation)."""
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+DS_REDUCE_BUCKET = 5e8
+"""DeepSpeed's `reduce_bucket_size` (elements; its default, which the learner's ds_config keeps)."""
+DS_SUB_GROUP = 1e9
+"""DeepSpeed's ZeRO-3 `sub_group_size` (elements, default): the optimizer steps one sub-group at a time."""
+DS_MAX_LIVE = 1e9
+"""DeepSpeed's `stage3_max_live_parameters` (elements, default): gathered parameters kept for reuse."""
 
-    role: str
-    gpus: int
-    mem_gb: float
+
+def intermediate_size(shape: ModelShape) -> float:
+    """MLP width I estimated from the parameter count: Psi = 2 V h + L (2 h^2 + 2 h kv d + 3 h I)
+    (SwiGLU, untied embeddings, q/o projections h x h; a tied model's I comes out ~20% low)."""
+    per_layer = (shape.params_b * 1e9 - 2 * shape.vocab * shape.hidden) / shape.layers
+    attn = 2 * shape.hidden ** 2 + 2 * shape.hidden * shape.kv_heads * shape.head_dim
+    return max(per_layer - attn, 0.0) / (3 * shape.hidden)
 
 
-@dataclass
-class GpuPlan:
-    scale: str
-    bundles: list[Bundle] = field(default_factory=list)
-    placement: list[list[str]] = field(default_factory=list)
-    """Per node of one trial: the roles placed there."""
-    errors: list[str] = field(default_factory=list)
+def layer_act_bytes(shape: ModelShape, dtype: str = "bf16", intermediate: float | None = None) -> float:
+    """Bytes per token one decoder layer saves for backward: 8 h elements (two RMSNorms' input and
+    output, q after RoPE, attention output and its reshaped copy) + 2 kv d (K, V) + 4 I (gate, up,
+    SiLU(gate), their product); in bf16 the RMSNorms also keep their fp32 upcast input (+ 2 x 2 h bytes).
+    Measured on the CPU Qwen2 (fp32, sdpa, no padding): 1.7% more. A padded batch repeats K and V to
+    every head under sdpa: + 2 (h - kv d) elements."""
+    w = DTYPE_BYTES[dtype]
+    inter = intermediate_size(shape) if intermediate is None else intermediate
+    return (8 * shape.hidden + 2 * shape.kv_heads * shape.head_dim + 4 * inter) * w + 2 * (4 - w) * shape.hidden
+
+
+def learner_mem_phases(shape: ModelShape, ranks: int, tokens_per_gpu: int, anchor: bool = False, *,
+                       dtype: str = "bf16", cuda: bool = True, checkpointing: bool = True,
+                       logit_chunk: int = LOGIT_CHUNK, response_tokens: int | None = None,
+                       intermediate: float | None = None) -> dict[str, dict[str, float]]:
+    """Bytes per learner rank by phase and term (formulas in the module docstring): `states` live
+    throughout; `backward` and `optimizer_step` come on top of them at different times; `load` and
+    `partition` are the setup's peaks (the loaded model, then ZeRO-3's flat buffers)."""
+    w, psi = DTYPE_BYTES[dtype], shape.params_b * 1e9
+    part = psi / ranks
+    sub = min(part, DS_SUB_GROUP)
+    layer = layer_act_bytes(shape, dtype, intermediate) * tokens_per_gpu
+    chunk = min(logit_chunk, response_tokens if response_tokens is not None else tokens_per_gpu)
+    logits = chunk * shape.vocab * (12 + (4 - w))
+    # ZeRO-3 keeps gathered parameters alive from forward to backward (up to stage3_max_live_parameters);
+    # at one rank a gathered parameter is its partition, and only the largest module's full gradient remains
+    gathered = w * (min(psi, DS_MAX_LIVE) if ranks > 1 else shape.vocab * shape.hidden)
+    if checkpointing:  # the logits chunks run backward first, then each layer is recomputed in turn
+        backward = {"checkpoints": shape.layers * tokens_per_gpu * shape.hidden * w, "gathered": gathered,
+                    "layer_or_logits": max(layer, logits)}
+    else:
+        backward = {"activations": shape.layers * layer, "gathered": gathered, "logits": logits}
+    return {
+        "states": {"weights": w * part, "grads": w * part, "master": 4 * part, "adam": 8 * part,
+                   "anchor": 4 * part if anchor else 0.0, "reduce_bucket": w * min(DS_REDUCE_BUCKET, psi)},
+        "backward": backward,
+        "optimizer_step": {"master_grad": 4 * sub,
+                           "temporaries": max(w * sub if w < 4 else 0.0, 0.0 if cuda else 8 * sub)},
+        "load": {"full_model": w * psi},
+        "partition": {"weights": w * part, "grads": w * part, "master": 4 * part, "master_grad": 4 * sub},
+    }
+
+
+def peak_bytes(phases: dict[str, dict[str, float]]) -> float:
+    """max(load, partition, states + the larger of backward and optimizer_step)."""
+    total = {k: sum(v.values()) for k, v in phases.items()}
+    return max(total["load"], total["partition"], total["states"] + max(total["backward"], total["optimizer_step"]))
+
+
+def learner_mem_gb(shape: ModelShape, ranks: int, tokens_per_gpu: int, anchor: bool = False, **kw) -> float:
+    """Peak GB per learner rank; keywords as `learner_mem_phases` (default: the GPU path, bf16,
+    fused Adam, gradient checkpointing)."""
+    return peak_bytes(learner_mem_phases(shape, ranks, tokens_per_gpu, anchor, **kw)) / GB
+
+
+def engine_mem_terms(shape: ModelShape, tp: int, seq_len: int, *, batch: int = 1, dtype: str = "bf16",
+                     sampled: int = 0) -> dict[str, float]:
+    """Bytes per engine GPU (vLLM: `batch` = 1, the minimum it must hold) or per HF rollout worker
+    (`sampled` > 0: HF `generate` keeping every step's logits) by term."""
+    w = DTYPE_BYTES[dtype]
+    terms = {"weights": w * shape.params_b * 1e9 / tp,
+             "kv": batch * seq_len * shape.kv_bytes_per_token() * w / 2 / tp}
+    if sampled:
+        terms["sampled_logits"] = 4 * batch * sampled * shape.vocab * 4
+    return terms
+
+
+def engine_mem_gb(shape: ModelShape, tp: int, seq_len: int, **kw) -> float:
+    return sum(engine_mem_terms(shape, tp, seq_len, **kw).values()) / GB
+
+
+def evaluator_mem_terms(shape: ModelShape, *, bucket_mb: float, batch: int, seq_len: int,
+                        dtype: str = "fp32") -> dict[str, float]:
+    """Bytes of an HF evaluator scoring candidates W + c (W - A) streamed bucket by bucket (GPU
+    evaluators are vLLM engines: `engine_mem_terms`)."""
+    w, largest = DTYPE_BYTES[dtype], 4 * shape.vocab * shape.hidden
+    bucket = bucket_mb * 2**20 + largest  # a bucket closes once it reaches bucket_mb
+    return {"weights": w * shape.params_b * 1e9, "buckets": 4 * bucket, "candidate_tensor": 2 * largest,
+            "kv": batch * seq_len * shape.kv_bytes_per_token() * w / 2, "logits": 2 * batch * shape.vocab * 4}
+
+
+# ----------------------------------------------------------------------------- placement
+def first_fit(bundle_gpus: list[int], free: list[int]) -> list[int] | None:
+    """Node index of each bundle (first-fit decreasing; a bundle's GPUs stay on one node), or None.
+    `free` is updated in place when everything fits."""
+    trial = list(free)
+    nodes = [0] * len(bundle_gpus)
+    for i in sorted(range(len(bundle_gpus)), key=lambda i: -bundle_gpus[i]):
+        node = next((n for n, f in enumerate(trial) if f >= bundle_gpus[i]), None)
+        if node is None:
+            return None
+        trial[node] -= bundle_gpus[i]
+        nodes[i] = node
+    free[:] = trial
+    return nodes
+
+
+def concurrent_trials(bundle_gpus: list[int], cluster: ClusterSpec) -> int:
+    """How many copies of one trial fit at once."""
+    free, count = cluster.per_node, 0
+    if not any(bundle_gpus):
+        return 1
+    while first_fit(bundle_gpus, free) is not None and count < 10_000:
+        count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------- cost model
+@dataclass(frozen=True)
+class Workload:
+    """What one OPD step processes (from the config)."""
+
+    sequences: int
+    prompt_len: int
+    response_len: int
+    fill: float = 0.5
+    """Mean response length as a share of the cap (finished sequences stop early)."""
 
     @property
-    def gpus(self) -> int:
-        return sum(b.gpus for b in self.bundles)
+    def tokens(self) -> float:
+        return self.sequences * (self.prompt_len + self.fill * self.response_len)
 
 
-def learner_mem_gb(shape: ModelShape, ranks: int, tokens_per_gpu: int) -> float:
-    states = 16 * shape.params_b * 1e9 / ranks
-    acts = shape.layers * tokens_per_gpu * shape.hidden * 2 + 34 * tokens_per_gpu * shape.hidden
-    logits = 2048 * shape.vocab * 4
-    return (states + acts + logits) / GB
+@dataclass
+class StepCost:
+    """Seconds per OPD step by phase (serial loop) and the FLOPs behind them."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0
+
+    @property
+    def step_seconds(self) -> float:
+        return sum(self.seconds.values())
 
 
-def engine_mem_gb(shape: ModelShape, tp: int, seq_len: int) -> float:
-    return (2 * shape.params_b * 1e9 / tp + seq_len * shape.kv_bytes_per_token() / tp) / GB
+MFU_PREFILL = 0.40
+"""Achieved share of peak for scoring (prefill) and training; decoding is bandwidth-bound."""
+MFU_TRAIN = 0.35
+NCCL_BYTES_PER_S = 25e9
+"""Effective broadcast bandwidth of the weight sync (cross-node InfiniBand; NVLink is faster)."""
 
 
-def plan_gpus(scale: Scale, cluster: ClusterSpec, *, seq_len: int, tokens_per_gpu: int = 22_000,
-              gpu_memory_utilization: float = 0.6, evaluators: int | None = None) -> GpuPlan:
-    """Bundles for one trial, memory checks, and a first-fit-decreasing placement on the nodes."""
-    plan = GpuPlan(scale.name)
-    engine_cap = gpu_memory_utilization * cluster.gpu_mem_gb
-    n_eval = scale.evaluators if evaluators is None else evaluators
-    groups = [("rollout", scale.rollout_engines, scale.rollout_tp, engine_mem_gb(scale.student, scale.rollout_tp, seq_len), engine_cap),
-              ("teacher", scale.teacher_replicas, scale.teacher_tp, engine_mem_gb(scale.teacher, scale.teacher_tp, seq_len), engine_cap),
-              ("learner", scale.learner_ranks, 1, learner_mem_gb(scale.student, scale.learner_ranks, tokens_per_gpu), cluster.gpu_mem_gb),
-              ("evaluator", n_eval, scale.evaluator_tp, engine_mem_gb(scale.student, scale.evaluator_tp, seq_len), engine_cap)]
-    for role, count, tp, mem, cap in groups:
-        if tp > cluster.gpus_per_node:
-            plan.errors.append(f"{role}: tensor parallel {tp} > {cluster.gpus_per_node} GPUs per node")
-        if mem > cap:
-            plan.errors.append(f"{role}: needs {mem:.1f} GB per GPU, {cap:.1f} GB available "
-                               f"({scale.student.name if role != 'teacher' else scale.teacher.name}, TP {tp})")
-        plan.bundles += [Bundle(role, tp, mem) for _ in range(count)]
-    free = [cluster.gpus_per_node] * cluster.nodes
-    plan.placement = [[] for _ in range(cluster.nodes)]
-    for b in sorted(plan.bundles, key=lambda b: -b.gpus):
-        node = next((i for i, f in enumerate(free) if f >= b.gpus), None)
-        if node is None:
-            what = "an evaluator pool with no spare GPUs" if b.role == "evaluator" else f"the {b.role} group"
-            plan.errors.append(f"{what}: the trial needs {plan.gpus} GPUs, the cluster has {cluster.gpus} "
-                               f"({cluster})")
-            break
-        free[node] -= b.gpus
-        plan.placement[node].append(f"{b.role}x{b.gpus}")
-    return plan
+def decode_seconds(shape: ModelShape, gpu: GpuType, engines: int, tp: int, work: Workload) -> float:
+    """Decoding `work` on `engines` vLLM engines of TP GPUs: every decode step reads the weights
+    once and the batch's KV cache, or is compute-bound, whichever is slower:
+        per step = max((2 Psi / TP + b * ctx * kv / TP) / (0.7 BW),  2 Psi b / (TP * 0.4 peak))
+    with b sequences per engine, ctx their mean context; `response_len` steps (the longest sequence
+    sets the batch's end)."""
+    if engines < 1:
+        return 0.0
+    b = math.ceil(work.sequences / engines)
+    ctx = work.prompt_len + 0.5 * work.fill * work.response_len
+    memory = (2 * shape.params_b * 1e9 + b * ctx * shape.kv_bytes_per_token()) / tp / (0.7 * gpu.hbm_bytes_per_s)
+    compute = 2 * shape.params_b * 1e9 * b / (tp * MFU_PREFILL * gpu.peak_flops)
+    return work.response_len * max(memory, compute)
 
 
-def gpu_hours(scale: Scale, cluster: ClusterSpec, plan: GpuPlan, *, steps: int, prompts: int,
-              samples: int, prompt_len: int, response_len: int, fill: float = 0.5) -> float:
-    """Rough estimate: FLOPs / (GPUs x peak x MFU), MFU 0.35 for training/scoring, 0.05 for decoding.
+def step_cost(scale: Scale, gpu: GpuType, *, rollout: tuple[int, int], teacher: tuple[int, int], learner_ranks: int,
+              evaluators: tuple[int, int], work: Workload, steps: int, eval_every: int, eval_work: Workload,
+              search_candidates: int = 0, val_work: Workload | None = None) -> StepCost:
+    """Serial wall time of one step (rollout -> teacher -> learner -> sync, plus searches and evaluations
+    amortized over the run) on the roles' own GPUs; (engines, TP) pairs for the engine roles.
 
-    Tokens per step T = prompts * samples * (prompt_len + fill * response_len). FLOPs per step:
-    decoding 2 Psi_s T, teacher scoring 2 Psi_t T, learner 8 Psi_s T (forward + backward +
-    recompute with gradient checkpointing).
-    """
-    peak = GPU_TYPES.get(cluster.gpu, 300e12)
-    tokens = prompts * samples * (prompt_len + fill * response_len)
+    FLOPs: decoding 2 Psi_s per generated token, teacher scoring 2 Psi_t and learner 8 Psi_s per token
+    (forward, backward, recompute with gradient checkpointing)."""
     ps, pt = scale.student.params_b * 1e9, scale.teacher.params_b * 1e9
-    seconds = steps * (2 * ps * tokens / (0.05 * peak) + (2 * pt + 8 * ps) * tokens / (0.35 * peak)) / plan.gpus
-    return seconds * plan.gpus / 3600
-
-
-def concurrent_trials(plan: GpuPlan, cluster: ClusterSpec) -> int:
-    """How many copies of this trial fit at once (first-fit-decreasing, bundles stay on one node)."""
-    free = [cluster.gpus_per_node] * cluster.nodes
-    count = 0
-    while True:
-        trial = list(free)
-        for b in sorted(plan.bundles, key=lambda b: -b.gpus):
-            node = next((i for i, f in enumerate(trial) if f >= b.gpus), None)
-            if node is None:
-                return count
-            trial[node] -= b.gpus
-        free, count = trial, count + 1
-        if count > 10_000:
-            return count
-
+    gen_tokens = work.sequences * work.fill * work.response_len
+    cost = StepCost()
+    cost.seconds["rollout"] = decode_seconds(scale.student, gpu, rollout[0], rollout[1], work)
+    cost.seconds["teacher"] = 2 * pt * work.tokens / (teacher[0] * teacher[1] * MFU_PREFILL * gpu.peak_flops)
+    cost.seconds["learner"] = 8 * ps * work.tokens / (learner_ranks * MFU_TRAIN * gpu.peak_flops)
+    cost.seconds["sync"] = 2 * ps / NCCL_BYTES_PER_S
+    cost.seconds["eval"] = decode_seconds(scale.student, gpu, rollout[0], rollout[1], eval_work) / max(eval_every, 1)
+    cost.flops = 2 * ps * gen_tokens + 2 * pt * work.tokens + 8 * ps * work.tokens
+    if search_candidates and val_work is not None:
+        searches = math.floor(math.log2(max(steps, 1))) + 1
+        engines, tp = evaluators if evaluators[0] else rollout
+        rounds = math.ceil((search_candidates + 1) / max(engines, 1))
+        one = decode_seconds(scale.student, gpu, 1, tp, val_work) * rounds
+        cost.seconds["search"] = one * searches / max(steps, 1)
+    return cost

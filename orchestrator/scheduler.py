@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.plan import ResolvedPlan
+from orchestrator.progress import ProgressBoard
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +60,17 @@ class SweepResult:
     skipped: list[str] = field(default_factory=list)
 
 
-def bundles(plan: ResolvedPlan) -> list[dict[str, float]]:
-    """One bundle per actor, in the order the trainer creates them (rollout, teacher, learner, evaluator)."""
-    return [{"CPU": g.cpus_per_actor} for g in plan.groups for _ in range(g.actors)]
-
-
 def run_sweep(trials: list[tuple[ExperimentConfig, ResolvedPlan]], parent_run_id: str | None, *,
               max_retries: int = 2, max_concurrent: int | None = None, capacity: float | None = None,
               poll: float = 0.5) -> SweepResult:
-    """Run trials concurrently within `capacity` CPUs (default: the cluster's); retry failures."""
+    """Run trials concurrently within the cluster's CPUs and GPUs (`capacity`: CPUs, default the
+    cluster's); retry failures. A trial starts when its placement group (the plan's bundles) fits."""
     from orchestrator.trainer import done_marker
 
     result = SweepResult()
-    capacity = capacity if capacity is not None else float(ray.cluster_resources().get("CPU", 0))
+    resources = ray.cluster_resources()
+    capacity = capacity if capacity is not None else float(resources.get("CPU", 0))
+    gpu_capacity = float(resources.get("GPU", 0))
     queue: deque[tuple[ExperimentConfig, ResolvedPlan, int]] = deque()
     for cfg, plan in trials:
         if done_marker(plan.run_dir).is_file():
@@ -83,24 +81,29 @@ def run_sweep(trials: list[tuple[ExperimentConfig, ResolvedPlan]], parent_run_id
     runner_cls = ray.remote(num_cpus=0, max_restarts=0)(TrialRunner)
     stop = _install_stop_handler()
     total, last = len(queue), ""
+    board = ProgressBoard()
     try:
         while queue or running:
             if stop["requested"]:
                 raise KeyboardInterrupt
             used = sum(r.plan.total_cpus for r in running)
+            used_gpus = sum(r.plan.total_gpus for r in running)
             while queue and used + queue[0][1].total_cpus <= capacity + 1e-9 and (
+                    used_gpus + queue[0][1].total_gpus <= gpu_capacity) and (
                     max_concurrent is None or len(running) < max_concurrent):
                 cfg, plan, attempt = queue.popleft()
-                pg = placement_group(bundles(plan), strategy="PACK", name=f"foresight-{cfg.run.name}")
+                pg = placement_group(plan.bundles(), strategy="PACK", name=f"foresight-{cfg.run.name}")
                 ray.get(pg.ready(), timeout=600)
                 runner = runner_cls.options(name=None).remote()
                 ref = runner.run.remote(cfg, plan, parent_run_id, pg)
                 running.append(Running(cfg, plan, attempt, pg, runner, ref))
                 used += plan.total_cpus
+                used_gpus += plan.total_gpus
                 log.info("trial %s started (attempt %d)", cfg.run.name, attempt + 1)
             if not running:
                 cfg, plan, _ = queue.popleft()
-                result.failed[cfg.run.name] = f"needs {plan.total_cpus:g} CPUs, the cluster has {capacity:g}"
+                result.failed[cfg.run.name] = (f"needs {plan.total_cpus:g} CPUs and {plan.total_gpus} GPUs, the cluster "
+                                               f"has {capacity:g} and {gpu_capacity:g}")
                 continue
             done, _ = ray.wait([r.ref for r in running], num_returns=1, timeout=poll)
             for ref in done:
@@ -121,8 +124,9 @@ def run_sweep(trials: list[tuple[ExperimentConfig, ResolvedPlan]], parent_run_id
             status = (f"trials: {len(result.finished)} done, {len(running)} running, {len(queue)} queued, "
                       f"{len(result.failed)} failed (of {total})")
             if status != last:
-                print(status, file=sys.stderr, flush=True)
+                board.message(status)
                 last = status
+            board.show({r.cfg.run.name: r.plan.run_dir for r in running})
     except KeyboardInterrupt:
         log.warning("stopping: removing %d running trial(s); re-run the same command to resume", len(running))
         for r in running:

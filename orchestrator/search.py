@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from orchestrator.config import ConfigError, _Strict, deep_merge, parse_overrides, validate
+from orchestrator.config import MAX_SEED, ConfigError, _Strict, deep_merge, nest, validate, validation_error
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +34,37 @@ class SearchParam(_Strict):
     type: Literal["float", "int", "categorical"]
     """Distribution kind."""
     low: float | None = None
+    """Lowest value (float/int; an integer for int)."""
     high: float | None = None
+    """Highest value (float/int; an integer for int)."""
     log: bool = False
-    """Sample on a log scale (float/int)."""
-    choices: list[Any] | None = None
-    """Values of a categorical parameter."""
+    """Sample on a log scale (float/int; needs low > 0)."""
+    choices: list[Any] | None = Field(None, max_length=1000)
+    """Values of a categorical parameter (distinct)."""
 
     @model_validator(mode="after")
     def _bounds(self) -> "SearchParam":
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("a categorical parameter needs non-empty choices")
-        elif self.low is None or self.high is None or not self.low < self.high:
+            if any(c in self.choices[:i] for i, c in enumerate(self.choices)):
+                raise ValueError("categorical choices must be distinct")
+            if self.low is not None or self.high is not None or self.log:
+                raise ValueError("low, high and log apply to float/int parameters, not categorical")
+            return self
+        if self.choices is not None:
+            raise ValueError("choices apply to categorical parameters only")
+        if self.low is None or self.high is None or not self.low < self.high:
             raise ValueError("float/int parameters need low < high")
+        if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError("int parameters need integer low and high")
+        if self.log and self.low <= 0:
+            raise ValueError("log-scale parameters need low > 0")
         return self
 
 
 class SearchConfig(_Strict):
-    params: dict[str, SearchParam] = Field(min_length=1)
+    params: dict[str, SearchParam] = Field(min_length=1, max_length=100)
     """Dotted config key -> distribution."""
     objective: Literal["final_accuracy", "best_accuracy", "steps_to_target"] = "final_accuracy"
     """What a trial returns: last or best eval/accuracy, or the first eval step reaching `target`."""
@@ -59,20 +72,26 @@ class SearchConfig(_Strict):
     """Accuracy target for steps_to_target."""
     direction: Literal["maximize", "minimize"] | None = None
     """Default: maximize accuracies, minimize steps_to_target."""
-    n_trials: int = Field(8, gt=0)
-    """Total trials of the study (a re-run only runs the missing ones)."""
+    n_trials: int = Field(8, gt=0, le=10_000)
+    """Total trials of the study (a re-run only runs the missing ones; 10^4 full runs is past any budget)."""
     sampler: Literal["tpe", "random"] = "tpe"
-    seed: int = 0
+    """Optuna sampler: TPE or uniform random."""
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Sampler seed."""
     pruner: Literal["median", "none"] = "median"
     """Median pruner on intermediate eval/accuracy (after 2 complete trials and 1 evaluation)."""
-    storage: str | None = None
+    storage: str | None = Field(None, min_length=1)
     """Optuna RDB URL (default sqlite:///<run.output_dir>/<sweep>.optuna.db)."""
 
     @model_validator(mode="after")
     def _target(self) -> "SearchConfig":
         if self.objective == "steps_to_target" and self.target is None:
             raise ValueError("objective steps_to_target needs a target accuracy")
+        if self.objective != "steps_to_target" and self.target is not None:
+            raise ValueError(f"target is only used by objective steps_to_target (objective is {self.objective})")
+        for key in self.params:
+            if not all(part.isidentifier() for part in key.split(".")):
+                raise ValueError(f"params: '{key}' is not a dotted config key like learner.lr")
         return self
 
 
@@ -82,10 +101,7 @@ def parse_search(raw: Any, file: str | Path) -> SearchConfig:
     try:
         return SearchConfig.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        reason = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise ConfigError(file, f"search.{loc}", reason) from None
+        raise validation_error(err, file, prefix="search") from None
 
 
 def suggest(trial, key: str, p: SearchParam) -> Any:
@@ -97,21 +113,30 @@ def suggest(trial, key: str, p: SearchParam) -> Any:
 
 
 def trial_config(name: str, number: int, base: dict, assignment: dict[str, Any], file: str | Path):
-    dotted = parse_overrides([f"{k}={v}" for k, v in assignment.items()])
-    merged = deep_merge(deep_merge(base, dotted), {"run": {"name": f"{name}_t{number:03d}"},
-                                                  "tracking": {"experiment": name}})
+    merged = deep_merge(deep_merge(base, nest(assignment, file)), {"run": {"name": f"{name}_t{number:03d}"},
+                                                                    "tracking": {"experiment": name}})
     return validate(merged, file)
 
 
+def _values(p: SearchParam) -> list[Any]:
+    """The values a parameter can take at its edges: low and high, or every choice."""
+    if p.type == "categorical":
+        return list(p.choices)
+    return [int(p.low), int(p.high)] if p.type == "int" else [p.low, p.high]
+
+
 def check_search_space(name: str, base: dict, search: SearchConfig, file: str | Path) -> None:
-    """Validate the base with every parameter at its low / first value before anything starts."""
-    probe = {k: (p.choices[0] if p.type == "categorical" else (int(p.low) if p.type == "int" else p.low))
-             for k, p in search.params.items()}
-    try:
-        trial_config(name, 0, base, probe, file)
-    except ConfigError as err:
-        key = next((f"search.params.{k}" for k in search.params if err.key.startswith(k)), err.key)
-        raise ConfigError(file, key, err.reason) from None
+    """Validate the base with each parameter at its low and high (or every choice), the others at
+    their low / first value, before anything starts."""
+    first = {k: _values(p)[0] for k, p in search.params.items()}
+    for key, p in search.params.items():
+        for value in _values(p):
+            try:
+                trial_config(name, 0, base, {**first, key: value}, file)
+            except ConfigError as err:
+                where = next((f"search.params.{k}" for k in search.params
+                              if err.key.startswith(k) or k.startswith(err.key + ".")), err.key)
+                raise ConfigError(file, where, f"{err.reason} (at {key}={value!r})") from None
 
 
 def objective_value(search: SearchConfig, history: list[tuple[int, float]], steps: int, every: int) -> float:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,18 +27,17 @@ from typing import Any, Callable, Iterator
 import ray
 import yaml
 
-from actors.evaluator import CandidateEvaluator
-from actors.group import ActorGroup, free_port, split
-from actors.learner import Learner
-from actors.rollout import RolloutWorker, VllmRolloutWorker
-from actors.teacher import TeacherScorer, VllmTeacherScorer
+from actors.group import ActorGroup, split
 from actors.weights import WeightsHandle, fetch_state_dict
 from orchestrator import checkpoint as ckpt
 from orchestrator.config import EffOPD, ExOPD, ExperimentConfig, FixedExtrapolation, flatten
-from orchestrator.extrapolation import Decision, accept, coefficient, is_search_step
+from orchestrator.extrapolation import Decision, accept, is_search_step
+from orchestrator.faults import fires
 from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION
 from orchestrator.monitor import GeometryMonitor
+from orchestrator.placement import TrialActors, nccl_layout, start_learners
 from orchestrator.plan import ResolvedPlan
+from orchestrator.progress import ProgressFile
 from orchestrator.task import build_task
 from orchestrator.tracking import MlflowLogger
 
@@ -49,15 +49,18 @@ def batch_indices(step: int, n_train: int, batch: int, seed: int) -> list[int]:
     return random.Random(seed * 1_000_003 + step).sample(range(n_train), batch)
 
 
-def actor_config(cfg: ExperimentConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """The plain dict every actor receives (resolved paths, the sections it needs)."""
+def actor_config(cfg: ExperimentConfig, plan: ResolvedPlan | None = None, run_dir: Path | None = None) -> dict[str, Any]:
+    """The plain dict every actor receives (resolved paths, the sections it needs, each role's
+    tensor-parallel size from the plan)."""
     return {
+        "tp": {r.role: r.tp for r in plan.roles} if plan is not None else {},
         "seed": cfg.run.seed,
         "student_path": str(cfg.model_paths[0].resolve()),
         "teacher_path": str(cfg.model_paths[1].resolve()),
         "task_cfg": cfg.task,
         "rollout": cfg.rollout.model_dump(),
-        "learner": cfg.learner.model_dump(),
+        "learner": {**cfg.learner.model_dump(), "gradient_checkpointing": plan.gradient_checkpointing if plan is not None
+                    else bool(cfg.learner.gradient_checkpointing)},
         "loss": cfg.loss.model_dump(),
         "val_size": getattr(cfg.method, "val_size", 50),
         "val_score": getattr(cfg.method, "score", "accuracy"),
@@ -70,6 +73,14 @@ def vllm_cache_dir() -> str:
     """VLLM_CACHE_ROOT and TMPDIR of vLLM engines: the project's `.cache/vllm` (shared by runs, so
     compiled ops are reused), or $FORESIGHT_VLLM_CACHE."""
     return os.environ.get("FORESIGHT_VLLM_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "vllm"))
+
+
+class LearnerLost(RuntimeError):
+    """A learner rank died and the run cannot recreate the group: the message says where to resume."""
+
+
+class NonFiniteSteps(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops with its last good checkpoint."""
 
 
 class Timer:
@@ -113,6 +124,7 @@ class OPDTrainer:
         self.cfg, self.plan, self.resume, self.show_progress = cfg, plan, resume, show_progress
         self.parent_run_id, self.pg, self.on_eval = parent_run_id, placement_group, on_eval
         self.pruned = False
+        self._stop: Exception | None = None
         self.run_dir = plan.run_dir
         task = build_task(cfg.task)
         self.n_train, self.n_test = len(task.train), len(task.test)
@@ -120,36 +132,21 @@ class OPDTrainer:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        cfg, acfg = self.cfg, actor_config(self.cfg)
+        cfg, acfg = self.cfg, actor_config(self.cfg, self.plan)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tag = ckpt.latest_tag(self.run_dir) if self.resume else None
         self.state = ckpt.read_driver_state(self.run_dir, tag) if tag else ckpt.RunState()
-        restart = {"max_restarts": cfg.rollout.max_restarts, "max_task_retries": cfg.rollout.max_restarts}
-        offsets = self._bundle_offsets()
-        rollout_cls = VllmRolloutWorker if cfg.rollout.backend == "vllm" else RolloutWorker
-        teacher_cls = VllmTeacherScorer if cfg.teacher.backend == "vllm" else TeacherScorer
-        self.rollout = ActorGroup(rollout_cls, cfg.rollout.num_workers, lambda i: (acfg, i),
-                                  {"num_cpus": cfg.rollout.num_cpus, **restart}, (self.pg, offsets["rollout"]))
-        self.teacher = ActorGroup(teacher_cls, cfg.teacher.num_workers, lambda i: (acfg, i),
-                                  {"num_cpus": cfg.teacher.num_cpus, "max_restarts": cfg.teacher.max_restarts,
-                                   "max_task_retries": cfg.teacher.max_restarts}, (self.pg, offsets["teacher"]))
-        port, ws = free_port(), cfg.learner.world_size
-        self.learner = ActorGroup(Learner, ws, lambda r: (r, ws, port, acfg), {"num_cpus": cfg.learner.num_cpus_per_rank},
-                                  (self.pg, offsets["learner"]))
-        self.evaluators = None
-        if isinstance(cfg.method, EffOPD):
-            self.evaluators = ActorGroup(CandidateEvaluator, self.plan.num_evaluators, lambda i: (acfg,),
-                                         {"num_cpus": cfg.method.evaluator_cpus, "max_restarts": 3, "max_task_retries": 3},
-                                         (self.pg, offsets.get("evaluator", 0)))
-        ray.get(self.learner.call("setup"))
-        if tag:
-            log.info("resuming from %s (step %d)", tag, self.state.step)
-            ray.get(self.learner.call("load_checkpoint", str(ckpt.ckpt_root(self.run_dir)), tag))
-        else:
-            ray.get(self.learner.call("set_anchor"))
+        self._open_tracker()
+        restarts = {"rollout": cfg.rollout.max_restarts, "teacher": cfg.teacher.max_restarts, "evaluator": 3}
+        t0 = time.perf_counter()
+        self.actors = TrialActors.launch(self.plan, acfg, restarts, pg=self.pg)
+        self.rollout, self.teacher, self.learner = self.actors.rollout, self.actors.teacher, self.actors.learner
+        self.evaluators = self.actors.evaluators
+        start_learners(self.learner)
+        log.info("actors up and ZeRO-3 learner ready in %.1f s", time.perf_counter() - t0)
         self._version = 0
-        self.weights = WeightsHandle(0, [])
-        self.anchor = self._publish(which="anchor") if self._extrapolates else None
+        self.learner_restarts = 0
+        self._restore_learner(tag)
         self._nccl = self._uses_nccl()
         if self._nccl:
             self._open_nccl()
@@ -157,60 +154,139 @@ class OPDTrainer:
             self._sync_rollout()
             if cfg.learner.grad_project_rank and self.state.step >= self._project_step:
                 self.start_grad_projection_from_disk()
-        self._open_tracker()
         if cfg.geometry.every:
             self.monitor = GeometryMonitor(self._initial_weights(), self.run_dir / "geometry", cfg.geometry.sim_k)
 
-    def _bundle_offsets(self) -> dict[str, int]:
-        """First placement-group bundle of each role (bundles follow the plan's group order)."""
-        offsets, at = {}, 0
-        for g in self.plan.groups:
-            offsets[g.role] = at
-            at += g.actors
-        return offsets
+    @property
+    def _wanted_scores(self) -> dict[str, Any]:
+        """What the teacher returns besides log pi_t(y_t): its distribution (full, or top-k) for the
+        full-vocabulary losses, the reference policy's log-probs for ExOPD (lam != 1)."""
+        full = self.cfg.loss.type in NEEDS_TEACHER_DISTRIBUTION
+        topk = self.cfg.loss.teacher_topk if full else None
+        return {"full": full and topk is None, "topk": topk, "ref": self._lam != 1.0}
+
+    @property
+    def _lam(self) -> float:
+        return self.cfg.method.lam if isinstance(self.cfg.method, ExOPD) else 1.0
+
+    @property
+    def _loss_spec(self) -> dict[str, Any]:
+        loss = self.cfg.loss
+        return {"kind": loss.type, "lam": self._lam, "rlvr_mix": loss.rlvr_mix,
+                "importance_correction": loss.importance_correction, "importance_threshold": loss.importance_threshold}
 
     @property
     def _extrapolates(self) -> bool:
         return isinstance(self.cfg.method, (EffOPD, FixedExtrapolation))
 
+    def _restore_learner(self, tag: str | None) -> None:
+        """Learner state from checkpoint `tag` (weights, optimizer, EffOPD anchor, RNG), or the anchor
+        at W_0 when there is none; the anchor's full weights for the evaluators."""
+        if tag:
+            log.info("resuming from %s (step %d)", tag, self.state.step)
+            self._on_learners("load_checkpoint", str(ckpt.ckpt_root(self.run_dir)), tag)
+        else:
+            self._on_learners("set_anchor")
+        self.weights = WeightsHandle(self._version, [])
+        self.anchor = self._publish(which="anchor") if self._extrapolates else None
+
+    def _on_learners(self, method: str, *args: Any) -> list:
+        """Call `method` on every learner rank; fail as soon as one rank fails (a dead rank leaves the
+        others waiting in a collective)."""
+        refs = self.learner.call(method, *args)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+        return ray.get(refs)
+
+    def _recover_learners(self, step: int, err: Exception) -> None:
+        """A learner rank died: say which, at which step and from which checkpoint the run continues;
+        recreate the learner group in the trial's placement group and restore it from the last
+        checkpoint (`learner.max_restarts` times), or stop with that message."""
+        dead = []
+        for rank, actor in enumerate(self.learner.actors):
+            try:
+                ray.get(actor.has_cuda.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - dead or wedged: either way the group is gone
+                dead.append(rank)
+        if not dead:
+            raise err
+        tag = ckpt.latest_tag(self.run_dir)
+        where = f"checkpoint {tag}" if tag else "step 0 (no checkpoint yet)"
+        if self.learner_restarts >= self.cfg.learner.max_restarts or self._nccl:
+            why = "the NCCL weight-sync group cannot be rejoined" if self._nccl else \
+                f"learner.max_restarts={self.cfg.learner.max_restarts} restarts used"
+            raise LearnerLost(f"learner rank(s) {dead} died at step {step} ({why}); rerun the same command to "
+                              f"continue from {where}") from err
+        self.learner_restarts += 1
+        log.warning("learner rank(s) %s died at step %d; recreating the learner group and continuing from %s "
+                    "(restart %d of %d)", dead, step, where, self.learner_restarts, self.cfg.learner.max_restarts)
+        self.learner = self.actors.replace_learners(actor_config(self.cfg, self.plan))
+        start_learners(self.learner)
+        run_id = self.state.mlflow_run_id
+        self.state = ckpt.read_driver_state(self.run_dir, tag) if tag else ckpt.RunState(mlflow_run_id=run_id)
+        self._restore_learner(tag)
+        self._sync_rollout()  # the rollout workers go back to the restored weights
+
     def _open_tracker(self) -> None:
+        """The run's MLflow run: the checkpoint's, else the one this folder started before it crashed
+        (its id is written at the start, before any checkpoint), else a new one."""
         cfg = self.cfg
+        id_file = ckpt.run_id_file(self.run_dir)
+        started = id_file.read_text().strip() if self.resume and id_file.is_file() else None
         self.tracker = MlflowLogger(self.plan.tracking_uri, cfg.tracking.experiment, cfg.run.name,
-                                    run_id=self.state.mlflow_run_id, artifact_root=cfg.run.output_dir / "mlartifacts",
-                                    parent_run_id=self.parent_run_id)
+                                    run_id=self.state.mlflow_run_id or started,
+                                    artifact_root=cfg.run.output_dir / "mlartifacts", parent_run_id=self.parent_run_id)
         if self.state.mlflow_run_id is None:
+            if started:
+                log.info("no checkpoint yet: restarting from step 0 in MLflow run %s", started)
             self.state.mlflow_run_id = self.tracker.run_id
-            self.tracker.log_params(flatten(cfg))
+            id_file.write_text(self.tracker.run_id)
+            self.tracker.log_params({**flatten(cfg), **self.plan.params()})
+            self.tracker.log_text(self.plan.describe(), "plan.txt")
             self.tracker.set_tags({"method": cfg.method.type, "scale": cfg.run.scale, "seed": str(cfg.run.seed),
                                    "loss": cfg.loss.type, "run_dir": str(self.run_dir.resolve())})
             self.tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "resolved_config.yaml")
 
     def shutdown(self) -> None:
-        for group in (self.rollout, self.teacher, self.evaluators):
-            if group is not None:
-                group.kill()
+        if not hasattr(self, "actors"):
+            return
         try:
             ray.get(self.learner.call("shutdown"), timeout=30)
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
-        self.learner.kill()
+        self.actors.kill()
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, float]:
-        """start -> (eval at step 0) -> step_once for every remaining step -> final save."""
-        self.start()
+        """start (unless started) -> (eval at step 0) -> step_once for every remaining step -> final save."""
+        if not hasattr(self, "actors"):
+            self.start()
         cfg, final = self.cfg, {}
         status = "FAILED"
         try:
             if self.state.step == 0:
                 acc0 = self.evaluate()
-                self.tracker.log(0, {"eval/accuracy": acc0})
+                if not self.tracker.client.get_metric_history(self.tracker.run_id, "eval/accuracy"):
+                    self.tracker.log(0, {"eval/accuracy": acc0})  # not again after a restart from step 0
                 self._report(0, acc0)
             bar = _progress(self.state.step, cfg.run.steps, self.show_progress)
-            for step in range(self.state.step + 1, cfg.run.steps + 1):
-                metrics = self.step_once(step)
+            progress = ProgressFile(self.run_dir, cfg.run.steps)
+            step = self.state.step + 1
+            while step <= cfg.run.steps:
+                try:
+                    metrics = self.step_once(step)
+                except ray.exceptions.RayActorError as err:
+                    self._recover_learners(step, err)  # the logger drops steps it already has
+                    step = self.state.step + 1
+                    bar.n = self.state.step
+                    continue
                 self.tracker.log(step, metrics)
                 final.update(metrics)
+                progress.update(step, metrics.get("eval/accuracy"))
+                if self._stop is not None:
+                    raise self._stop
                 if "eval/accuracy" in metrics and self._report(step, metrics["eval/accuracy"]):
                     self.pruned = True
                     self.tracker.set_tags({"pruned": "true", "pruned_at_step": str(step)})
@@ -222,6 +298,7 @@ class OPDTrainer:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items()
                                  if k in ("train/reward", "train/reverse_kl", "eval/accuracy")})
+                step += 1
             bar.close()
             self.save(cfg.run.steps)
             self.finish()
@@ -260,7 +337,7 @@ class OPDTrainer:
         self._install_projection(torch.load(self.run_dir / "projection_basis.pt"))
 
     def _install_projection(self, bases: dict) -> None:
-        hooked = ray.get(self.learner.call("set_grad_projection", [ray.put(bases)]))
+        hooked = self._on_learners("set_grad_projection", [ray.put(bases)])
         log.info("rank-%d gradient projection on %d matrices", self.cfg.learner.grad_project_rank, hooked[0])
 
     def _report(self, step: int, acc: float) -> bool:
@@ -275,22 +352,23 @@ class OPDTrainer:
                 parts = split(batch_indices(step, self.n_train, cfg.rollout.batch_prompts, cfg.run.seed), len(samplers))
                 rollout_refs = samplers.call_each("generate", [(step, p, self.weights) for p in parts])
                 ray.wait(rollout_refs, num_returns=len(rollout_refs))
-            # 2. teacher: log-prob of every sampled token
+            # 2. teacher: log-prob of every sampled token (and the reference's, for ExOPD)
             with timer("teacher"):
-                full = cfg.loss.type in NEEDS_TEACHER_DISTRIBUTION
                 scorers = self.teacher.actors
-                teacher_refs = [scorers[i % len(scorers)].score.remote(r, full) for i, r in enumerate(rollout_refs)]
+                teacher_refs = [scorers[i % len(scorers)].score.remote(r, **self._wanted_scores)
+                                for i, r in enumerate(rollout_refs)]
                 ray.wait(teacher_refs, num_returns=len(teacher_refs))
-            # 3. learner: one ZeRO-3 AdamW step on the OPD loss
+            # 3. learner: one ZeRO-3 AdamW step on the OPD loss (each rank fetches its rows only)
             with timer("learner"):
-                adv_scale = cfg.method.lam if isinstance(cfg.method, ExOPD) else 1.0
-                stats = ray.get(self.learner.call("train_step", rollout_refs, teacher_refs, adv_scale, step))
+                rows = [len(p) * cfg.rollout.samples_per_prompt for p in parts]
+                stats = self._on_learners("train_step", list(zip(rollout_refs, teacher_refs, rows)), self._loss_spec, step)
             # 4. weight sync: learner -> rollout engines
             with timer("sync"):
                 self._sync_rollout()
             metrics = self._train_metrics(stats)
+            self._count_skip(step, metrics)
             # 5. extrapolation search at t = 2^n
-            if self._extrapolates and is_search_step(step, self.cfg.method.max_search_step):
+            if self._extrapolates and self.cfg.method.searches_at(step):
                 with timer("search"):
                     metrics.update(self.search(step))
             if cfg.learner.grad_project_rank and step == self._project_step:
@@ -321,29 +399,55 @@ class OPDTrainer:
     def _stored(self) -> WeightsHandle:
         """The current weights in the object store (for evaluators, the monitor, the final save)."""
         if self.weights.version and not self.weights.refs:
-            refs = ray.get(self.learner.call("publish_weights", self.cfg.learner.sync_bucket_mb, "current"))
+            refs = self._on_learners("publish_weights", self.cfg.learner.sync_bucket_mb, "current")
             self.weights = WeightsHandle(self.weights.version, refs[0])
         return self.weights
 
     def _uses_nccl(self) -> bool:
-        mode = self.cfg.learner.weight_sync
-        gpus = self.plan.gpu is not None
-        return mode == "nccl" or (mode == "auto" and gpus and self.cfg.rollout.backend == "vllm")
+        """The plan's weight sync, if the learner really has CUDA: `auto` falls back to the object
+        store where torch sees no GPU (a simulated GPU cluster); an explicit `nccl` cannot."""
+        if self.plan.weight_sync != "nccl":
+            return False
+        if ray.get(self.learner.actors[0].has_cuda.remote()):
+            return True
+        if self.cfg.learner.weight_sync == "nccl":
+            raise RuntimeError("learner.weight_sync=nccl but the learner sees no CUDA device")
+        log.warning("weight sync: the plan uses NCCL but the learner sees no CUDA device; using the object store")
+        return False
 
     def _open_nccl(self) -> None:
-        """One NCCL group: learner rank 0 (rank 0, the sender) and each engine (one worker per
-        engine here: rank offset 1 + i). Both sides must join at once."""
+        """One NCCL group: learner rank 0 (rank 0, the sender) and every worker of every engine
+        (engine i's TP workers after all earlier engines' workers). Both sides must join at once."""
         address, port = ray.get(self.learner.actors[0].nccl_endpoint.remote())
-        n, bucket = len(self.rollout), int(self.cfg.learner.sync_bucket_mb * 2**20)
-        refs = self.learner.call("nccl_open", address, port, 1 + n, bucket)
-        refs += [a.nccl_join.remote(address, port, 1 + i, 1 + n, bucket) for i, a in enumerate(self.rollout.actors)]
+        tp = self.plan.role("rollout").tp
+        offsets, world = nccl_layout([tp] * len(self.rollout))
+        bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
+        refs = self.learner.call("nccl_open", address, port, world, bucket)
+        refs += [a.nccl_join.remote(address, port, off, world, bucket) for off, a in zip(offsets, self.rollout.actors)]
         self._nccl_meta = ray.get(refs)[0]
 
     def _publish(self, which: str = "current") -> WeightsHandle:
         """Learner rank 0 puts the full weights (or the anchor) once; a fresh version number."""
-        refs = ray.get(self.learner.call("publish_weights", self.cfg.learner.sync_bucket_mb, which))
+        refs = self._on_learners("publish_weights", self.cfg.learner.sync_bucket_mb, which)
         self._version += 1
         return WeightsHandle(self._version, refs[0])
+
+    def _count_skip(self, step: int, metrics: dict[str, float]) -> None:
+        """Count non-finite (skipped) steps; after `learner.max_skipped_steps` in a row the run stops
+        (raised by the loop once the step's metrics are logged)."""
+        skipped = metrics["train/step_skipped"] > 0
+        self.state.skipped_steps += int(skipped)
+        self.state.consecutive_skips = self.state.consecutive_skips + 1 if skipped else 0
+        metrics["train/skipped_steps"] = float(self.state.skipped_steps)
+        if skipped:
+            log.warning("step %d: non-finite loss or gradient, the optimizer step was skipped on every rank", step)
+        if self.state.consecutive_skips >= self.cfg.learner.max_skipped_steps:
+            tag = ckpt.latest_tag(self.run_dir)
+            self._stop = NonFiniteSteps(
+                f"steps {step - self.state.consecutive_skips + 1}..{step} had a non-finite loss or gradient and were "
+                f"skipped (learner.max_skipped_steps={self.cfg.learner.max_skipped_steps}); the run stops. "
+                + (f"Its last checkpoint ({tag}) is intact: fix the cause and rerun the same command to resume."
+                   if tag else "No checkpoint was written yet."))
 
     def _train_metrics(self, stats: list[dict[str, float]]) -> dict[str, float]:
         total = {k: sum(s[k] for s in stats) for k in stats[0]}
@@ -357,6 +461,7 @@ class OPDTrainer:
             "train/grad_norm": stats[0]["grad_norm"],
             "train/reward": total["reward_sum"] / max(total["sequences"], 1.0),
             "train/response_tokens": n,
+            "train/step_skipped": stats[0]["skipped"],
         }
 
     def evaluate(self) -> float:
@@ -367,45 +472,44 @@ class OPDTrainer:
     def search(self, step: int) -> dict[str, float]:
         """EffOPD (validate candidates, accept by the sequential rule) or fixed extrapolation."""
         method = self.cfg.method
+        coefs = [0.0] + method.coefficients()
         if isinstance(method, FixedExtrapolation):
             k, base, scores = method.k, float("nan"), [float("nan")] * method.k
         else:
-            coefs = [0.0] + [coefficient(k) for k in range(1, method.num_candidates + 1)]
-            parts = split(list(range(len(coefs))), len(self.evaluators))
-            results = ray.get(self.evaluators.call_each(
-                "score", [(self._stored(), self.anchor, [coefs[i] for i in p]) for p in parts if p]))
+            pool = self.evaluators if self.evaluators is not None else self.rollout  # borrowed: the rollout engines
+            parts = [p for p in split(list(range(len(coefs))), len(pool)) if p]
+            results = ray.get(pool.call_each("score", [(self._stored(), self.anchor, [coefs[i] for i in p]) for p in parts]))
             flat = [s for r in results for s in r]
             base, scores = flat[0], flat[1:]
             k = accept(base, scores, method.comparison)
         if k > 0:
-            ray.get(self.learner.call("extrapolate", coefficient(k)))
-            self._sync_rollout()
-        ray.get(self.learner.call("set_anchor"))
+            self._on_learners("extrapolate", coefs[k])
+        if k > 0 or self.evaluators is None and not isinstance(method, FixedExtrapolation):
+            self._sync_rollout()  # the accepted weights (borrowed engines hold a candidate until then)
+        self._on_learners("set_anchor")
         self.anchor = self._stored()
-        decision = Decision(step, base, scores, k, getattr(method, "comparison", "fixed"))
+        decision = Decision(step, base, scores, k, getattr(method, "comparison", "fixed"), coefs[k])
         self.state.decisions.append(decision.to_dict())
         log.info("step %d: %s accepted k=%d (base %.3f, scores %s)", step, method.type, k, base,
                  ", ".join(f"{s:.3f}" for s in scores))
-        out = {"effopd/base_score": base, "effopd/accepted_k": float(k)}
+        out = {"effopd/base_score": base, "effopd/accepted_k": float(k), "effopd/accepted_coef": coefs[k]}
         out.update({f"effopd/score_k{i}": s for i, s in enumerate(scores, start=1)})
         return out
 
     def save(self, step: int) -> None:
         tag = ckpt.tag_for(step)
         root = ckpt.ckpt_root(self.run_dir)
-        ray.get(self.learner.call("save_checkpoint", str(root), tag))
+        self._on_learners("save_checkpoint", str(root), tag)
+        if fires("kill_in_save", step):  # test hook: SIGKILL everything between the ranks' files and `latest`
+            os.killpg(0, signal.SIGKILL)
         ckpt.write_driver_state(self.run_dir, tag, self.state)
         ckpt.commit(self.run_dir, tag, self.cfg.checkpoint.keep)
 
     def finish(self) -> None:
-        """Final HF checkpoint, decisions and the checkpoint path as MLflow artifacts."""
-        from orchestrator.modeling import load_model, load_tokenizer
-
+        """Final HF checkpoint (written by learner rank 0, tensor by tensor), decisions and the
+        checkpoint path as MLflow artifacts."""
         final_dir = self.run_dir / "final"
-        model = load_model(self.cfg.model_paths[0])
-        model.load_state_dict(fetch_state_dict(self._stored()), strict=False)
-        model.save_pretrained(final_dir, safe_serialization=True)
-        load_tokenizer(self.cfg.model_paths[0]).save_pretrained(final_dir)
+        self._on_learners("save_hf", str(final_dir.resolve()))
         self.tracker.log_text(str(final_dir.resolve()), "final_checkpoint.txt")
         if self.state.decisions:
             self.tracker.log_json(self.state.decisions, "effopd_decisions.json")
@@ -420,22 +524,6 @@ class OPDTrainer:
 
 def done_marker(run_dir: Path) -> Path:
     return run_dir / "done.json"
-
-
-def sweep_parent_run(sweep: str, plans: list[tuple[ExperimentConfig, ResolvedPlan]]) -> str:
-    """The sweep's MLflow parent run (re-used when the sweep is re-run); logs the trial list."""
-    cfg, plan = plans[0]
-    id_file = cfg.run.output_dir / f"{sweep}.parent_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else None
-    tracker = MlflowLogger(plan.tracking_uri, cfg.tracking.experiment, sweep, run_id=run_id,
-                           artifact_root=cfg.run.output_dir / "mlartifacts")
-    if run_id is None:
-        cfg.run.output_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(tracker.run_id)
-        tracker.log_json([c.model_dump(mode="json") for c, _ in plans], "trials.json")
-        tracker.set_tags({"sweep": sweep, "trials": str(len(plans))})
-    tracker.close()
-    return tracker.run_id
 
 
 def _progress(start: int, total: int, enabled: bool):

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("FORESIGHT_TEST_CACHE", ROOT / ".cache"))
 TEST_ENV = {
     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
@@ -34,10 +33,28 @@ def foresight(*args: str, cwd: Path = ROOT, timeout: float = 900, check: bool = 
 
 @pytest.fixture(scope="session")
 def models() -> Path:
-    """Teacher + student built by `foresight prepare` (cached across sessions by recipe)."""
-    out = CACHE / "models"
+    """The shipped teacher + student (models/addition, built by `foresight prepare`); the command
+    checks them against their record (recipe, sha256) and rebuilds them only if they differ."""
+    out = ROOT / "models" / "addition"
     foresight("prepare", "--out", str(out), timeout=1200)
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_reference(models, tmp_path_factory) -> dict:
+    """experiments/smoke.yaml run once through the CLI (vanilla OPD, 80 steps): the reference that
+    several modules check or compare against."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path_factory.mktemp("smoke_reference")
+    t0 = time.time()
+    proc = foresight("run", str(ROOT / "experiments" / "smoke.yaml"), *run_overrides(models, out))
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smoke")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "smoke"]
+    return {"out": out, "client": client, "run": runs[0], "runs": runs, "seconds": time.time() - t0, "proc": proc}
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +63,8 @@ def fake_models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fake_models")
     for role in ("student", "teacher"):
         (root / role).mkdir()
-        (root / role / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (root / role / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                             "num_attention_heads": 2}))
     return root
 
 

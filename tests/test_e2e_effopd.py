@@ -1,11 +1,12 @@
 """EffOPD on real components: the partition-local jump on ZeRO-3 ranks, the parallel evaluator
-pool, a no-accept run vs vanilla, and kill/resume across a search boundary."""
+pool, a no-accept run vs vanilla; and the crash test of the project: an EffOPD run whose rollout,
+teacher and evaluator actors are SIGKILLed (Ray restarts them) and whose driver is then SIGKILLed
+between two searches, resumed, and compared with an uninterrupted run."""
 
 from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import ray
@@ -13,18 +14,22 @@ import torch
 from safetensors.torch import load_file
 
 from actors.evaluator import CandidateEvaluator
-from actors.group import ActorGroup, free_port, split
+from actors.group import ActorGroup, split
 from actors.learner import Learner
 from actors.rollout import RolloutWorker
 from actors.teacher import TeacherScorer
 from actors.weights import WeightsHandle, fetch_state_dict
-from conftest import ROOT, foresight, model_overrides, run_overrides
+from conftest import foresight, model_overrides, run_overrides
+from e2e_helpers import SMOKE, assert_same_metrics, history, latest, mlflow_run, reached, start_run, wait_for
+from orchestrator.cli import start_local_ray
 from orchestrator.config import load_config
 from orchestrator.extrapolation import accept, coefficient, extrapolate
+from orchestrator.placement import start_learners
 from orchestrator.trainer import actor_config, batch_indices
-from test_e2e_opd import SMOKE, assert_same_metrics, history, latest, mlflow_run, start_run, wait_for
 
 pytestmark = pytest.mark.e2e
+SPEC = {"kind": "full_reverse_kl", "lam": 1.0, "rlvr_mix": 1.0, "importance_correction": True,
+        "importance_threshold": 5.0}
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +37,13 @@ def cluster(models, tmp_path_factory):
     """A local Ray cluster in this process, two ZeRO-3 learner ranks after one OPD step."""
     cfg = load_config(SMOKE, model_overrides(models) + [f"run.output_dir={tmp_path_factory.mktemp('fx')}"])
     acfg = actor_config(cfg)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
-    port = free_port()
-    learners = ActorGroup(Learner, 2, lambda r: (r, 2, port, acfg), {"num_cpus": 0.5})
-    ray.get(learners.call("setup"))
+    start_local_ray(num_cpus=2, logging_level="ERROR")
+    learners = ActorGroup(Learner, 2, lambda r: (r, 2, acfg), {"num_cpus": 0.5})
+    start_learners(learners)
     ray.get(learners.call("set_anchor"))
     batch = RolloutWorker(acfg).generate(1, batch_indices(1, 20000, 64, 0), None)
     scores = TeacherScorer(acfg).score(batch, full=True)
-    ray.get(learners.call("train_step", [ray.put(batch)], [ray.put(scores)], 1.0))
+    ray.get(learners.call("train_step", [[ray.put(batch), ray.put(scores), 64]], SPEC, 1))
     yield {"cfg": cfg, "acfg": acfg, "learners": learners}
     ray.get(learners.call("shutdown"))
     ray.shutdown()
@@ -87,47 +91,73 @@ def test_parallel_pool_gives_the_sequential_decisions(cluster):
         assert accept(parallel[0], parallel[1:], comparison) == accept(sequential[0], sequential[1:], comparison)
 
 
-@pytest.fixture(scope="module")
-def vanilla_final(models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("vanilla")
-    foresight("run", SMOKE, *run_overrides(models, out))
-    return load_file(str(out / "smoke" / "final" / "model.safetensors"))
-
-
-def test_effopd_with_no_accepted_jump_is_bit_identical_to_vanilla(models, tmp_path, vanilla_final):
+def test_effopd_with_no_accepted_jump_is_bit_identical_to_vanilla(models, tmp_path, smoke_reference):
     foresight("run", SMOKE, *run_overrides(models, tmp_path), "method.type=effopd")
     client, runs = mlflow_run(tmp_path)
     accepted = history(client, runs[0].info.run_id, "effopd/accepted_k")
     assert [s for s, _ in accepted] == [1, 2, 4, 8, 16, 32, 64]
     assert all(k == 0 for _, k in accepted), f"a jump was accepted: {accepted}"  # the premise at this lr
     eff = load_file(str(tmp_path / "smoke" / "final" / "model.safetensors"))
-    assert all(torch.equal(eff[k], vanilla_final[k]) for k in vanilla_final)
+    vanilla = load_file(str(smoke_reference["out"] / "smoke" / "final" / "model.safetensors"))
+    assert all(torch.equal(eff[k], vanilla[k]) for k in vanilla)
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert "effopd_decisions.json" in arts
 
 
-EFF = ["method.type=effopd", "learner.lr=3e-5", "checkpoint.every=16"]
+EFF = ["method.type=effopd", "learner.lr=3e-5", "run.steps=40", "checkpoint.every=8", "geometry.every=0"]
+"""Searches at steps 1, 2, 4, 8, 16, 32; checkpoints every 8 steps."""
 
 
-def test_kill_and_resume_across_search_boundary_reproduces_decisions(models, tmp_path):
+def logged_steps(out) -> int:
+    """The newest step the run in `out` has logged to MLflow (-1 before its first)."""
+    from mlflow.tracking import MlflowClient
+
+    id_file = out / "smoke" / "mlflow_run_id"
+    if not id_file.is_file():
+        return -1
+    history = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_metric_history(id_file.read_text().strip(), "timing/step")
+    return max((m.step for m in history), default=-1)
+
+
+def test_killed_actors_and_driver_resume_exactly_across_a_search(models, tmp_path):
+    """The driver SIGKILLed before the first checkpoint (the rerun restarts from step 0 into the same
+    MLflow run); then rollout, evaluator and teacher actors SIGKILLed mid-run (Ray restarts each and
+    the step is retried); then everything SIGKILLed while the step-32 checkpoint is being written
+    (a test hook fires after the ranks' files, before `latest`): the torn checkpoint is ignored, the
+    run resumes from step 24 and the search at 32 runs again from the anchor restored from that
+    checkpoint. The run must log every step once and reproduce an uninterrupted run's metrics and
+    EffOPD decisions."""
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     foresight("run", SMOKE, *run_overrides(models, ref_out), *EFF)
     ref_client, ref_runs = mlflow_run(ref_out)
     ref_id = ref_runs[0].info.run_id
     accepted = history(ref_client, ref_id, "effopd/accepted_k")
-    assert any(k > 0 for _, k in accepted), "no jump accepted: the test would not exercise the anchor"
+    assert any(k > 0 for s, k in accepted if s < 24), "no jump accepted: the test would not exercise the anchor"
 
     proc = start_run(models, out, *EFF)
-    wait_for(lambda: latest(out) == "step0000048", proc)  # after the search at 32, before the one at 64
+    wait_for(lambda: logged_steps(out) >= 1, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    foresight("run", SMOKE, *run_overrides(models, out), *EFF)
+    assert latest(out) == "", "the first kill should come before the first checkpoint"
+    proc = start_run(models, out, *EFF, env={"FORESIGHT_FAULTS": "kill_in_save:32"})
+    pids = out / "smoke" / "actors"
+    killed = {}
+    for role, after in (("rollout-0", 8), ("evaluator-0", 8), ("teacher-0", 16)):
+        wait_for(reached(out, after), proc)
+        killed[role] = int((pids / f"{role}.pid").read_text())
+        os.kill(killed[role], signal.SIGKILL)
+    assert proc.wait(timeout=600) == -signal.SIGKILL  # the hook killed the whole run mid-save
+    assert latest(out) == "step0000024" and (out / "smoke" / "checkpoints" / "step0000032").is_dir()  # torn, ignored
+    for role, pid in killed.items():  # Ray had started a new process for each killed actor
+        assert int((pids / f"{role}.pid").read_text()) != pid, role
+    resumed = foresight("run", SMOKE, *run_overrides(models, out), *EFF)
+    assert "resuming from step0000024" in resumed.stderr
     client, runs = mlflow_run(out)
-    assert len(runs) == 1
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run_id = runs[0].info.run_id
     for key in ["effopd/accepted_k", "effopd/base_score"] + [f"effopd/score_k{k}" for k in range(1, 6)]:
         assert history(client, run_id, key) == history(ref_client, ref_id, key), key
-    assert_same_metrics(client, run_id, {"client": ref_client, "run": ref_runs[0]})
+    assert_same_metrics(client, run_id, ref_client, ref_id)
 
 
 def test_teacher_kl_validation_score(cluster):
@@ -149,3 +179,44 @@ def test_teacher_kl_validation_score(cluster):
     m = out["response_mask"]
     assert got[0] == pytest.approx(-float(((s - q) * m).sum() / m.sum()), abs=1e-5)
     assert got[0] < 0 and got[1] != got[0]
+
+
+def test_non_finite_step_is_skipped_on_every_rank(cluster):
+    """A NaN in one step's teacher scores: the global gradient norm is non-finite, ZeRO-3 skips the
+    optimizer step on both ranks (master and working partitions unchanged), and the next finite
+    step trains again."""
+    learners, acfg = cluster["learners"], cluster["acfg"]
+    batch = RolloutWorker(acfg).generate(2, batch_indices(2, 20000, 64, 0), None)
+    scores = TeacherScorer(acfg).score(batch, full=True)
+    broken = {**scores, "logp_full": scores["logp_full"].clone()}
+    broken["logp_full"][3, 1, :] = float("nan")
+    before = ray.get(learners.call("partition_state"))
+    stats = ray.get(learners.call("train_step", [[ray.put(batch), ray.put(broken), 64]], SPEC, 2))
+    assert [s["skipped"] for s in stats] == [1.0, 1.0]
+    after = ray.get(learners.call("partition_state"))
+    for b, a in zip(before, after):
+        assert all(torch.equal(x, y) for x, y in zip(b["master"] + b["working"], a["master"] + a["working"]))
+    stats = ray.get(learners.call("train_step", [[ray.put(batch), ray.put(scores), 64]], SPEC, 3))
+    assert [s["skipped"] for s in stats] == [0.0, 0.0]
+    moved = ray.get(learners.call("partition_state"))
+    assert any(not torch.equal(x, y) for x, y in zip(before[0]["master"], moved[0]["master"]))
+
+
+def test_run_stops_after_consecutive_non_finite_steps_with_its_checkpoint_intact(models, tmp_path):
+    """NaN teacher scores from step 5 on (a test hook): steps 5 and 6 are skipped, the run stops with a
+    clear error at the second one in a row, and its last checkpoint (step 4) is the last good state."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TEST_ENV
+
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", SMOKE, *run_overrides(models, tmp_path),
+                           "run.steps=12", "checkpoint.every=2", "learner.max_skipped_steps=2", "geometry.every=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **TEST_ENV, "FORESIGHT_FAULTS": "nan_teacher:5-"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "steps 5..6 had a non-finite loss or gradient" in proc.stderr and "step0000004" in proc.stderr
+    assert latest(tmp_path) == "step0000004"
+    client, runs = mlflow_run(tmp_path)
+    assert runs[0].info.status == "FAILED"
+    assert history(client, runs[0].info.run_id, "train/step_skipped") == [(s, float(s >= 5)) for s in range(1, 7)]

@@ -16,7 +16,7 @@ import pytest
 
 from actors.group import free_port
 from conftest import ROOT, TEST_ENV, run_overrides
-from test_e2e_opd import mlflow_run
+from e2e_helpers import mlflow_run
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent

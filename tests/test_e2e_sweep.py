@@ -1,21 +1,38 @@
-"""A sweep end to end: the geometry study's training controls (OPD, SFT on teacher outputs,
-GRPO, OPD/RLVR mix, top-KL token sparsification, rank-16 gradient projection for OPD and SFT)
-as MLflow child runs of one parent; a re-run skips finished trials."""
+"""A sweep end to end through the scheduler: the shipped geometry study (OPD, SFT on teacher
+outputs, GRPO, OPD/RLVR mix, top-KL token sparsification, rank-16 gradient projection for OPD and
+SFT), 7 trials two at a time, as MLflow child runs of one parent; one trial's runner is SIGKILLed
+mid-run, retried, and resumes from its checkpoint into the same MLflow run with no duplicated
+step; a re-run skips every finished trial."""
 
 from __future__ import annotations
+
+import os
+import signal
 
 import pytest
 
 from conftest import ROOT, foresight, run_overrides
+from e2e_helpers import start_run, wait_for
 
 pytestmark = pytest.mark.e2e
 STUDY = str(ROOT / "experiments" / "geometry_study.yaml")
-SHORT = ["run.steps=6", "eval.every=3", "geometry.every=3", "checkpoint.every=0", "eval.num_examples=100"]
+SHORT = ["run.steps=8", "eval.every=4", "geometry.every=4", "checkpoint.every=2", "eval.num_examples=100",
+         "learner.world_size=1"]
+"""One learner rank per trial: 1 CPU each, so two trials run at once on 2 CPUs."""
 
 
-def test_geometry_study_sweep_runs_every_control(models, tmp_path):
-    out = foresight("run", STUDY, *run_overrides(models, tmp_path), *SHORT)
-    assert out.stdout.count("done:") == 7
+def test_geometry_study_sweep_runs_every_control_two_at_a_time_and_survives_a_killed_trial(models, tmp_path):
+    proc = start_run(models, tmp_path, *SHORT, config=STUDY)
+    victim = tmp_path / "geometry_study_opd"
+    pid_file = victim / "actors" / "trial-0.pid"
+    wait_for(lambda: (victim / "checkpoints" / "latest").is_file() and pid_file.is_file(), proc, timeout=600)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    assert out.count("done:") == 7
+    assert "2 running" in out  # two trials ran at the same time
+    assert "retrying from its last checkpoint" in out
+
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -28,6 +45,9 @@ def test_geometry_study_sweep_runs_every_control(models, tmp_path):
     for r in children:
         assert r.info.status == "FINISHED", r.info.run_name
         assert "geometry/stable_rank" in r.data.metrics and "train/loss" in r.data.metrics
+    killed = next(r for r in children if r.info.run_name == "geometry_study_opd")
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")]
+    assert steps == list(range(1, 9))  # resumed into the same run, no duplicates
     projected = next(r for r in children if r.info.run_name.endswith("_opd_rank16"))
     assert projected.data.params["learner/grad_project_rank"] == "16"
     assert (tmp_path / "geometry_study_opd_rank16" / "projection_basis.pt").is_file()

@@ -22,24 +22,32 @@ NAN = math.nan
     (0.0, [0.0, 0.0, 0.0, 0.0, 0.0], ">=", 0),    # zero guard: a collapsed run never jumps
     (0.0, [0.1, 0.0, 0.0, 0.0, 0.0], ">=", 1),    # ... but real gains from zero are taken
     (0.5, [0.6, NAN, 0.9, 0.9, 0.9], ">=", 1),    # unevaluated candidates end the search
+    (NAN, [0.6, 0.7, 0.9, 0.9, 0.9], ">=", 0),    # a non-finite base score: keep W_t
+    (0.5, [math.inf, 0.9, 0.9, 0.9, 0.9], ">=", 0),  # a non-finite candidate score is rejected
+    (0.5, [0.6, -math.inf, 0.9, 0.9, 0.9], ">=", 1),
+    (0.5, [], ">=", 0),                           # no candidates
 ])
 def test_accept_rule(base, scores, comparison, want):
     assert accept(base, scores, comparison) == want
 
 
-def test_parallel_scores_give_the_sequential_decision():
-    """Scoring all five then applying the rule == stopping at the first failure."""
+@pytest.mark.parametrize("comparison", [">=", ">"])
+def test_accepted_k_satisfies_the_papers_definition(comparison):
+    """Property check on random score tables (scores on a coarse grid, so ties and zeros occur):
+    the accepted prefix never drops (each score >= / > the last accepted one, no 0 == 0 tie), and the
+    search stopped because the next candidate failed that test or there was none."""
+    better = (lambda s, v: s >= v) if comparison == ">=" else (lambda s, v: s > v)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        base = float(torch.rand(1, generator=gen))
-        scores = [round(float(s), 1) for s in torch.rand(5, generator=gen)]
-        seq_k, v = 0, base
-        for k, s in enumerate(scores, 1):  # the sequential search, evaluating lazily
-            if s >= v and not (s == v == 0):
-                seq_k, v = k, s
-            else:
-                break
-        assert accept(base, scores, ">=") == seq_k
+    for _ in range(500):
+        base = round(float(torch.rand(1, generator=gen)) * 4) / 4
+        scores = [round(float(s) * 4) / 4 for s in torch.rand(5, generator=gen)]
+        k = accept(base, scores, comparison)
+        accepted = [base] + scores[:k]
+        for prev, cur in zip(accepted, accepted[1:]):
+            assert better(cur, prev) and not (cur == prev == 0.0), (base, scores, k)
+        if k < len(scores):
+            nxt = scores[k]
+            assert not better(nxt, accepted[-1]) or nxt == accepted[-1] == 0.0, (base, scores, k)
 
 
 def test_search_steps_are_powers_of_two():
@@ -54,4 +62,22 @@ def test_extrapolate_is_elementwise_and_chunk_invariant():
     full = extrapolate(w, a, 6.0)
     parts = torch.cat([extrapolate(w[i:i + 137], a[i:i + 137], 6.0) for i in range(0, 1000, 137)])
     assert torch.equal(full, parts)  # bit-identical however the tensor is partitioned
-    assert torch.allclose(full, w + 6.0 * (w - a))
+    # by hand: w = (1, 2), anchor = (0.5, 3): W + 2 (W - A) = (1 + 1, 2 - 2)
+    assert extrapolate(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0]), 2.0).tolist() == [2.0, 0.0]
+
+
+def test_candidate_ladder_and_search_schedule():
+    from pydantic import ValidationError
+
+    from orchestrator.config import EffOPD, FixedExtrapolation
+
+    assert EffOPD().coefficients() == [2.0, 4.0, 6.0, 8.0, 10.0]  # the paper's 2k, k = 1..5
+    assert EffOPD(num_candidates=3).coefficients() == [2.0, 4.0, 6.0]
+    assert EffOPD(ladder=[0.5, 1.0, 2.0, 4.0]).coefficients() == [0.5, 1.0, 2.0, 4.0]
+    with pytest.raises(ValidationError, match="strictly increasing"):
+        EffOPD(ladder=[1.0, 0.5])
+    paper = EffOPD()
+    assert [t for t in range(1, 70) if paper.searches_at(t)] == [1, 2, 4, 8, 16, 32, 64]
+    every = EffOPD(schedule="every", every=25, max_search_step=60)
+    assert [t for t in range(1, 100) if every.searches_at(t)] == [25, 50]
+    assert FixedExtrapolation(k=2).coefficients()[-1] == 4.0

@@ -6,20 +6,41 @@ import math
 
 import torch
 
-from orchestrator.losses import LossInputs, opd_loss
+from orchestrator.losses import LossSpec, TokenBatch
+from orchestrator.losses import opd_loss as _opd_loss
+
+LOGITS = [[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]
 
 
-def example(**kw) -> LossInputs:
-    # one sequence, two response tokens, vocabulary of 3
-    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], requires_grad=True)
-    teacher_full = torch.log_softmax(torch.tensor([[[0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]]), -1)
-    tokens = torch.tensor([[0, 1]])
-    base = dict(logits_BRV=logits, tokens_BR=tokens, mask_BR=torch.tensor([[1.0, 1.0]]),
-                teacher_logp_BR=teacher_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
-                rollout_logp_BR=torch.log_softmax(logits.detach(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
-                teacher_logp_BRV=teacher_full, norm=2.0)
-    base.update(kw)
-    return LossInputs(**base)
+class Example:
+    """One sequence, two response tokens, vocabulary of 3; `norm` is N (the global token count)."""
+
+    def __init__(self, norm: float = 2.0, **kw) -> None:
+        self.logits_BRV = torch.tensor(LOGITS, requires_grad=True)
+        teacher_full = torch.log_softmax(torch.tensor([[[0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]]), -1)
+        tokens = torch.tensor([[0, 1]])
+        spec_keys = {"adv_scale": "lam", "importance_correction": "importance_correction",
+                     "importance_threshold": "importance_threshold", "rlvr_mix": "rlvr_mix", "lam": "lam"}
+        self.spec = LossSpec(**{spec_keys[k]: kw.pop(k) for k in list(kw) if k in spec_keys})
+        base = dict(tokens_BR=tokens, mask_BR=torch.tensor([[1.0, 1.0]]),
+                    teacher_logp_BR=teacher_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
+                    rollout_logp_BR=torch.log_softmax(self.logits_BRV.detach(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
+                    teacher_logp_BRV=teacher_full)
+        base.update(kw)
+        self.x, self.norm = TokenBatch(**base), norm
+
+    def __getattr__(self, name):
+        return getattr(self.x, name)
+
+
+def example(**kw) -> Example:
+    return Example(**kw)
+
+
+def opd_loss(kind: str, ex: Example):
+    from dataclasses import replace
+
+    return _opd_loss(replace(ex.spec, kind=kind), ex.logits_BRV, ex.x, ex.norm)
 
 
 def lse(xs):
@@ -42,10 +63,22 @@ def test_pg_reverse_kl_matches_hand_computation():
     assert torch.allclose(x.logits_BRV.grad[0, 0], want0, atol=1e-6)
 
 
-def test_advantage_is_detached_and_scaled():
-    loss1, _ = opd_loss("pg_reverse_kl", example())
-    loss2, _ = opd_loss("pg_reverse_kl", example(adv_scale=1.25))
-    assert math.isclose(loss2.item(), 1.25 * loss1.item(), rel_tol=1e-6)
+def test_exopd_advantage_extrapolates_relative_to_the_reference():
+    """A_t = lam (q_t - f_t) - (s_t - f_t) on a 2-token example, computed by hand."""
+    s = [2.0 - lse([2, 0, 0]), 1.0 - lse([0, 1, 0])]
+    q = [0.0 - lse([0, 2, 0]), 0.0 - lse([0, 0, 3])]
+    f = [-0.5, -2.0]  # the reference policy's log-probs of the two sampled tokens
+    lam = 1.25
+    adv = [lam * (qi - fi) - (si - fi) for qi, si, fi in zip(q, s, f)]
+    loss, _ = opd_loss("pg_reverse_kl", example(lam=lam, ref_logp_BR=torch.tensor([f])))
+    assert math.isclose(loss.item(), -(adv[0] * s[0] + adv[1] * s[1]) / 2, rel_tol=1e-6)
+    # lam = 1 is OPD exactly (bit for bit: the reference is not even read)
+    opd, _ = opd_loss("pg_reverse_kl", example())
+    one, _ = opd_loss("pg_reverse_kl", example(lam=1.0, ref_logp_BR=torch.tensor([f])))
+    assert one.item() == opd.item()
+    # a constant factor on the advantage is not ExOPD: with f = s the extrapolation term differs
+    scaled = [lam * (qi - si) for qi, si in zip(q, s)]
+    assert not math.isclose(-(scaled[0] * s[0] + scaled[1] * s[1]) / 2, loss.item(), rel_tol=1e-3)
 
 
 def test_full_reverse_and_forward_kl():
@@ -58,13 +91,49 @@ def test_full_reverse_and_forward_kl():
     assert math.isclose(loss_f.item(), (lpt.exp() * (lpt - lps)).sum().item() / 2, rel_tol=1e-6)
 
 
+def test_full_vocabulary_terms_ignore_the_sampled_tokens_importance_ratio():
+    """sum_v p_s(v) (...) already sums over y_t: a rollout/learner mismatch on y_t must not weight it."""
+    for kind in ("full_reverse_kl", "forward_kl"):
+        base, _ = opd_loss(kind, example())
+        shifted = example()
+        shifted.x.rollout_logp_BR = shifted.x.rollout_logp_BR - 1.0  # ratio e^1 on both tokens
+        moved, _ = opd_loss(kind, shifted)
+        assert moved.item() == base.item(), kind
+
+
+def test_topk_teacher_kl_converges_to_the_exact_kl():
+    """Top-k plus a tail bucket: a lower bound of the full KL that tightens with k, exact at k = V."""
+    from orchestrator.losses import token_terms
+
+    gen = torch.Generator().manual_seed(0)
+    V = 40
+    student = torch.randn(3, 5, V, generator=gen) * 2
+    teacher = torch.log_softmax(torch.randn(3, 5, V, generator=gen) * 2, -1)
+    tokens = torch.randint(0, V, (3, 5), generator=gen)
+    mask = torch.ones(3, 5)
+    for kind in ("full_reverse_kl", "forward_kl"):
+        exact_x = TokenBatch(tokens, mask, teacher.gather(-1, tokens[..., None])[..., 0], torch.zeros(3, 5),
+                             teacher_logp_BRV=teacher)
+        exact = token_terms(LossSpec(kind), student, exact_x)[0].item()
+        errors = []
+        for k in (1, 5, 20, V):
+            top, ids = teacher.topk(k, -1)
+            x = TokenBatch(tokens, mask, exact_x.teacher_logp_BR, torch.zeros(3, 5), teacher_topk_ids_BRK=ids,
+                           teacher_topk_logp_BRK=top)
+            approx = token_terms(LossSpec(kind), student, x)[0].item()
+            assert approx <= exact + 1e-4, (kind, k)
+            errors.append(exact - approx)
+        assert errors == sorted(errors, reverse=True) and errors[0] > 0.1 * exact, (kind, errors)
+        assert abs(errors[-1]) < 1e-4 * max(1.0, exact), (kind, errors)
+
+
 def test_importance_ratio_is_clipped():
     x = example()
     # rollout thought token 0 was far less likely than the learner does: ratio e^3 > 5 -> clipped
-    x.rollout_logp_BR = x.rollout_logp_BR - torch.tensor([[3.0, 0.0]])
+    x.x.rollout_logp_BR = x.x.rollout_logp_BR - torch.tensor([[3.0, 0.0]])
     loss, stats = opd_loss("pg_reverse_kl", x)
     assert stats["is_clipped_sum"] == 1.0
-    off, _ = opd_loss("pg_reverse_kl", example(rollout_logp_BR=x.rollout_logp_BR, importance_correction=False))
+    off, _ = opd_loss("pg_reverse_kl", example(rollout_logp_BR=x.x.rollout_logp_BR, importance_correction=False))
     s0 = 2.0 - lse([2, 0, 0])
     q0 = 0.0 - lse([0, 2, 0])
     # only token 0's weight changes: 5.0 instead of 1.0

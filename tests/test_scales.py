@@ -1,14 +1,21 @@
-"""Scale registry and GPU resource plans, checked without GPUs."""
+"""Scale registry, trial plans (roles, GPUs, TP, placement, cost), checked without GPUs."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import pytest
 
 from conftest import foresight
-from orchestrator.scales import (QWEN3_32B, SCALES, ClusterSpec, concurrent_trials, engine_mem_gb, learner_mem_gb,
-                                 parse_cluster, plan_gpus)
+from orchestrator.config import ConfigError, load_config
+from orchestrator.placement import learner_env, nccl_layout
+from orchestrator.plan import resolve
+from orchestrator.scales import (QWEN3_32B, QWEN25_7B, ClusterSpec, concurrent_trials, engine_mem_gb, first_fit,
+                                 learner_mem_gb, parse_cluster)
+
+H100x32 = ClusterSpec(4, 8, "H100", 80)
+
+
+def gpu_plan(*overrides: str, cluster: ClusterSpec = H100x32):
+    return resolve(load_config(None, list(overrides)), "exp.yaml", cluster=cluster)
 
 
 def test_parse_cluster_specs(tmp_path):
@@ -17,48 +24,121 @@ def test_parse_cluster_specs(tmp_path):
     assert parse_cluster(str(tmp_path / "c.yaml")).gpus == 16
     with pytest.raises(ValueError, match="NODESxGPUSxTYPE"):
         parse_cluster("eight H100s")
+    with pytest.raises(ValueError, match="unknown GPU type 'B300'"):
+        parse_cluster("1x8xB300-288GB")
 
 
 def test_memory_formulas_by_hand():
-    # ZeRO-3: 16 bytes/param over N ranks; activations L*T*h*2 + 34*T*h; logits 2048*V*4
-    psi, n, T = 32.8e9, 12, 22_000
-    want = (16 * psi / n + 64 * T * 5120 * 2 + 34 * T * 5120 + 2048 * 151_936 * 4) / 1e9
+    # the GPU path (bf16, fused Adam, gradient checkpointing), Qwen3-32B on 12 ZeRO-3 ranks, 22k tokens per GPU
+    psi, n, T, L, h, V, kv = 32.8e9, 12, 22_000, 64, 5120, 151_936, 8 * 128
+    inter = ((psi - 2 * V * h) / L - 2 * h * h - 2 * h * kv) / (3 * h)  # MLP width from the parameter count
+    states = 16 * psi / n + 2 * 5e8  # bf16 weights + grads, fp32 master + Adam; DeepSpeed's reduce bucket
+    layer = T * ((8 * h + 2 * kv + 4 * inter) * 2 + 2 * 2 * h)  # one layer recomputed (RMSNorm's fp32 input)
+    logits = 2048 * V * (2 + 4 * 3)  # bf16 logits, fp32 copy, log-softmax, its gradient
+    backward = L * T * h * 2 + 2 * 1e9 + max(layer, logits)  # checkpoints + live gathered params (1e9 cap)
+    step = 4 * 1e9 + 2 * 1e9  # fp32 gradient of one 1e9-element sub-group + its bf16 flat copy
+    want = max(2 * psi, 8 * psi / n + 4e9, states + max(backward, step)) / 1e9
     assert learner_mem_gb(QWEN3_32B, n, T) == pytest.approx(want)
+    assert learner_mem_gb(QWEN3_32B, n, T, anchor=True) == pytest.approx(want + 4 * psi / n / 1e9)
+    assert 75 < learner_mem_gb(QWEN3_32B, n, T, anchor=True) < 80  # the paper grid's 32B EffOPD: at the edge
     # vLLM: bf16 weights / TP + K,V for one 18,432-token sequence / TP
-    kv = 18_432 * 2 * 64 * 8 * 128 * 2
-    assert engine_mem_gb(QWEN3_32B, 4, 18_432) == pytest.approx((2 * psi / 4 + kv / 4) / 1e9)
+    kv_seq = 18_432 * 2 * 64 * 8 * 128 * 2
+    assert engine_mem_gb(QWEN3_32B, 4, 18_432) == pytest.approx((2 * psi / 4 + kv_seq / 4) / 1e9)
+    assert QWEN25_7B.vocab == 152_064
+
+
+def test_memory_formulas_cpu_fp32_path():
+    from orchestrator.scales import ModelShape, learner_mem_phases
+
+    # the benchmark's Qwen2 (64M, hidden 512, 8 layers, 2 KV heads of 64, I 2048, V 32768) on the fp32 CPU path
+    shape = ModelShape("qwen2-64m", 0.064, 8, 512, 2, 64, 32_768)
+    psi, V, T, R = 0.064e9, 32_768, 896, 384  # 2 ranks: 64 sequences x 14 tokens, 6 sampled each
+    states = 20 * psi / 2 + 4 * psi  # 4 working + 4 grads + 4 master + 8 Adam; the reduce bucket holds every grad
+    backward = 8 * T * (8 * 512 + 2 * 128 + 4 * 2048) * 4 + 4 * psi + R * V * 12  # no checkpointing
+    step = 4 * psi / 2 + 8 * psi / 2  # fp32 gradient + torch AdamW's two temporaries (sqrt(v), its quotient)
+    got = learner_mem_gb(shape, 2, T, dtype="fp32", cuda=False, checkpointing=False, response_tokens=R,
+                         intermediate=2048)
+    assert got == pytest.approx((states + max(backward, step)) / 1e9)
+    phases = learner_mem_phases(shape, 1, 2 * T, dtype="fp32", cuda=False, intermediate=2048, response_tokens=2 * R)
+    assert phases["backward"]["gathered"] == 4 * V * 512  # one rank: a gathered parameter is its partition
+    # HF rollout worker: fp32 weights + KV of the batch + every sampled step's logits, 4 copies
+    rollout = engine_mem_gb(shape, 1, 14, batch=128, dtype="fp32", sampled=6)
+    assert rollout == pytest.approx((4 * psi + 128 * 14 * 2 * 8 * 128 * 4 + 4 * 128 * 6 * V * 4) / 1e9)
+
+
+def test_gpu_plan_roles_follow_the_registry_and_yaml_overrides():
+    plan = gpu_plan("run.scale=1.5B", "method.type=effopd")
+    got = {r.role: (r.actors, r.gpus, r.tp, r.backend) for r in plan.roles}
+    assert got == {"rollout": (2, 1, 1, "vllm"), "teacher": (1, 1, 1, "vllm"), "learner": (4, 1, 1, "deepspeed"),
+                   "evaluator": (5, 1, 1, "vllm")}
+    assert plan.total_gpus == 12 and plan.weight_sync == "nccl"
+    assert plan.bundles()[plan.first_bundle("learner")] == {"CPU": 0.5, "GPU": 1.0}
+    assert len(plan.bundles()) == 12 and plan.first_bundle("evaluator") == 7
+    custom = gpu_plan("run.scale=14B", "rollout.num_workers=3", "rollout.tensor_parallel=4", "teacher.backend=hf",
+                      "learner.world_size=6")
+    got = {r.role: (r.actors, r.gpus, r.tp, r.backend) for r in custom.roles}
+    assert got == {"rollout": (3, 4, 4, "vllm"), "teacher": (1, 2, 2, "hf"), "learner": (6, 1, 1, "deepspeed")}
 
 
 def test_32b_learner_on_one_gpu_is_rejected():
-    plan = plan_gpus(SCALES["32B"], ClusterSpec(1, 1, "H100", 80), seq_len=18_432)
-    assert any("tensor parallel 4 > 1" in e for e in plan.errors)
-    one_rank = plan_gpus(replace(SCALES["32B"], learner_ranks=1), ClusterSpec(4, 8, "H100", 80), seq_len=18_432)
-    assert any(e.startswith("learner: needs") for e in one_rank.errors)  # 16 bytes x 32.8B params on one GPU
-    assert not any(e.startswith("learner") for e in plan_gpus(SCALES["32B"], ClusterSpec(4, 8, "H100", 80), seq_len=18_432).errors)
+    with pytest.raises(ConfigError, match="tensor parallel 4 > 1"):
+        gpu_plan("run.scale=32B", cluster=ClusterSpec(1, 1, "H100", 80))
+    with pytest.raises(ConfigError, match="learner: needs"):  # 16 bytes x 32.8B params on one GPU
+        gpu_plan("run.scale=32B", "learner.world_size=1")
+    assert gpu_plan("run.scale=32B").role("learner").mem_gb < 80
 
 
 def test_evaluator_pool_without_spare_gpus_is_rejected():
     one_node = ClusterSpec(1, 8, "H100", 80)
-    ok = plan_gpus(SCALES["4B"], one_node, seq_len=18_432, evaluators=1)
-    assert not ok.errors and ok.gpus == 8
-    full = plan_gpus(SCALES["4B"], one_node, seq_len=18_432, evaluators=2)
-    assert any("evaluator pool with no spare GPUs" in e for e in full.errors)
+    ok = gpu_plan("run.scale=4B", "method.type=effopd", "method.num_evaluators=1", cluster=one_node)
+    assert ok.total_gpus == 8
+    with pytest.raises(ConfigError, match="evaluator pool with no spare GPUs"):
+        gpu_plan("run.scale=4B", "method.type=effopd", "method.num_evaluators=2", cluster=one_node)
 
 
-def test_concurrency_and_placement_keep_tp_groups_on_one_node():
-    cluster = ClusterSpec(4, 8, "H100", 80)
-    plan = plan_gpus(SCALES["14B"], cluster, seq_len=18_432, evaluators=2)
-    assert not plan.errors
-    assert concurrent_trials(plan, cluster) == cluster.gpus // plan.gpus
-    for roles in plan.placement:
-        assert sum(int(r.split("x")[-1]) for r in roles) <= 8
+def test_placement_keeps_tp_groups_on_one_node_and_counts_concurrent_trials():
+    plan = gpu_plan("run.scale=14B", "method.type=effopd", "method.num_evaluators=2")
+    gpus = [r.gpus for r in plan.roles for _ in range(r.actors)]
+    per_node = [0] * 4
+    for node, g in zip(plan.nodes, gpus):
+        per_node[node] += g
+    assert all(used <= 8 for used in per_node)
+    assert plan.concurrent == concurrent_trials(gpus, H100x32) == 1
+    assert first_fit([4, 4, 4], [8, 2]) is None and first_fit([4, 4], [8, 2]) == [0, 0]
+
+
+def test_reserved_gpu_hours_are_gpus_times_serial_wall_time():
+    plan = gpu_plan("run.scale=1.5B", "run.steps=100", "rollout.batch_prompts=1024", "rollout.max_new_tokens=16384")
+    seconds = plan.cost.seconds
+    assert set(seconds) >= {"rollout", "teacher", "learner", "sync", "eval"}
+    assert plan.reserved_gpu_hours == pytest.approx(plan.total_gpus * sum(seconds.values()) * 100 / 3600)
+    assert plan.reserved_gpu_hours > 3 * plan.ideal_gpu_hours  # the serial loop leaves most GPUs idle
+
+
+def test_nccl_rank_offsets_are_disjoint_at_tp2():
+    offsets, world = nccl_layout([2, 2, 2])
+    ranks = [set(range(o, o + 2)) for o in offsets]
+    assert offsets == [1, 3, 5] and world == 7
+    assert not set.intersection(*ranks) and set.union(*ranks) == set(range(1, 7))  # rank 0: the learner
+
+
+def test_learner_env_from_placement():
+    one = learner_env([{"node_id": "a", "ip": "10.0.0.1"}, {"node_id": "a", "ip": "10.0.0.1"}])
+    assert [e["MASTER_ADDR"] for e in one] == ["127.0.0.1"] * 2  # a single node: loopback only
+    assert [e["LOCAL_RANK"] for e in one] == [0, 1] and {e["LOCAL_WORLD_SIZE"] for e in one} == {2}
+    two = learner_env([{"node_id": n, "ip": ip} for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"), ("a", "10.0.0.1"))])
+    assert {e["MASTER_ADDR"] for e in two} == {"10.0.0.1"} and {e["WORLD_SIZE"] for e in two} == {3}
+    assert [e["RANK"] for e in two] == [0, 1, 2] and [e["LOCAL_RANK"] for e in two] == [0, 0, 1]
+    assert [e["LOCAL_WORLD_SIZE"] for e in two] == [2, 1, 2]
 
 
 def test_plan_cli_dry_run_and_rejection(fake_models):
     ok = foresight("plan", "experiments/paper_grid.yaml", "--cluster", "4x8xH100-80GB", "--brief")
-    assert "16 trials" in ok.stdout and "GPU-hours" in ok.stdout
+    assert "16 trials" in ok.stdout and "reserved GPU-hours" in ok.stdout and "learner" in ok.stdout
     bad = foresight("plan", "experiments/paper_grid.yaml", "--cluster", "1x1xH100-80GB", "--brief", check=False)
-    assert bad.returncode == 2 and "run.scale" in bad.stderr and "the cluster has 1" in bad.stderr
+    assert bad.returncode == 2 and "run.scale" in bad.stderr and "needs 7 GPUs, the cluster has 1" in bad.stderr
+    unknown = foresight("plan", "experiments/paper_grid.yaml", "--cluster", "4x8xTPU-80GB", "--brief", check=False)
+    assert unknown.returncode == 2 and "unknown GPU type" in unknown.stderr
     gpu_here = foresight("plan", "experiments/smoke.yaml", "run.scale=4B", f"models.student={fake_models / 'student'}",
                          f"models.teacher={fake_models / 'teacher'}", check=False)
     assert gpu_here.returncode == 2 and "run.scale: scale 4B needs GPUs" in gpu_here.stderr

@@ -1,0 +1,71 @@
+"""Scoring EffOPD candidates W_t + c (W_t - anchor) on D_v: a mixin for every actor that holds the
+student (evaluators, and rollout workers when the pool is borrowed).
+
+Each candidate is built tensor by tensor while it is loaded (`actors.weights.candidate_stream`, the
+learner's own `extrapolate` expression, so a candidate scored here is bit-identical to the weights
+the learner would jump to): the actor holds one model, never W, A and the candidate at once.
+
+V is greedy accuracy on D_v (the paper), or with `method.score: teacher_kl` (HF actors) minus the
+mean reverse KL to the teacher on the candidate's own samples of D_v (one sampling seed for all).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from actors.weights import WeightsHandle, candidate_stream
+from orchestrator.modeling import gather_logp, generate, greedy_accuracy, load_model, response_logits
+
+
+class ScoresCandidates:
+    """Needs `load_stream(named)`, `validation_score()`, `self.cfg`, `self.task` from the actor."""
+
+    cfg: dict[str, Any]
+    version: int
+
+    @property
+    def val(self) -> list:
+        """D_v: `val_size` training examples drawn once with the run's seed."""
+        if getattr(self, "_val", None) is None:
+            self._val = self.task.validation_set(self.cfg["val_size"], self.cfg["seed"])
+        return self._val
+
+    def score(self, current: WeightsHandle, anchor: WeightsHandle, coefs: list[float]) -> list[float]:
+        """V(W_t + c (W_t - anchor)) for each c, in order (c = 0 scores W_t itself)."""
+        scores = []
+        for c in coefs:
+            self.load_stream(candidate_stream(current, anchor, c))
+            self.version = -1  # holds a candidate now: the next sync reloads whatever it is given
+            scores.append(self.validation_score())
+        return scores
+
+
+class HfScoresCandidates(ScoresCandidates):
+    """HF actors (`self.model`, `self.tokenizer`): greedy accuracy, or -reverse KL to the teacher."""
+
+    def validation_score(self) -> float:
+        if self.cfg.get("val_score") == "teacher_kl":
+            return self._teacher_kl()
+        return greedy_accuracy(self.model, self.tokenizer, self.val, self.task.reward, self.cfg["rollout"]["max_new_tokens"])
+
+    @torch.no_grad()
+    def _teacher_kl(self) -> float:
+        """-(1/N) sum_t (log pi_cand(y_t) - log pi_t(y_t)) on the candidate's samples of D_v (fixed seed)."""
+        if getattr(self, "teacher", None) is None:
+            self.teacher = load_model(self.cfg["teacher_path"])
+        out = generate(self.model, self.tokenizer, [e.prompt for e in self.val], self.cfg["rollout"]["max_new_tokens"],
+                       greedy=False, seed=self.cfg["seed"] + 12345)
+        logits = response_logits(self.teacher, out["input_ids"], out["attention_mask"], out["prompt_len"])
+        q = gather_logp(torch.log_softmax(logits, -1), out["response"])
+        m = out["response_mask"]
+        return -float(((out["logp"] - q) * m).sum() / m.sum())
+
+
+class VllmScoresCandidates(ScoresCandidates):
+    """vLLM actors: greedy accuracy on D_v through the engine."""
+
+    def validation_score(self) -> float:
+        out = self.greedy([e.prompt for e in self.val])
+        return self.rewards(out, self.val) / max(len(self.val), 1)

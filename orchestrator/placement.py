@@ -1,0 +1,164 @@
+"""Build a trial's actors from its plan: the placement group, one actor group per role, the
+learner's rendezvous from where Ray actually placed the ranks, and the NCCL weight-sync layout.
+
+Bundle order is the plan's (`ResolvedPlan.bundles()`): rollout engines, teacher engines, learner
+ranks, evaluators. Each actor asks for its role's CPUs and GPUs inside its own bundle, so a
+tensor-parallel engine's GPUs sit on one node, and Ray gives every GPU actor its own
+`CUDA_VISIBLE_DEVICES`. Nothing else in the project knows the bundle order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from actors.group import ActorGroup
+from orchestrator.plan import ResolvedPlan
+
+log = logging.getLogger(__name__)
+
+
+def role_classes() -> dict[str, dict[str, type]]:
+    """Backend registries: role -> backend -> actor class (imported on use)."""
+    from actors.evaluator import CandidateEvaluator, VllmCandidateEvaluator
+    from actors.learner import Learner
+    from actors.rollout import RolloutWorker, VllmRolloutWorker
+    from actors.teacher import TeacherScorer, VllmTeacherScorer
+
+    return {
+        "rollout": {"hf": RolloutWorker, "vllm": VllmRolloutWorker},
+        "teacher": {"hf": TeacherScorer, "vllm": VllmTeacherScorer},
+        "learner": {"deepspeed": Learner},
+        "evaluator": {"hf": CandidateEvaluator, "vllm": VllmCandidateEvaluator},
+    }
+
+
+@dataclass
+class TrialActors:
+    """The actor groups of one trial, built from its plan."""
+
+    rollout: ActorGroup
+    teacher: ActorGroup
+    learner: ActorGroup
+    evaluators: ActorGroup | None
+    pg: Any
+    owns_pg: bool
+    plan: ResolvedPlan
+    classes: dict[str, dict[str, type]]
+
+    @classmethod
+    def launch(cls, plan: ResolvedPlan, acfg: dict[str, Any], restarts: dict[str, int], pg: Any = None,
+               classes: dict[str, dict[str, type]] | None = None) -> "TrialActors":
+        """Create (or use) the trial's placement group and every role's actors in it.
+
+        `restarts`: Ray restarts per role (a restarted actor's interrupted call is retried)."""
+        from ray.util.placement_group import placement_group
+
+        classes = classes or role_classes()
+        owns = pg is None
+        if owns:
+            pg = placement_group(plan.bundles(), strategy="PACK", name=f"foresight-{plan.run_dir.name}")
+            ray.get(pg.ready(), timeout=600)
+
+        def group(role: str, args) -> ActorGroup | None:
+            spec = plan.role(role)
+            if spec is None or spec.actors == 0:
+                return None
+            n = restarts.get(role, 0)
+            options = {**spec.options(), "max_restarts": n, "max_task_retries": n}
+            return ActorGroup(classes[role][spec.backend], spec.actors, args, options, (pg, plan.first_bundle(role)))
+
+        ws = plan.role("learner").actors
+        return cls(rollout=group("rollout", lambda i: (acfg, i)), teacher=group("teacher", lambda i: (acfg, i)),
+                   learner=group("learner", lambda r: (r, ws, acfg)), evaluators=group("evaluator", lambda i: (acfg, i)),
+                   pg=pg, owns_pg=owns, plan=plan, classes=classes)
+
+    def replace_learners(self, acfg: dict[str, Any]) -> ActorGroup:
+        """Kill the learner ranks and create new ones in the same bundles (after a rank died)."""
+        group = self.learner
+        spec = self.plan.role("learner")
+        group.kill()
+        ws = spec.actors
+        self.learner = ActorGroup(self.classes["learner"][spec.backend], ws, lambda r: (r, ws, acfg),
+                                  spec.options(), (self.pg, self.plan.first_bundle("learner")))
+        return self.learner
+
+    def groups(self) -> dict[str, ActorGroup]:
+        out = {"rollout": self.rollout, "teacher": self.teacher, "learner": self.learner}
+        if self.evaluators is not None:
+            out["evaluator"] = self.evaluators
+        return out
+
+    def placements(self) -> dict[str, list[dict[str, Any]]]:
+        """Where every actor runs: node id and IP, the GPUs Ray gave it, CUDA_VISIBLE_DEVICES, pid."""
+        groups = self.groups()
+        refs = {role: g.call("placement") for role, g in groups.items()}
+        return {role: ray.get(r) for role, r in refs.items()}
+
+    def kill(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for g in (self.rollout, self.teacher, self.evaluators, self.learner):
+            if g is not None:
+                g.kill()
+        if self.owns_pg:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001 - already removed
+                pass
+
+
+def probe_placements(plan: ResolvedPlan) -> dict[str, list[dict[str, Any]]]:
+    """Place the plan's actors as a run would (same placement group, bundles and resources), as
+    `PlacementProbe`s that load nothing; report where each landed, then remove them."""
+    from actors.group import PlacementProbe
+
+    probes = {role: {backend: PlacementProbe for backend in backends} for role, backends in role_classes().items()}
+    actors = TrialActors.launch(plan, {}, {}, classes=probes)
+    try:
+        return actors.placements()
+    finally:
+        actors.kill()
+
+
+def start_learners(learner: ActorGroup) -> list[dict[str, Any]]:
+    """Rendezvous from where Ray placed the ranks: rank 0's node hosts the store (loopback when every
+    rank is on that node), each rank learns its local rank on its node; then every rank builds its
+    ZeRO-3 engine. Returns the ranks' environments."""
+    envs = learner_env(ray.get(learner.call("placement")))
+    port = ray.get(learner.actors[0].open_store.remote(envs[0]["MASTER_ADDR"]))
+    ray.get(learner.call_each("setup", [(env, port) for env in envs]))
+    return envs
+
+
+def learner_env(places: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each rank's distributed environment from the actual placement (rank order = bundle order).
+
+    MASTER_ADDR is rank 0's node address, or 127.0.0.1 when every rank shares rank 0's node (a local
+    run: nothing listens beyond loopback). LOCAL_RANK counts ranks on the same node (told apart by
+    node id: simulated nodes share one IP), LOCAL_WORLD_SIZE is their number there."""
+    single_node = len({p["node_id"] for p in places}) == 1
+    master = "127.0.0.1" if single_node else places[0]["ip"]
+    on_node: dict[str, int] = {}
+    envs = []
+    for rank, p in enumerate(places):
+        local = on_node.get(p["node_id"], 0)
+        on_node[p["node_id"]] = local + 1
+        envs.append({"RANK": rank, "WORLD_SIZE": len(places), "LOCAL_RANK": local, "MASTER_ADDR": master,
+                     "node_id": p["node_id"]})
+    for env in envs:
+        env["LOCAL_WORLD_SIZE"] = on_node[env["node_id"]]
+    return envs
+
+
+def nccl_layout(engine_sizes: list[int]) -> tuple[list[int], int]:
+    """Weight-sync group ranks: learner rank 0 is rank 0; engine i's TP x PP workers take ranks
+    offset_i .. offset_i + size_i - 1 after every earlier engine's workers. Returns (offsets, world size)."""
+    offsets, at = [], 1
+    for size in engine_sizes:
+        offsets.append(at)
+        at += size
+    return offsets, at

@@ -1,0 +1,122 @@
+"""GPU scales on a *simulated* GPU Ray cluster: Ray declares GPUs on this CPU machine, every GPU
+actor gets the CUDA_VISIBLE_DEVICES Ray assigned it, and compute falls back to CPU (torch sees no
+CUDA device; the learner and vLLM engines log it). Tiny models stand in for 1.5B-32B.
+
+1. One node with 8 declared GPUs: the 1.5B plan with 2 rollout workers and 2 teacher scorers runs
+   end to end as planned (actors == plan, one GPU each, no GPU shared, learner rendezvous on
+   loopback), learns, and nothing it opens listens beyond 127.0.0.1.
+2. Four nodes with 8 declared GPUs each (`ray.cluster_utils.Cluster`): the 1.5B EffOPD plan and the
+   32B plan are placed as planned (placement probes, `foresight plan --probe`, stand in for actors
+   whose models cannot load here): a TP engine's
+   GPUs on one node, learner ranks spread over nodes agreeing on master address, world size and
+   ranks, NCCL rank offsets at TP 2 and 4 disjoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+from conftest import ROOT, run_overrides
+from listeners import is_loopback, listeners, tree
+from orchestrator.config import load_config
+from orchestrator.placement import learner_env, nccl_layout, probe_placements
+from orchestrator.plan import resolve
+from orchestrator.trainer import OPDTrainer
+
+pytestmark = pytest.mark.e2e
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+
+
+def check_matches_plan(plan, placements: dict[str, list[dict]]) -> None:
+    """Every role has the planned actors, each holds exactly its planned GPUs, none shares one."""
+    seen: dict[tuple[str, str], str] = {}
+    for spec in plan.roles:
+        got = placements.get(spec.role, [])
+        assert len(got) == spec.actors, (spec.role, len(got), spec.actors)
+        for i, p in enumerate(got):
+            assert len(p["gpu_ids"]) == spec.gpus, (spec.role, i, p["gpu_ids"])
+            assert p["cuda_visible_devices"] == ",".join(p["gpu_ids"]), (spec.role, p)
+            for gpu in p["gpu_ids"]:
+                key = (p["node_id"], gpu)
+                assert key not in seen, f"{spec.role} {i} shares GPU {gpu} with {seen[key]}"
+                seen[key] = f"{spec.role} {i}"
+    assert len(seen) == plan.total_gpus
+
+
+def test_simulated_gpu_node_runs_the_1p5b_plan_with_2_rollout_workers_and_2_teachers(models, tmp_path, monkeypatch):
+    from orchestrator.cli import start_local_ray
+
+    monkeypatch.setenv("FORESIGHT_FAULTS", "nan_teacher:7")  # one corrupted step on the way (Ray's workers inherit it)
+    start_local_ray(num_cpus=4, num_gpus=8, logging_level="ERROR")
+    try:
+        cfg = load_config(SMOKE, run_overrides(models, tmp_path) + [
+            "run.scale=1.5B", "rollout.backend=hf", "teacher.backend=hf", "teacher.num_workers=2",
+            "run.steps=30", "eval.every=15", "geometry.every=0", "checkpoint.every=0", "eval.num_examples=200"])
+        plan = resolve(cfg, SMOKE)
+        assert {r.role: (r.actors, r.gpus) for r in plan.roles} == {"rollout": (2, 1), "teacher": (2, 1), "learner": (4, 1)}
+        trainer = OPDTrainer(cfg, plan, show_progress=False)
+        trainer.start()
+        try:
+            check_matches_plan(plan, trainer.actors.placements())
+            envs = ray.get(trainer.learner.call("rendezvous"))
+            assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"] and {e["WORLD_SIZE"] for e in envs} == {"4"}
+            assert {e["MASTER_ADDR"] for e in envs} == {"127.0.0.1"} and {e["DS_ACCELERATOR"] for e in envs} == {"cpu"}
+            open_ports = listeners(tree(os.getpid()))
+            exposed = [entry for entry in open_ports if not is_loopback(entry[2])]
+            assert open_ports and not exposed, f"listening beyond loopback: {exposed}"
+            final = trainer.run()
+        finally:
+            trainer.shutdown()
+    finally:
+        ray.shutdown()
+    client = trainer.tracker.client
+    run_id = trainer.tracker.run_id
+    kl = [m.value for m in sorted(client.get_metric_history(run_id, "train/reverse_kl"), key=lambda m: m.step)]
+    acc = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "eval/accuracy"))
+    assert len(kl) == 30 and sum(kl[-5:]) < 0.8 * sum(kl[:5]), kl
+    skipped = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/step_skipped"))
+    assert [s for s, v in skipped if v] == [7]  # the NaN step was skipped on all 4 ranks, the run went on
+    assert acc[-1][0] == 30 and acc[-1][1] > acc[0][1], acc
+    assert final["train/response_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def four_nodes():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "num_gpus": 8})
+    for _ in range(3):
+        cluster.add_node(num_cpus=8, num_gpus=8)
+    ray.init(address=cluster.address, logging_level="ERROR")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.parametrize("overrides", [["run.scale=1.5B", "method.type=effopd"], ["run.scale=32B"]],
+                         ids=["1.5B-effopd", "32B"])
+def test_simulated_multi_node_placement_probes_follow_the_plan(four_nodes, fake_models, tmp_path, overrides):
+    cfg = load_config(None, [f"models.student={fake_models / 'student'}", f"models.teacher={fake_models / 'teacher'}",
+                             f"run.output_dir={tmp_path}", *overrides])
+    plan = resolve(cfg, "<test>", resources=ray.cluster_resources())
+    placements = probe_placements(plan)  # what `foresight plan --probe` does on a live cluster
+    check_matches_plan(plan, placements)
+    for spec in plan.roles:
+        if spec.tp > 1:  # a TP engine is one actor: its GPUs are one bundle, on one node
+            assert all(len(p["gpu_ids"]) == spec.tp for p in placements[spec.role])
+    envs = learner_env(placements["learner"])
+    nodes = {p["node_id"] for p in placements["learner"]}
+    assert [e["RANK"] for e in envs] == list(range(len(envs))) and {e["WORLD_SIZE"] for e in envs} == {len(envs)}
+    assert len({e["MASTER_ADDR"] for e in envs}) == 1
+    for node in nodes:  # local ranks are 0..n-1 on every node
+        local = sorted(e["LOCAL_RANK"] for e in envs if e["node_id"] == node)
+        assert local == list(range(len(local)))
+    if plan.scale == "32B":
+        assert len(nodes) >= 2, "12 learner ranks cannot share one 8-GPU node"
+        assert envs[0]["MASTER_ADDR"] != "127.0.0.1" or placements["learner"][0]["ip"] == "127.0.0.1"
+        offsets, world = nccl_layout([plan.role("rollout").tp] * plan.role("rollout").actors)
+        ranks = [set(range(o, o + plan.role("rollout").tp)) for o in offsets]
+        assert offsets == [1, 5] and world == 9 and not set.intersection(*ranks)
