@@ -42,10 +42,10 @@ models: install
 	$(VENV)/bin/foresight prepare --out $(MODELS)
 
 demo: models
-	@echo "rollout backend: hf (faster than vLLM on the tiny models here: benchmarks/results/rollout_throughput.json)"
 	$(VENV)/bin/foresight run experiments/demo.yaml
 	@echo ""
 	$(VENV)/bin/foresight dashboard demo --out runs/demo_dashboard
+	@$(PY) benchmarks/summary.py --lr 1e-05
 
 test: install
 	$(PY) -m pytest -q --durations=15

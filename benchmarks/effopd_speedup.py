@@ -1,128 +1,173 @@
-"""EffOPD speed-up on the embedded task: vanilla vs effopd vs fixed_extrapolation vs exopd,
-several seeds and learning rates, through the real pipeline (Ray actors, ZeRO-3 learner).
+"""EffOPD's speed-up on the embedded task, through the real pipeline (`foresight run` of one sweep:
+Ray actors, ZeRO-3 learner, two trials at a time), on the shipped models.
 
-    python benchmarks/effopd_speedup.py [--lrs 3e-6,1e-5,3e-5] [--default-lr 3e-6] [--seeds 0,1,2] [--steps 1000]
+    python benchmarks/effopd_speedup.py [--lrs 1e-5,3e-5,1e-4,4e-4] [--seeds 0,1,2,3,4] [--steps 300]
 
-All four methods run at the default lr (the smallest: the paper's regime is lr far below the
-stability edge, 1e-6 at 1.5B-32B); the other lrs run vanilla and effopd. For each lr and seed,
-the target at fraction f is acc_0 + f (acc_vanilla_final - acc_0); steps-to-target is the first
-evaluated step reaching it (eval every `--eval-every` steps and at 1, 2, 4, ... on the 500
-held-out prompts); speed-up = vanilla's steps / the method's (median over seeds); the same
-with cumulative wall time. Writes benchmarks/results/effopd_speedup.json
-(`median_step_speedup` keyed "0.5"/"0.75"/"0.9" for effopd at the default lr) and
-effopd_speedup.png, and logs every run to MLflow (experiment `effopd_speedup`).
+Per lr (the grid spans the stability edge: at 4e-4 the first step already costs accuracy):
+  vanilla          OPD, full-vocabulary reverse KL (`loss.type: full_reverse_kl`)
+  effopd           the paper: ladder 2k, k = 1..5, V = greedy accuracy on |D_v| = 50, '>=', t = 2^n
+  effopd_wide      beyond the paper (not at the highest lr): ladder [0.5, 1, 2, 4, 8, 16], V = -reverse
+                   KL to the teacher on 200 D_v prompts (denser), same rule and cadence
+At the lowest lr also fixed_extrapolation (k = 1, always jump). The methods comparison
+(`methods.json`) adds the papers' sampled-token loss (`pg_reverse_kl`, lr 1e-4, where it learns):
+vanilla_pg and ExOPD (lam 1.25, G-OPD reward extrapolation).
+
+For each lr and seed the target at fraction f is acc0 + f (vanilla final - acc0) (vanilla of the
+same seed and horizon H = --steps); steps-to-target is the first evaluated step at or above it
+(evaluations every --eval-every steps and at 1, 2, 4, ... on the 500 held-out prompts); speed-up =
+vanilla's steps / the method's, per seed; reported as median [min, max] over seeds, with the
+same for cumulative training wall time and the final accuracy. Writes
+benchmarks/results/effopd_speedup.json and methods.json (settings, machine and the models'
+sha256 inside) and logs to MLflow (experiment `benchmarks`). Runs already finished in --out-dir
+are reused (`foresight run` skips them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from dashboards.compare import RunCurve, load_curves, plot, render, speedup_table  # noqa: E402
-from orchestrator.cli import connect_ray  # noqa: E402
-from orchestrator.config import validate  # noqa: E402
-from orchestrator.plan import resolve  # noqa: E402
-from orchestrator.trainer import OPDTrainer  # noqa: E402
+from dashboards.compare import FRACTIONS, RunCurve, first_reach, load_curves, plot  # noqa: E402
 from step_overhead import log_benchmark  # noqa: E402
 
+SWEEP = "effopd_speedup"
+WIDE = {"method.type": "effopd", "method.ladder": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0], "method.score": "teacher_kl",
+        "method.val_size": 200}
 METHODS = {
-    "vanilla": {"type": "vanilla"},
-    "effopd": {"type": "effopd"},
-    "fixed_extrapolation": {"type": "fixed_extrapolation", "k": 1},
-    "exopd": {"type": "exopd", "lam": 1.25},
+    "vanilla": {"method.type": "vanilla"},
+    "effopd": {"method.type": "effopd"},
+    "effopd_wide": WIDE,
+    "fixed": {"method.type": "fixed_extrapolation", "method.k": 1},
+    "vanilla_pg": {"method.type": "vanilla", "loss.type": "pg_reverse_kl"},
+    "exopd_pg": {"method.type": "exopd", "method.lam": 1.25, "loss.type": "pg_reverse_kl"},
 }
 
 
-def run_trial(method: str, lr: float, seed: int, args, out: Path) -> None:
-    name = f"{method}_lr{lr:g}_s{seed}"
-    if (out / name / "done.json").is_file():
-        return
-    cfg = validate({
-        "run": {"name": name, "steps": args.steps, "seed": seed, "output_dir": str(out)},
-        "learner": {"lr": lr, "world_size": 2}, "loss": {"type": args.loss},
-        "rollout": {"batch_prompts": 64, "max_new_tokens": 6},
-        "method": {**METHODS[method], **({"score": args.score} if method == "effopd" else {})},
-        "eval": {"every": args.eval_every, "at_powers_of_two": True}, "checkpoint": {"every": 0},
-        "tracking": {"uri": args.uri, "experiment": "effopd_speedup"},
-    })
-    plan = resolve(cfg)
-    connect_ray(plan.available_cpus)
-    trainer = OPDTrainer(cfg, plan, resume=False, show_progress=False)
-    t0 = time.time()
-    try:
-        final = trainer.run()
-    finally:
-        trainer.shutdown()
-    print(f"{name}: final accuracy {final.get('eval/accuracy', float('nan')):.3f} ({time.time() - t0:.0f}s)", flush=True)
+def trials(lrs: list[float], seeds: list[int], pg_lr: float) -> list[dict]:
+    out = []
+    for lr in lrs:
+        labels = ["vanilla", "effopd"] + (["effopd_wide"] if lr < max(lrs) else []) + (["fixed"] if lr == min(lrs) else [])
+        out += [{"name": f"{m}_lr{lr:g}_s{s}", "learner.lr": lr, "run.seed": s, **METHODS[m]} for m in labels for s in seeds]
+    out += [{"name": f"{m}_lr{pg_lr:g}_s{s}", "learner.lr": pg_lr, "run.seed": s, **METHODS[m]}
+            for m in ("vanilla_pg", "exopd_pg") for s in seeds]
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(finite), "min": min(finite), "max": max(finite), "n": len(finite)}
+
+
+def table(curves: list[RunCurve], baseline: str) -> dict:
+    """Per method: step and wall speed-up at each f (median [min, max] over seeds), final accuracy."""
+    base = {c.seed: c for c in curves if c.method == baseline}
+    out = {}
+    for method in sorted({c.method for c in curves}, key=lambda m: (m != baseline, m)):
+        rows = [c for c in curves if c.method == method and c.seed in base]
+        cell: dict = {"final_acc": spread([c.final for c in rows]),
+                      "vanilla_final_acc": spread([base[c.seed].final for c in rows])}
+        for kind, axis in (("step", "steps"), ("wall", "wall")):
+            cell[kind] = {}
+            for f in FRACTIONS:
+                values = []
+                for c in rows:
+                    b = base[c.seed]
+                    target = b.acc0 + f * (b.final - b.acc0)
+                    vb, vm = first_reach(getattr(b, axis), b.acc, target), first_reach(getattr(c, axis), c.acc, target)
+                    values.append(math.nan if math.isinf(vb) else (vb / vm if 0 < vm < math.inf else
+                                                                   (math.inf if vm == 0 else 0.0)))
+                cell[kind][str(f)] = spread(values)
+        out[method] = cell
+    return out
+
+
+def render(tab: dict) -> str:
+    head = f"{'method':<14}{'final acc':>11}" + "".join(f"{'steps x@' + str(f):>20}" for f in FRACTIONS)
+    lines = [head]
+    for method, cell in tab.items():
+        s = "".join(f"{_fmt(cell['step'][str(f)]):>20}" for f in FRACTIONS)
+        lines.append(f"{method:<14}{cell['final_acc']['median'] or math.nan:>11.3f}{s}")
+    return "\n".join(lines)
+
+
+def _fmt(sp: dict) -> str:
+    return "-" if sp["median"] is None else f"{sp['median']:.2f} [{sp['min']:.2f},{sp['max']:.2f}]"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lrs", default="3e-6,1e-5,3e-5")
-    parser.add_argument("--default-lr", type=float, default=3e-6)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=1000, help="steps of runs not yet in --out-dir")
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--loss", default="full_reverse_kl")
-    parser.add_argument("--score", default="accuracy", choices=["accuracy", "teacher_kl"], help="EffOPD validation score")
-    parser.add_argument("--methods", default="vanilla,effopd,fixed_extrapolation,exopd", help="methods at the default lr")
+    parser.add_argument("--lrs", default="1e-5,1e-4,4e-4")
+    parser.add_argument("--pg-lr", type=float, default=1e-4)
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "bench_effopd"))
     args = parser.parse_args()
+    lrs, seeds = [float(x) for x in args.lrs.split(",")], [int(s) for s in args.seeds.split(",")]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    args.uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    lrs = [float(x) for x in args.lrs.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    sweep = {"sweep": SWEEP, "base": {
+        "run": {"steps": args.steps, "output_dir": str(out)}, "learner": {"world_size": 1},
+        "loss": {"type": "full_reverse_kl"}, "rollout": {"batch_prompts": 64, "max_new_tokens": 6},
+        "method": {"type": "vanilla"}, "eval": {"every": args.eval_every, "at_powers_of_two": True},
+        "geometry": {"every": 0}, "checkpoint": {"every": 0},
+        "tracking": {"uri": f"sqlite:///{(out / 'mlflow.db').resolve()}"}},
+        "include": [{**t, **({"method.evaluators": "borrowed"} if t.get("method.type") == "effopd" else {})}
+                    for t in trials(lrs, seeds, args.pg_lr)]}
+    (out / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     t0 = time.time()
+    subprocess.run([sys.executable, "-m", "orchestrator", "run", str(out / "sweep.yaml")], cwd=ROOT, check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    curves = load_curves(sweep["base"]["tracking"]["uri"], SWEEP)
+    for c in curves:  # the label and lr come from the trial name: effopd_speedup_<label>_lr<lr>_s<seed>
+        c.method = c.name.removeprefix(f"{SWEEP}_").rsplit("_lr", 1)[0]
+    per_lr = {}
     for lr in lrs:
-        methods = args.methods.split(",") if lr == args.default_lr else ["vanilla", "effopd"]
-        for seed in seeds:
-            for method in methods:
-                run_trial(method, lr, seed, args, out)
-    curves = load_curves(args.uri, "effopd_speedup")
-    per_lr: dict[str, dict] = {}
-    for lr in lrs:
-        tag = f"lr{lr:g}_"
-        subset = [RunCurve(c.name, c.method, c.seed, c.steps, c.acc, c.wall) for c in curves if tag in c.name]
-        per_lr[f"{lr:g}"] = {"table": speedup_table(subset),
-                             "acc0": subset[0].acc0 if subset else None,
-                             "steps": max((c.steps[-1] for c in subset), default=0),
-                             "eval_points": max((len(c.steps) for c in subset), default=0)}
-        h = per_lr[f"{lr:g}"]["steps"]
-        print(f"lr {lr:g}, {h} steps (lr*H = {lr * h:.2g}):\n{render(per_lr[f'{lr:g}']['table'])}")
-    default = per_lr[f"{args.default_lr:g}"]["table"]
-    result = {
-        "benchmark": "effopd_speedup",
-        "median_step_speedup": default["effopd"]["step"],
-        "median_wall_speedup": default["effopd"]["wall"],
-        "default_lr": args.default_lr,
-        "per_lr": per_lr,
-        "settings": {"lrs": lrs, "seeds": seeds, "steps": args.steps, "eval_every": args.eval_every,
-                     "eval_examples": 500, "loss": args.loss, "batch_prompts": 64, "val_size": 50,
-                     "validation_score": args.score, "comparison": ">=", "learner_world_size": 2,
-                     "eval_schedule": "every eval_every steps and at 1, 2, 4, 8, ...",
-                     "fixed_extrapolation_k": 1, "exopd_lambda": 1.25,
-                     "target": "acc0 + f * (vanilla_final - acc0), per seed",
-                     "note": "per_lr[...].steps gives each lr's horizon H; runs already in --out-dir are reused"},
+        subset = [c for c in curves if f"_lr{lr:g}_" in c.name and not c.method.endswith("_pg")]
+        per_lr[f"{lr:g}"] = {"horizon_steps": args.steps, "lr_times_horizon": lr * args.steps,
+                             "table": table(subset, "vanilla")}
+        print(f"lr {lr:g}, H = {args.steps} steps (lr*H = {lr * args.steps:.2g}):\n{render(per_lr[f'{lr:g}']['table'])}")
+    pg = [c for c in curves if f"_lr{args.pg_lr:g}_" in c.name and c.method.endswith("_pg")]
+    pg_table = table(pg, "vanilla_pg")
+    print(f"pg_reverse_kl, lr {args.pg_lr:g}:\n{render(pg_table)}")
+    prep = json.loads((ROOT / "models" / "addition" / "prepare.json").read_text())
+    common = {
+        "settings": {"lrs": lrs, "seeds": seeds, "horizon_steps": args.steps, "eval_every": args.eval_every,
+                     "eval_examples": 500, "eval_schedule": "every eval_every steps and at 1, 2, 4, 8, ...",
+                     "batch_prompts": 64, "learner_world_size": 1, "loss": "full_reverse_kl (pg rows: pg_reverse_kl)",
+                     "methods": {k: v for k, v in METHODS.items()}, "effopd_evaluators": "borrowed (rollout engine)",
+                     "target": "acc0 + f * (vanilla_final - acc0), per seed, first evaluation at or above it",
+                     "speedup": "vanilla steps (or cumulative training seconds) to target / the method's, per seed"},
+        "models": {r: {"sha256": prep[r]["sha256"], "test_accuracy": prep[r]["test_accuracy"]} for r in ("teacher", "student")},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "seconds": round(time.time() - t0),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds": round(time.time() - t0), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     results = ROOT / "benchmarks" / "results"
-    (results / "effopd_speedup.json").write_text(json.dumps(result, indent=2, default=str))
-    plot([c for c in curves if f"lr{args.default_lr:g}_" in c.name], results / "effopd_speedup.png")
-    log_benchmark(result, "effopd_speedup")
-    print(f"wrote {results / 'effopd_speedup.json'}")
+    speedup = {"benchmark": "effopd_speedup", "per_lr": per_lr, **common}
+    methods = {"benchmark": "methods", "full_reverse_kl_at_lowest_lr": per_lr[f"{min(lrs):g}"],
+               "pg_reverse_kl": {"lr": args.pg_lr, "table": pg_table}, **common}
+    (results / "effopd_speedup.json").write_text(json.dumps(speedup, indent=2, default=str))
+    (results / "methods.json").write_text(json.dumps(methods, indent=2, default=str))
+    plot([c for c in curves if f"_lr{min(lrs):g}_" in c.name and c.seed == str(seeds[0])], results / "effopd_speedup.png")
+    log_benchmark(speedup, "effopd_speedup")
+    log_benchmark(methods, "methods")
+    print(f"wrote {results / 'effopd_speedup.json'} and methods.json")
     return 0
 
 

@@ -53,7 +53,7 @@ def build_models(size: str, tmp: Path) -> tuple[Path, Path]:
 def single_process(student: Path, teacher: Path, steps: int, batch: int, max_new: int, lr: float) -> dict[str, float]:
     """The reference: one process, one thread, the same phases back to back."""
     from orchestrator.config import AdditionTask
-    from orchestrator.losses import LossInputs, opd_loss
+    from orchestrator.losses import LossSpec, TokenBatch, opd_loss
     from orchestrator.task import build_addition
 
     torch.set_num_threads(1)
@@ -70,9 +70,8 @@ def single_process(student: Path, teacher: Path, steps: int, batch: int, max_new
             tl = torch.log_softmax(response_logits(t, b["input_ids"], b["attention_mask"], b["prompt_len"]), -1)
         s.train()
         logits = response_logits(s, b["input_ids"], b["attention_mask"], b["prompt_len"])
-        loss, _ = opd_loss("pg_reverse_kl", LossInputs(logits, b["response"], b["response_mask"],
-                                                      gather_logp(tl, b["response"]) * b["response_mask"], b["logp"],
-                                                      norm=float(b["response_mask"].sum())))
+        x = TokenBatch(b["response"], b["response_mask"], gather_logp(tl, b["response"]) * b["response_mask"], b["logp"])
+        loss, _ = opd_loss(LossSpec("pg_reverse_kl"), logits, x, norm=float(b["response_mask"].sum()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.parameters(), 1.0)

@@ -90,8 +90,23 @@ def differing_keys(trials: list[Trial]) -> list[str]:
     return [k for k in keys if len(set(values(trials, k))) > 1]
 
 
+def label_method_variants(trials: list[Trial]) -> None:
+    """Trials of one method type whose method settings differ (ExOPD at two lambdas) are different
+    lines: label them `<type> <setting>=<value>`."""
+    by_type: dict[str, list[Trial]] = {}
+    for t in trials:
+        by_type.setdefault(t.method, []).append(t)
+    for kind, group in by_type.items():
+        keys = [k for k in differing_keys(group) if k.startswith("method/") and k != METHOD_KEY]
+        if len(group) > 1 and keys:
+            for t in group:
+                t.label = " ".join([kind] + [f"{k.split('/')[-1]}={_shown(t.params.get(k, '-'))}" for k in keys])
+
+
 def panel_keys(trials: list[Trial]) -> list[str]:
+    """Method settings (`method/...`) make lines, not panels (see `label_method_variants`)."""
     keys = [k for k in differing_keys(trials) if k not in (METHOD_KEY, SEED_KEY, *BOOKKEEPING)
+            and not k.startswith("method/")
             and not determined_by(trials, k, METHOD_KEY) and not determined_by(trials, k, SEED_KEY)]
     return sorted(keys, key=lambda k: (k != SCALE_KEY, k))
 
@@ -173,6 +188,7 @@ def partial_data_notes(trials: list[Trial]) -> list[str]:
 
 def analyze(sweep: Sweep) -> Analysis:
     trials = sweep.trials
+    label_method_variants(trials)
     keys = panel_keys(trials)
     groups = group_trials(trials, keys)
     tables = [group_table(g) for g in groups]
@@ -180,3 +196,8 @@ def analyze(sweep: Sweep) -> Analysis:
     notes += [t.note for t in tables if t.note]
     diff = [k for k in differing_keys(trials) if k != "run/name"]
     return Analysis(sweep, keys, groups, tables, diff, notes)
+
+
+def _shown(value: str) -> str:
+    """A setting's value in a label (`None` and a missing key mean the default)."""
+    return "default" if value in ("None", "-", "") else value

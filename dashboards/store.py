@@ -32,10 +32,12 @@ class Trial:
     """metric -> [(step, value, timestamp ms)] sorted by step (METRIC_PREFIXES only)."""
     metric_keys: list[str] = field(default_factory=list)
     """Every metric the run has logged (train/* included)."""
+    label: str | None = None
+    """The method with its distinguishing settings (e.g. `exopd lam=1.25`), set by the analysis."""
 
     @property
     def method(self) -> str:
-        return self.tags.get("method") or self.params.get("method/type") or "?"
+        return self.label or self.tags.get("method") or self.params.get("method/type") or "?"
 
     @property
     def seed(self) -> str:

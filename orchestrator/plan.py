@@ -337,6 +337,13 @@ def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster:
         raise ConfigError(file, "run.scale", f"{scale.name} on {cluster}: " + "; ".join(errors))
     plan.nodes = nodes or []
     plan.concurrent = concurrent_trials(gpus_each, cluster)
+    if isinstance(cfg.method, EffOPD):  # the other evaluator mode, for comparison
+        if cfg.method.evaluators == "dedicated":
+            lean = [r.gpus for r in plan.roles if r.role != "evaluator" for _ in range(r.actors)]
+            plan.notes.append(f"method.evaluators=borrowed: {sum(lean)} GPUs per trial, {concurrent_trials(lean, cluster)} "
+                              "trial(s) at once (the rollout engines score the candidates while the loop waits)")
+        else:
+            plan.notes.append("method.evaluators=borrowed: the rollout engines score the candidates (no evaluator GPUs)")
     wanted = cfg.learner.weight_sync
     plan.weight_sync = "nccl" if wanted == "nccl" or (wanted == "auto" and counts["rollout"][2] == "vllm") else "object_store"
     if cluster.gpu_type:

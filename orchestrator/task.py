@@ -46,12 +46,35 @@ def exact_match(completion: str, answer: str) -> float:
     return float(completion.strip() == answer.strip())
 
 
-def math_verify_reward(completion: str, answer: str) -> float:
-    """1.0 when math-verify judges the completion equal to the gold answer."""
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (braces matched), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed{") - 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def as_latex(expr: str) -> str:
+    """A bare answer as math-verify's LaTeX input: `2\\sqrt{3}` parsed bare is 2, `\\frac{\\pi}{4}` is
+    nothing; wrapped in $...$ both parse whole."""
+    expr = expr.strip()
+    return expr if "$" in expr or "\\boxed" in expr else f"${expr}$"
+
+
+def math_verify_reward(completion: str, answer: str, timeout: int = 5) -> float:
+    """1.0 when math-verify judges the completion's last `\\boxed{}` (else the whole completion)
+    equal to the gold answer; parsing and verifying each stop after `timeout` seconds (0.0)."""
     from math_verify import parse, verify
 
-    gold, pred = parse(answer), parse(completion)
-    return float(bool(gold) and bool(pred) and verify(gold, pred))
+    boxed = last_boxed(completion)
+    gold = parse(as_latex(answer), parsing_timeout=timeout)
+    pred = parse(f"${boxed}$" if boxed is not None else completion, parsing_timeout=timeout)
+    return float(bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout))
 
 
 def python_tests_reward(completion: str, tests: str, timeout: float = 10.0) -> float:

@@ -57,6 +57,43 @@ def smoke_reference(models, tmp_path_factory) -> dict:
     return {"out": out, "client": client, "run": runs[0], "runs": runs, "seconds": time.time() - t0, "proc": proc}
 
 
+METHOD_SWEEP = """\
+sweep: dash
+base:
+  run: {steps: 60, seed: 0}
+  learner: {lr: 1.0e-4, world_size: 1}
+  loss: {type: pg_reverse_kl}
+  rollout: {batch_prompts: 64, max_new_tokens: 6}
+  eval: {every: 20, num_examples: 200}
+  geometry: {every: 20}
+  checkpoint: {every: 0}
+matrix:
+  method.type: [vanilla]
+  run.seed: [0, 1]
+include:
+  - {name: effopd_s0, method.type: effopd, method.evaluators: borrowed, run.seed: 0}
+  - {name: effopd_s1, method.type: effopd, method.evaluators: borrowed, run.seed: 1}
+  - {name: exopd_lam1, method.type: exopd, method.lam: 1.0, run.seed: 0}
+  - {name: exopd_lam125, method.type: exopd, method.lam: 1.25, run.seed: 0}
+"""
+"""The papers' loss (sampled-token reverse-KL policy gradient) with vanilla OPD and EffOPD x seeds 0, 1,
+and ExOPD at lam 1 and 1.25, 60 steps each. One learner rank, and EffOPD candidates scored by the
+rollout engine (method.evaluators: borrowed): 1 CPU per trial, two trials at once on 2 CPUs."""
+
+
+@pytest.fixture(scope="session")
+def method_sweep(models, tmp_path_factory) -> dict:
+    """METHOD_SWEEP run once through `foresight run` (checked by test_e2e_opd and rendered by
+    test_e2e_dashboard)."""
+    import time
+
+    out = tmp_path_factory.mktemp("dash")
+    (out / "dash.yaml").write_text(METHOD_SWEEP)
+    t0 = time.time()
+    run = foresight("run", str(out / "dash.yaml"), *run_overrides(models, out))
+    return {"out": out, "run": run, "seconds": time.time() - t0}
+
+
 @pytest.fixture(scope="session")
 def fake_models(tmp_path_factory) -> Path:
     """Folders that pass the path checks (a config.json), for validation tests that never load weights."""

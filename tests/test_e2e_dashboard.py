@@ -18,32 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, foresight, run_overrides
+from conftest import ROOT, foresight
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [pytest.mark.e2e, pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found: `apt-get install chromium` "
                                  "(.ci/run installs it) to run the browser tests")]
-SWEEP = """\
-sweep: dash
-base:
-  run: {steps: 8, seed: 0}
-  learner: {lr: 4.0e-4, world_size: 1}
-  loss: {type: full_reverse_kl}
-  rollout: {batch_prompts: 64, max_new_tokens: 6}
-  eval: {every: 4, num_examples: 50}
-  geometry: {every: 4}
-  checkpoint: {every: 0}
-matrix:
-  method.type: [vanilla]
-  run.seed: [0, 1]
-include:
-  - {name: effopd_s0, method.type: effopd, method.evaluators: borrowed, run.seed: 0}
-  - {name: effopd_s1, method.type: effopd, method.evaluators: borrowed, run.seed: 1}
-"""
-"""vanilla / effopd x seeds 0, 1 on the smoke experiment's settings, 8 steps. One learner rank and
-EffOPD candidates scored by the rollout engine (no evaluator pool): 1 CPU per trial, so two trials
-run at once on 2 CPUs (with the default pool an EffOPD trial takes both CPUs: ~1.5x longer)."""
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
@@ -59,22 +39,19 @@ def chromium(url: str, profile: Path, *flags: str, budget_ms: int = 15000, timeo
 
 
 @pytest.fixture(scope="module")
-def sweep(models, tmp_path_factory) -> dict:
-    """The sweep run once through `foresight run`, and its dashboard through `foresight dashboard`."""
-    out = tmp_path_factory.mktemp("dash")
-    (out / "dash.yaml").write_text(SWEEP)
-    t0 = time.time()
-    run = foresight("run", str(out / "dash.yaml"), *run_overrides(models, out))
-    run_s = time.time() - t0
+def sweep(method_sweep) -> dict:
+    """The session's method sweep (conftest: vanilla and EffOPD x 2 seeds, ExOPD at lam 1 and 1.25) and
+    its dashboard through `foresight dashboard`."""
+    out = method_sweep["out"]
     uri = f"sqlite:///{out / 'mlflow.db'}"
     t0 = time.time()
     dash = foresight("dashboard", "dash", "--uri", uri, "--out", str(out / "page"))
-    return {"out": out, "uri": uri, "page": out / "page" / "dashboard.html", "run": run, "dash": dash,
-            "run_s": run_s, "dash_s": time.time() - t0}
+    return {"out": out, "uri": uri, "page": out / "page" / "dashboard.html", "run": method_sweep["run"], "dash": dash,
+            "run_s": method_sweep["seconds"], "dash_s": time.time() - t0}
 
 
 def test_dashboard_opens_in_chromium_with_every_image_and_the_speedup_table(sweep, tmp_path):
-    assert sweep["run"].stdout.count("done:") == 4, sweep["run"].stdout[-3000:]
+    assert sweep["run"].stdout.count("done:") == 6, sweep["run"].stdout[-3000:]
     printed = sweep["dash"].stdout
     assert f"dashboard: {sweep['page']}" in printed and "logged to MLflow run" in printed
     assert "ui --backend-store-uri" in printed and "viewStateShareKey=foresight" in printed
@@ -162,7 +139,8 @@ def test_mlflow_server_serves_the_runs_the_dashboard_artifact_and_the_ui(sweep, 
     tags = {r["info"]["run_name"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
     parent = next(r["info"]["run_id"] for r in runs if r["info"]["run_name"] == "dash")
     children = sorted(name for name, t in tags.items() if t.get("mlflow.parentRunId") == parent)
-    assert children == ["dash_effopd_s0", "dash_effopd_s1", "dash_vanilla_s0", "dash_vanilla_s1"]
+    assert children == ["dash_effopd_s0", "dash_effopd_s1", "dash_exopd_lam1", "dash_exopd_lam125", "dash_vanilla_s0",
+                        "dash_vanilla_s1"]
     assert "dashboard/dashboard.html" in tags["dash"]["mlflow.note.content"]
 
     files = json.loads(http(f"{base}/api/2.0/mlflow/artifacts/list?run_id={parent}&path=dashboard"))["files"]

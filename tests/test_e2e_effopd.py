@@ -76,6 +76,22 @@ def test_jump_is_exact_on_every_rank_without_gather(cluster, models):
     assert sum(a.numel() for a in before[0]["anchor"]) < 0.6 * total
 
 
+def test_anchor_is_the_accepted_point_after_accepted_and_rejected_searches(cluster):
+    """After a search the next direction starts from where the search left the weights: the jumped
+    point when a candidate was accepted, W_t itself when none was."""
+    learners = cluster["learners"]
+    w, a = fetch_state_dict(publish(learners, version=30)), fetch_state_dict(publish(learners, "anchor", 31))
+    coef = coefficient(1)
+    ray.get(learners.call("extrapolate", coef))  # accepted k = 1
+    ray.get(learners.call("set_anchor"))
+    anchor = fetch_state_dict(publish(learners, "anchor", 32))
+    assert all(torch.equal(anchor[k], extrapolate(w[k], a[k], coef)) for k in w)
+    ray.get(learners.call("set_anchor"))  # rejected: W_t stays and becomes the anchor
+    again = fetch_state_dict(publish(learners, "anchor", 33))
+    current = fetch_state_dict(publish(learners, version=34))
+    assert all(torch.equal(again[k], current[k]) and torch.equal(again[k], anchor[k]) for k in w)
+
+
 def test_parallel_pool_gives_the_sequential_decisions(cluster):
     learners, acfg = cluster["learners"], cluster["acfg"]
     current, anchor = publish(learners, version=10), publish(learners, "anchor", 11)
@@ -211,7 +227,8 @@ def test_run_stops_after_consecutive_non_finite_steps_with_its_checkpoint_intact
     from conftest import ROOT, TEST_ENV
 
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", SMOKE, *run_overrides(models, tmp_path),
-                           "run.steps=12", "checkpoint.every=2", "learner.max_skipped_steps=2", "geometry.every=0"],
+                           "run.steps=12", "checkpoint.every=2", "learner.max_skipped_steps=2", "geometry.every=0",
+                           "learner.world_size=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **TEST_ENV, "FORESIGHT_FAULTS": "nan_teacher:5-"})
     assert proc.returncode == 1, proc.stderr[-3000:]

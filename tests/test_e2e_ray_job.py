@@ -50,7 +50,7 @@ def test_ray_job_submit_runs_on_the_cluster(models, tmp_path):
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
              "--", "foresight", "run", "experiments/smoke.yaml", *run_overrides(models, tmp_path),
-             "run.steps=20", "checkpoint.every=0"],
+             "run.steps=20", "checkpoint.every=0", "learner.world_size=1", "geometry.every=0"],
             env=env, capture_output=True, text=True, timeout=900)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         assert "succeeded" in job.stdout + job.stderr

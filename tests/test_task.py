@@ -54,3 +54,29 @@ def test_python_tests_reward_runs_the_tests_in_a_subprocess():
     assert python_tests_reward("Here you go:\n```python\ndef add(a, b):\n    return a + b\n```", tests) == 1.0
     assert python_tests_reward("```python\ndef add(a, b):\n    return a - b\n```", tests) == 0.0
     assert python_tests_reward("while True: pass", "", timeout=1.0) == 0.0
+
+
+@pytest.mark.parametrize("gold, right, wrong", [
+    ("2\\sqrt{3}", "The answer is \\boxed{2\\sqrt{3}}", "\\boxed{2}"),        # bare parse of the gold gives 2
+    ("\\frac{\\pi}{4}", "\\boxed{\\frac{\\pi}{4}}", "\\boxed{\\frac{\\pi}{3}}"),  # bare parse of the gold gives nothing
+    ("\\frac{1}{2}", "so x = \\boxed{0.5}", "\\boxed{\\frac{1}{3}}"),
+    ("\\sqrt{2}", "\\boxed{\\sqrt{2}}", "\\boxed{2}"),
+    ("(1, 3]", "\\boxed{(1,3]}", "\\boxed{[1,3]}"),                            # intervals
+    ("\\{1, 2, 3\\}", "\\boxed{\\{3,2,1\\}}", "\\boxed{\\{1,2\\}}"),           # sets
+    ("25\\%", "\\boxed{25\\%}", "\\boxed{2.5\\%}"),                            # percentages
+    ("-7", "\\boxed{-7}", "\\boxed{7}"),                                      # negative numbers
+    ("5\\text{ cm}", "\\boxed{5 \\text{ cm}}", "\\boxed{6\\text{ cm}}"),       # units
+    ("12", "first \\boxed{7}, then correcting: \\boxed{12}", "\\boxed{12} no wait \\boxed{13}"),  # the last box counts
+])
+def test_math_verify_reward_in_both_directions(gold, right, wrong):
+    from orchestrator.task import math_verify_reward
+
+    assert math_verify_reward(right, gold) == 1.0
+    assert math_verify_reward(wrong, gold) == 0.0
+
+
+def test_last_boxed_matches_nested_braces():
+    from orchestrator.task import last_boxed
+
+    assert last_boxed("x \\boxed{\\frac{1}{2}} and \\boxed{\\{1,2\\}}") == "\\{1,2\\}"
+    assert last_boxed("\\boxed{\\frac{a}{b}") is None and last_boxed("no box") is None

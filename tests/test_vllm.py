@@ -184,7 +184,7 @@ def test_smoke_run_with_vllm_rollout_survives_a_killed_engine(models, tmp_path):
     step 20, Ray restarts it (a new engine at W_0) and it catches up with the learner's weights."""
     from e2e_helpers import assert_student_learned, history, latest, mlflow_run, start_run, wait_for
 
-    proc = start_run(models, tmp_path, "rollout.backend=vllm", "run.steps=40", "geometry.every=0")
+    proc = start_run(models, tmp_path, "rollout.backend=vllm", "run.steps=40", "geometry.every=0", "learner.world_size=1")
     pid_file = tmp_path / "smoke" / "actors" / "rollout-0.pid"
     wait_for(lambda: latest(tmp_path) == "step0000020", proc, timeout=600)
     pid = int(pid_file.read_text())
