@@ -124,6 +124,23 @@ def check(name: str, args: argparse.Namespace, cuda: bool) -> dict:
     return out
 
 
+def in_subprocess(name: str, args: argparse.Namespace) -> dict:
+    """One model's check in a fresh process (a clean CUDA context and process group per model); a
+    failure is recorded with the end of its output instead of ending the whole check."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "one.json"
+        argv = [sys.executable, "-m", "benchmarks.gpu_check", "--models", name, "--out", str(out)]
+        for key in ("rows", "prompt", "response", "max_tokens", "chunk", "steps"):
+            argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+        sys.stderr.write(proc.stderr[-4000:])
+        if proc.returncode != 0 or not out.is_file():
+            return {"error": f"exit {proc.returncode}", "output_tail": (proc.stdout + proc.stderr)[-3000:]}
+        return json.loads(out.read_text())["results"][name]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU (checks the script runs)")
@@ -144,10 +161,11 @@ def main() -> int:
     elif not cuda:
         print("no CUDA device: run with --cpu-smoke here", file=sys.stderr)
         return 2
+    names = args.models.split(",")
     results = {}
-    for name in args.models.split(","):
+    for name in names:
         print(f"{name}: building and stepping ...", flush=True)
-        results[name] = check(name, args, cuda)
+        results[name] = check(name, args, cuda) if len(names) == 1 else in_subprocess(name, args)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     record = {"benchmark": "gpu_check", "machine": {"gpu": torch.cuda.get_device_name(0) if cuda else None,
               "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
