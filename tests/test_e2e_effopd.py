@@ -114,17 +114,20 @@ def test_parallel_pool_gives_the_sequential_decisions(cluster):
         assert accept(parallel[0], parallel[1:], comparison) == accept(sequential[0], sequential[1:], comparison)
 
 
-def test_effopd_with_no_accepted_jump_is_bit_identical_to_vanilla(models, tmp_path, smoke_reference):
-    foresight("run", SMOKE, *run_overrides(models, tmp_path), "method.type=effopd")
-    client, runs = mlflow_run(tmp_path)
-    accepted = history(client, runs[0].info.run_id, "effopd/accepted_k")
-    assert [s for s, _ in accepted] == [1, 2, 4, 8, 16, 32, 64]
-    assert all(k == 0 for _, k in accepted), f"a jump was accepted: {accepted}"  # the premise at this lr
-    eff = load_file(str(tmp_path / "smoke" / "final" / "model.safetensors"))
-    vanilla = load_file(str(smoke_reference["out"] / "smoke" / "final" / "model.safetensors"))
-    assert all(torch.equal(eff[k], vanilla[k]) for k in vanilla)
-    arts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
-    assert "effopd_decisions.json" in arts
+def test_effopd_with_no_accepted_jump_is_bit_identical_to_vanilla(method_sweep):
+    """The session's method sweep: EffOPD (candidates scored by the rollout engine, one learner rank)
+    accepted no jump in 60 steps at either seed, and its final weights are those of vanilla OPD bit for
+    bit: the searches, the anchor and the borrowed engine's weight reloads leave training untouched."""
+    out = method_sweep["out"]
+    for seed in (0, 1):
+        client, runs = mlflow_run(out, f"dash_effopd_s{seed}", experiment="dash")
+        accepted = history(client, runs[0].info.run_id, "effopd/accepted_k")
+        assert [s for s, _ in accepted] == [1, 2, 4, 8, 16, 32]
+        assert all(k == 0 for _, k in accepted), f"a jump was accepted: {accepted}"  # the premise at this lr
+        eff = load_file(str(out / f"dash_effopd_s{seed}" / "final" / "model.safetensors"))
+        vanilla = load_file(str(out / f"dash_vanilla_s{seed}" / "final" / "model.safetensors"))
+        assert all(torch.equal(eff[k], vanilla[k]) for k in vanilla)
+        assert "effopd_decisions.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
 
 
 EFF = ["method.type=effopd", "learner.lr=3e-5", "run.steps=32", "checkpoint.every=8", "geometry.every=0"]
@@ -145,7 +148,9 @@ def logged_steps(out) -> int:
 def test_killed_actors_and_driver_resume_exactly_across_a_search(models, tmp_path):
     """The driver SIGKILLed before the first checkpoint (the rerun restarts from step 0 into the same
     MLflow run); then rollout, evaluator and teacher actors SIGKILLed mid-run (Ray restarts each and
-    the step is retried); then everything SIGKILLed while the step-24 checkpoint is being written
+    the step is retried) and learner rank 1 SIGKILLed after the step-16 checkpoint (the run names the
+    rank and step, recreates the learner group, learner.max_restarts = 1, and continues from that
+    checkpoint); then everything SIGKILLed while the step-24 checkpoint is being written
     (a test hook fires after the ranks' files, before `latest`): the torn checkpoint is ignored, the
     run resumes from step 16 and runs the search at 32 from the anchor restored from that
     checkpoint. The run must log every step once and reproduce an uninterrupted run's metrics and
@@ -165,13 +170,15 @@ def test_killed_actors_and_driver_resume_exactly_across_a_search(models, tmp_pat
     proc = start_run(models, out, *EFF, env={"FORESIGHT_FAULTS": "kill_in_save:24"})
     pids = out / "smoke" / "actors"
     killed = {}
-    for role, after in (("rollout-0", 8), ("evaluator-0", 8), ("teacher-0", 16)):
+    for role, after in (("rollout-0", 8), ("evaluator-0", 8), ("teacher-0", 8), ("learner-1", 16)):
         wait_for(reached(out, after), proc)
         killed[role] = int((pids / f"{role}.pid").read_text())
         os.kill(killed[role], signal.SIGKILL)
-    assert proc.wait(timeout=600) == -signal.SIGKILL  # the hook killed the whole run mid-save
+    printed, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, printed[-4000:]  # the hook killed the whole run mid-save
+    assert "learner rank(s) [1] died at step" in printed and "continuing from checkpoint step0000016" in printed
     assert latest(out) == "step0000016" and (out / "smoke" / "checkpoints" / "step0000024").is_dir()  # torn, ignored
-    for role, pid in killed.items():  # Ray had started a new process for each killed actor
+    for role, pid in killed.items():  # a new process for each killed actor (Ray's restart, or the recreated learner group)
         assert int((pids / f"{role}.pid").read_text()) != pid, role
     resumed = foresight("run", SMOKE, *run_overrides(models, out), *EFF)
     assert "resuming from step0000016" in resumed.stderr

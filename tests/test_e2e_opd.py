@@ -112,24 +112,3 @@ def assert_learned_on_average(runs: list, kl_drop: float, min_gain: float) -> No
     n = len(runs)
     assert last <= (1 - kl_drop) * first, f"reverse KL {first / n:.3f} -> {last / n:.3f}"
     assert later - acc0 >= min_gain * n, f"accuracy {acc0 / n:.3f} -> {later / n:.3f} (mean after step 0)"
-
-
-def test_lost_learner_rank_is_recreated_from_the_last_checkpoint(models, tmp_path, smoke_reference):
-    """SIGKILL of learner rank 1 mid-run: the run says which rank died, at which step and from which
-    checkpoint it continues, recreates the learner group (learner.max_restarts = 1, the default),
-    and finishes in the same MLflow run with the uninterrupted run's metrics."""
-    import os
-    import signal
-
-    from e2e_helpers import assert_same_metrics, mlflow_run, reached, start_run, wait_for
-
-    proc = start_run(models, tmp_path)
-    wait_for(reached(tmp_path, 40), proc)
-    os.kill(int((tmp_path / "smoke" / "actors" / "learner-1.pid").read_text()), signal.SIGKILL)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    assert "learner rank(s) [1] died at step" in out and "continuing from checkpoint step00000" in out
-    client, runs = mlflow_run(tmp_path)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    ref = smoke_reference
-    assert_same_metrics(client, runs[0].info.run_id, ref["client"], ref["run"].info.run_id)
