@@ -15,7 +15,7 @@ from actors.candidates import HfScoresCandidates, VllmScoresCandidates
 from actors.group import Placed
 from actors.weights import HoldsWeights, WeightsHandle, write_pid
 from orchestrator.modeling import decode_responses, generate, greedy_accuracy, load_model, load_tokenizer, quiet_hf
-from orchestrator.task import build_task
+from orchestrator.task import task_of
 
 
 class RolloutWorker(HfScoresCandidates, HoldsWeights, Placed):
@@ -30,7 +30,7 @@ class RolloutWorker(HfScoresCandidates, HoldsWeights, Placed):
         self.cfg, self.index = cfg, index
         self.tokenizer = load_tokenizer(cfg["student_path"])
         self.model = load_model(cfg["student_path"])
-        self.task = build_task(cfg["task_cfg"])
+        self.task = task_of(cfg)
         self.version = 0
         write_pid(cfg, self.role, index)
 
@@ -84,7 +84,7 @@ class VllmRolloutWorker(VllmScoresCandidates, HoldsWeights, Placed):
         torch.set_num_threads(1)
         self.cfg, self.index = cfg, index
         self.tokenizer = load_tokenizer(cfg[self.model_key])
-        self.task = build_task(cfg["task_cfg"])
+        self.task = task_of(cfg)
         self.llm = build_engine(cfg[self.model_key], cfg["rollout"], cfg["seed"] + index, cfg["vllm_cache_dir"],
                                 tensor_parallel=cfg["tp"].get(self.role, 1))
         self.version = 0

@@ -27,10 +27,10 @@ class TeacherScorer(Placed):
         """Off-policy control: the teacher samples the responses (same format as a rollout worker)."""
         from actors.rollout import sample_batch
         from orchestrator.modeling import load_tokenizer
-        from orchestrator.task import build_task
+        from orchestrator.task import task_of
 
         if self.task is None:
-            self.task, self.tokenizer = build_task(self.cfg["task_cfg"]), load_tokenizer(self.cfg["teacher_path"])
+            self.task, self.tokenizer = task_of(self.cfg), load_tokenizer(self.cfg["teacher_path"])
         return sample_batch(self.model, self.tokenizer, self.task, self.cfg, step, indices, self.index)
 
     @torch.no_grad()

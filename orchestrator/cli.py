@@ -255,7 +255,7 @@ def cmd_intervene(args: argparse.Namespace) -> int:
     if args.kind == "beta" and not args.early:
         raise ConfigError("<command line>", "--early", "the beta intervention needs an early checkpoint")
     cfg = load_config(args.config, []) if args.config else load_config(None, [])
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, args.base, cfg.rollout.max_prompt_tokens)
     examples = task.test[: args.examples]
     w0, wf = _state(args.base), _state(args.final)
     early = _state(args.early) if args.early else None

@@ -59,6 +59,10 @@ class RunConfig(_Strict):
     """Seeds data order, rollout sampling (per step), D_v and model init."""
     steps: int = Field(100, gt=0, le=MAX_STEPS)
     """Number of OPD optimizer steps."""
+    data_order: Literal["sample", "epochs"] = "sample"
+    """Training prompts per step: `sample` draws each step's batch afresh (seeded by run.seed and the
+    step); `epochs` walks seeded shuffles of the training split, one per epoch (the paper's
+    dataloader). Both are functions of the step, so a resumed run continues at the same data position."""
     output_dir: Path = Field(Path("runs"), strict=False)
     """Root for run folders (checkpoints, resolved config, final weights)."""
     scale: str = "tiny"
@@ -110,20 +114,59 @@ class AdditionTask(_Strict):
 
 
 class JsonlTask(_Strict):
-    """Local prompt/answer files (`.jsonl` or `.parquet`); answers checked with math-verify."""
+    """Local prompt/answer files (`.jsonl` or `.parquet`) in one of the layouts users bring:
+
+    - `plain`: `{"prompt": str, "answer": str}` per record;
+    - `verl`: verl's RL parquet: `prompt` a chat message list, `reward_model.ground_truth`,
+      `data_source`, `extra_info` (the EffOPD paper's DeepMath-103K and Eurus-RL-Code files);
+    - `deepmath`: DeepMath-103K's own columns, `question` and `final_answer`.
+
+    `prompt_key` / `answer_key` override the layout's columns (dotted paths reach nested fields).
+    Message-list prompts go through the student tokenizer's chat template; prompts longer than
+    `rollout.max_prompt_tokens` after it are dropped before training (`filter_overlong_prompts`)."""
 
     type: Literal["jsonl"] = "jsonl"
     train_path: Path = Field(strict=False)
-    """File with one {"prompt": ..., "answer": ...} record per line (or a parquet table)."""
+    """Training file (`$VAR` and `~` are expanded)."""
     test_path: Path = Field(strict=False)
-    """Held-out file in the same format."""
-    prompt_key: str = Field("prompt", min_length=1)
-    """Record field holding the prompt."""
-    answer_key: str = Field("answer", min_length=1)
-    """Record field holding the reference answer."""
+    """Held-out file in the same layout."""
+    format: Literal["plain", "verl", "deepmath"] = "plain"
+    """Column layout (above)."""
+    prompt_key: str | None = Field(None, min_length=1)
+    """Column holding the prompt (a string or a chat message list); None: the layout's."""
+    answer_key: str | None = Field(None, min_length=1)
+    """Column holding the reference answer, e.g. `reward_model.ground_truth`; None: the layout's."""
     reward: Literal["math_verify", "exact", "python_tests"] = "math_verify"
     """How a completion is checked: math-verify equivalence, exact string match, or (code data)
     the answer field holds Python test code run against the completion's code in a subprocess."""
+    chat_template: bool | None = None
+    """Render prompts with the student tokenizer's chat template (`add_generation_prompt`).
+    None: message-list prompts are rendered and plain strings kept as they are; true: plain strings
+    are rendered too, as one user message; false: plain strings only (a message list is an error)."""
+    chat_template_kwargs: dict[str, bool | int | float | str] = {}
+    """Extra template variables, e.g. `{enable_thinking: false}` for Qwen3 (the EffOPD paper's setting)."""
+    filter_overlong_prompts: bool = True
+    """Drop prompts longer than `rollout.max_prompt_tokens` (after the template) from both splits
+    before training; the counts are logged to MLflow as `data/*` params."""
+
+    @field_validator("train_path", "test_path", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        import os
+
+        return os.path.expanduser(os.path.expandvars(value)) if isinstance(value, str) else value
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        """(prompt column, answer column) after the layout's defaults."""
+        prompt, answer = TASK_FORMATS[self.format]
+        return self.prompt_key or prompt, self.answer_key or answer
+
+
+TASK_FORMATS: dict[str, tuple[str, str]] = {
+    "plain": ("prompt", "answer"), "verl": ("prompt", "reward_model.ground_truth"),
+    "deepmath": ("question", "final_answer"),
+}
 
 
 TaskConfig = Annotated[Union[AdditionTask, JsonlTask], Field(discriminator="type")]
@@ -568,9 +611,23 @@ def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
             hint = " (run `foresight prepare` to build the embedded models)" if "models/addition" in str(folder) else ""
             raise ConfigError(file, key, f"no HF checkpoint (config.json) at {folder}{hint}")
     if isinstance(cfg.task, JsonlTask):
+        from orchestrator.task import first_record, lookup
+
         for key, p in (("task.train_path", cfg.task.train_path), ("task.test_path", cfg.task.test_path)):
             if not p.is_file():
-                raise ConfigError(file, key, f"no such file: {p}")
+                unset = re.findall(r"\$\{?(\w+)", str(p))
+                hint = f" (is ${unset[0]} set?)" if unset else ""
+                raise ConfigError(file, key, f"no such file: {p}{hint}")
+            try:
+                row = first_record(p)
+            except ValueError as err:
+                raise ConfigError(file, key, str(err)) from None
+            for ckey, column in zip(("task.prompt_key", "task.answer_key"), cfg.task.columns):
+                try:
+                    lookup(row, column)
+                except KeyError:
+                    raise ConfigError(file, ckey, f"{p}: no column '{column}' (format {cfg.task.format}; "
+                                      f"the first record has: {', '.join(sorted(row)) or 'nothing'})") from None
 
 
 def flatten(cfg: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:

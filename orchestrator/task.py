@@ -4,9 +4,12 @@ Registry (a plain dict) keyed by the config's `task.type`:
 
 - `addition`: `ABC+DEF=` -> zero-padded sum `SSSS`, exact match. Splits are drawn with a fixed
   task seed (independent of `run.seed`), so every run and every actor sees the same data.
-- `jsonl`: local `.jsonl` / `.parquet` files with prompt/answer columns; a completion is correct
-  when `math_verify.verify(parse(answer), parse(completion))` holds (`reward: math_verify`), on
-  exact match (`exact`), or for code data when the answer's Python tests pass (`python_tests`).
+- `jsonl`: local `.jsonl` / `.parquet` files in a plain, verl or DeepMath layout (`task.format`);
+  a completion is correct when `math_verify.verify(parse(answer), parse(completion))` holds
+  (`reward: math_verify`), on exact match (`exact`), or for code data when the answer's Python
+  tests pass (`python_tests`). Chat-message prompts are rendered once, here, with the student
+  tokenizer's chat template, so the HF and vLLM backends (which both encode the rendered string
+  with that tokenizer, no special tokens added) see the same token ids.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from orchestrator.config import AdditionTask, JsonlTask
 
@@ -35,6 +38,8 @@ class Task:
     train: list[Example]
     test: list[Example]
     reward: Callable[[str, str], float]
+    dropped: dict[str, int] | None = None
+    """Prompts removed per split by the overlong filter (None: no filter ran)."""
 
     def validation_set(self, size: int, seed: int) -> list[Example]:
         """D_v: `size` training examples drawn once with the run's seed (EffOPD)."""
@@ -130,40 +135,151 @@ def build_addition(cfg: AdditionTask) -> Task:
     return Task(train=make(train_pairs), test=make(test_pairs), reward=exact_match)
 
 
-def read_records(path: Path, prompt_key: str, answer_key: str) -> list[Example]:
-    """Read prompt/answer records from `.jsonl` or `.parquet`; errors name the file and line."""
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Records of a `.jsonl` or `.parquet` file; errors name the file and line."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
-    else:
-        rows = []
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        return pq.read_table(path).to_pylist()
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
+    return rows
+
+
+def first_record(path: Path) -> dict[str, Any]:
+    """The file's first record (read without loading the rest), for checking columns up front."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1):
+            rows = batch.to_pylist()
+            if rows:
+                return rows[0]
+        raise ValueError(f"{path}: no records")
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: line {lineno}: a record must be a JSON object")
+                return row
+    raise ValueError(f"{path}: no records")
+
+
+def lookup(row: dict[str, Any], column: str) -> Any:
+    """`row[a][b]` for the dotted column `a.b`; KeyError when any part is missing."""
+    value: Any = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(column)
+        value = value[part]
+    return value
+
+
+def as_messages(value: Any, where: str) -> list[dict[str, str]] | None:
+    """A chat message list (`[{"role": ..., "content": ...}, ...]`, as verl stores prompts), or None
+    for a plain string; anything else is an error naming the record."""
+    if isinstance(value, str):
+        return None
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError(f"{where}: the prompt must be a string or a list of {{role, content}} messages, "
+                     f"got {type(value).__name__}")
+
+
+class PromptRenderer:
+    """Prompts as the model sees them: message lists through the tokenizer's chat template
+    (`apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)`);
+    plain strings kept, or rendered as one user message when `chat_template` is true."""
+
+    def __init__(self, cfg: JsonlTask, student_path: str | Path | None) -> None:
+        self.cfg, self.student_path, self._tok = cfg, student_path, None
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            if self.student_path is None:
+                raise ValueError("task: chat templates and the overlong-prompt filter need the student's tokenizer")
+            from orchestrator.modeling import load_tokenizer
+
+            self._tok = load_tokenizer(self.student_path)
+        return self._tok
+
+    def __call__(self, value: Any, where: str) -> str:
+        messages = as_messages(value, where)
+        if messages is None and not self.cfg.chat_template:
+            return value
+        if messages is not None and self.cfg.chat_template is False:
+            raise ValueError(f"{where}: a chat message list, but task.chat_template is false")
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"{self.student_path}: the tokenizer has no chat template (needed for {where})")
+        return tok.apply_chat_template(messages or [{"role": "user", "content": value}], tokenize=False,
+                                       add_generation_prompt=True, **self.cfg.chat_template_kwargs)
+
+    def lengths(self, prompts: list[str]) -> list[int]:
+        """Token counts as the rollout encodes prompts (no special tokens added)."""
+        return [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+
+def read_records(path: Path, cfg: JsonlTask, render: PromptRenderer) -> list[Example]:
+    """The file's examples in the configured layout; errors name the file, record and column."""
+    prompt_key, answer_key = cfg.columns
     out = []
-    for i, row in enumerate(rows, 1):
-        if prompt_key not in row or answer_key not in row:
-            raise ValueError(f"{path}: record {i}: needs keys '{prompt_key}' and '{answer_key}'")
-        out.append(Example(prompt=str(row[prompt_key]), answer=str(row[answer_key])))
+    for i, row in enumerate(read_rows(path), 1):
+        where = f"{path}: record {i}"
+        try:
+            prompt, answer = lookup(row, prompt_key), lookup(row, answer_key)
+        except KeyError as err:
+            raise ValueError(f"{where}: no column '{err.args[0]}' (format {cfg.format})") from None
+        out.append(Example(prompt=render(prompt, where), answer=str(answer)))
     if not out:
         raise ValueError(f"{path}: no records")
     return out
 
 
-def build_jsonl(cfg: JsonlTask) -> Task:
-    return Task(
-        train=read_records(cfg.train_path, cfg.prompt_key, cfg.answer_key),
-        test=read_records(cfg.test_path, cfg.prompt_key, cfg.answer_key),
-        reward=REWARDS[cfg.reward],
-    )
+def drop_overlong(examples: list[Example], render: PromptRenderer, max_tokens: int) -> list[Example]:
+    """The paper's `filter_overlong_prompts`: keep prompts of at most `max_tokens` tokens."""
+    lengths = render.lengths([e.prompt for e in examples])
+    return [e for e, n in zip(examples, lengths) if n <= max_tokens]
+
+
+def build_jsonl(cfg: JsonlTask, student_path: str | Path | None = None, max_prompt_tokens: int | None = None) -> Task:
+    render = PromptRenderer(cfg, student_path)
+    train, test = read_records(cfg.train_path, cfg, render), read_records(cfg.test_path, cfg, render)
+    dropped = None
+    if cfg.filter_overlong_prompts and max_prompt_tokens is not None and student_path is not None:
+        kept_train, kept_test = drop_overlong(train, render, max_prompt_tokens), drop_overlong(test, render, max_prompt_tokens)
+        dropped = {"train": len(train) - len(kept_train), "test": len(test) - len(kept_test)}
+        for split, kept, path in (("train", kept_train, cfg.train_path), ("test", kept_test, cfg.test_path)):
+            if not kept:
+                raise ValueError(f"{path}: every prompt is longer than rollout.max_prompt_tokens = {max_prompt_tokens}")
+        train, test = kept_train, kept_test
+    return Task(train=train, test=test, reward=REWARDS[cfg.reward], dropped=dropped)
 
 
 TASKS: dict[str, Callable] = {"addition": build_addition, "jsonl": build_jsonl}
 
 
-def build_task(cfg: AdditionTask | JsonlTask) -> Task:
+def build_task(cfg: AdditionTask | JsonlTask, student_path: str | Path | None = None,
+               max_prompt_tokens: int | None = None) -> Task:
+    """The task's splits and reward. File tasks render chat prompts with the tokenizer at
+    `student_path` and drop prompts over `max_prompt_tokens`; every actor builds the same task from
+    the same arguments, so the data positions (indices) agree everywhere."""
+    if isinstance(cfg, JsonlTask):
+        return build_jsonl(cfg, student_path, max_prompt_tokens)
     return TASKS[cfg.type](cfg)
+
+
+def task_of(acfg: dict[str, Any]) -> Task:
+    """The task as an actor builds it from its actor config (`orchestrator.trainer.actor_config`)."""
+    return build_task(acfg["task_cfg"], acfg["student_path"], acfg["rollout"]["max_prompt_tokens"])

@@ -14,6 +14,7 @@ Nothing here holds model tensors; actors exchange them through the object store.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -44,9 +45,27 @@ from orchestrator.tracking import MlflowLogger
 log = logging.getLogger(__name__)
 
 
-def batch_indices(step: int, n_train: int, batch: int, seed: int) -> list[int]:
-    """Training prompts of step t: a seeded draw without replacement (the data position is t)."""
-    return random.Random(seed * 1_000_003 + step).sample(range(n_train), batch)
+def batch_indices(step: int, n_train: int, batch: int, seed: int, order: str = "sample") -> list[int]:
+    """Training prompts of step t (the data position is t). `sample`: a seeded draw without
+    replacement per step. `epochs`: positions (t-1)B .. tB-1 of the concatenated per-epoch shuffles,
+    epoch e's permutation seeded by (seed, e); a batch that crosses an epoch's end continues into
+    the next epoch's permutation."""
+    if order == "sample":
+        return random.Random(seed * 1_000_003 + step).sample(range(n_train), batch)
+    out: list[int] = []
+    pos = (step - 1) * batch
+    while len(out) < batch:
+        epoch, offset = divmod(pos, n_train)
+        take = min(batch - len(out), n_train - offset)
+        out += epoch_permutation(n_train, seed, epoch)[offset: offset + take]
+        pos += take
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(n_train: int, seed: int, epoch: int) -> list[int]:
+    """The order of the training split in `epoch` (seeded by run.seed and the epoch)."""
+    return random.Random(f"{seed}/epoch/{epoch}").sample(range(n_train), n_train)
 
 
 def actor_config(cfg: ExperimentConfig, plan: ResolvedPlan | None = None, run_dir: Path | None = None) -> dict[str, Any]:
@@ -126,8 +145,13 @@ class OPDTrainer:
         self.pruned = False
         self._stop: Exception | None = None
         self.run_dir = plan.run_dir
-        task = build_task(cfg.task)
+        task = build_task(cfg.task, cfg.model_paths[0], cfg.rollout.max_prompt_tokens)
         self.n_train, self.n_test = len(task.train), len(task.test)
+        self.data_params = {"data/train_prompts": self.n_train, "data/test_prompts": self.n_test}
+        if task.dropped is not None:
+            self.data_params.update({f"data/overlong_dropped_{k}": v for k, v in task.dropped.items()})
+            if any(task.dropped.values()):
+                log.info("dropped overlong prompts (> %d tokens): %s", cfg.rollout.max_prompt_tokens, task.dropped)
         self.test_indices = list(range(min(cfg.eval.num_examples or self.n_test, self.n_test)))
 
     # ------------------------------------------------------------------ lifecycle
@@ -243,7 +267,7 @@ class OPDTrainer:
                 log.info("no checkpoint yet: restarting from step 0 in MLflow run %s", started)
             self.state.mlflow_run_id = self.tracker.run_id
             id_file.write_text(self.tracker.run_id)
-            self.tracker.log_params({**flatten(cfg), **self.plan.params()})
+            self.tracker.log_params({**flatten(cfg), **self.plan.params(), **self.data_params})
             self.tracker.log_text(self.plan.describe(), "plan.txt")
             self.tracker.set_tags({"method": cfg.method.type, "scale": cfg.run.scale, "seed": str(cfg.run.seed),
                                    "loss": cfg.loss.type, "run_dir": str(self.run_dir.resolve())})
@@ -349,7 +373,7 @@ class OPDTrainer:
             # 1. rollout: the student samples completions for this step's prompts
             with timer("rollout"):
                 samplers = self.rollout if cfg.rollout.source == "student" else self.teacher
-                parts = split(batch_indices(step, self.n_train, cfg.rollout.batch_prompts, cfg.run.seed), len(samplers))
+                parts = split(batch_indices(step, self.n_train, cfg.rollout.batch_prompts, cfg.run.seed, cfg.run.data_order), len(samplers))
                 rollout_refs = samplers.call_each("generate", [(step, p, self.weights) for p in parts])
                 ray.wait(rollout_refs, num_returns=len(rollout_refs))
             # 2. teacher: log-prob of every sampled token (and the reference's, for ExOPD)

@@ -139,6 +139,9 @@ def test_plan_cli_dry_run_and_rejection(fake_models):
     assert bad.returncode == 2 and "run.scale" in bad.stderr and "needs 7 GPUs, the cluster has 1" in bad.stderr
     unknown = foresight("plan", "experiments/paper_grid.yaml", "--cluster", "4x8xTPU-80GB", "--brief", check=False)
     assert unknown.returncode == 2 and "unknown GPU type" in unknown.stderr
+    paper = foresight("plan", "experiments/paper_1p5b_math.yaml", "--cluster", "1x8xH100-80GB")
+    assert "scale 1.5B on 1x8xH100-80GB: 8 GPUs per trial" in paper.stdout and "303 steps" in paper.stdout
+    assert "format: verl" in paper.stdout and "enable_thinking: false" in paper.stdout
     gpu_here = foresight("plan", "experiments/smoke.yaml", "run.scale=4B", f"models.student={fake_models / 'student'}",
                          f"models.teacher={fake_models / 'teacher'}", check=False)
     assert gpu_here.returncode == 2 and "run.scale: scale 4B needs GPUs" in gpu_here.stderr
