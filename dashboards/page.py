@@ -91,13 +91,13 @@ def text_tables(analysis: Analysis) -> str:
             continue
         fr = list(gt.targets.values)
         lines.append(f"{gt.group.title}: acc0 {gt.targets.acc0:.3f}, vanilla final {gt.targets.vanilla_final:.3f}")
-        lines.append(f"  {'method':<20}{'runs':>5}{'last acc':>18}" + "".join(f"{f'steps to {f:.0%}':>24}" for f in fr))
+        lines.append(f"  {'method':<20}{'runs':>5}  {'last acc':<22}" + "".join(f"{f'steps to {f:.0%}':>24}" for f in fr))
         for r in gt.rows:
             cells = []
             for f in fr:
                 sp = r.step_speedup[f]
                 cells.append(f"{str(r.steps[f]) + ('' if r.method == 'vanilla' or sp is None else f' ({sp:.2f}x)'):>24}")
-            lines.append(f"  {r.method:<20}{r.runs:>5}{str(r.final):>18}" + "".join(cells))
+            lines.append(f"  {r.method:<20}{r.runs:>5}  {str(r.final):<22}" + "".join(cells))
     return "\n".join(lines)
 
 
