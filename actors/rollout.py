@@ -12,13 +12,14 @@ from typing import Any
 import torch
 
 from actors.candidates import HfScoresCandidates, VllmScoresCandidates
+from actors.evalsets import ScoresEvalSets
 from actors.group import Placed
 from actors.weights import HoldsWeights, WeightsHandle, write_pid
 from orchestrator.modeling import decode_responses, generate, greedy_accuracy, load_model, load_tokenizer, quiet_hf
 from orchestrator.task import task_of
 
 
-class RolloutWorker(HfScoresCandidates, HoldsWeights, Placed):
+class RolloutWorker(HfScoresCandidates, ScoresEvalSets, HoldsWeights, Placed):
     """Plain Python; `ray.remote(RolloutWorker)` is applied in `actors/group.py`. Also scores EffOPD
     candidates (`score`) when the evaluator pool is borrowed."""
 
@@ -47,6 +48,16 @@ class RolloutWorker(HfScoresCandidates, HoldsWeights, Placed):
         acc = greedy_accuracy(self.model, self.tokenizer, examples, self.task.reward, self.cfg["rollout"]["max_new_tokens"])
         return acc * len(examples), len(examples)
 
+    def complete(self, prompts: list[str], temperature: float, seed: int | None, batch_size: int = 512) -> list[str]:
+        """Decoded completions (`eval.sets`): greedy at temperature 0, else sampled, in chunks."""
+        texts: list[str] = []
+        for c, lo in enumerate(range(0, len(prompts), batch_size)):
+            out = generate(self.model, self.tokenizer, prompts[lo:lo + batch_size], self.cfg["rollout"]["max_new_tokens"],
+                           greedy=temperature == 0, temperature=temperature or 1.0,
+                           seed=None if seed is None else seed + c)
+            texts += decode_responses(self.tokenizer, out["response"], out["response_mask"])
+        return texts
+
 
 def sample_batch(model, tokenizer, task, cfg: dict[str, Any], step: int, indices: list[int], index: int) -> dict[str, Any]:
     """Rollout batch for training prompts `indices`: tokens, sampling log-probs, rewards.
@@ -67,7 +78,7 @@ def sample_seed(cfg: dict[str, Any], step: int, index: int) -> int:
     return (cfg["seed"] * 1_000_003 + step) * 97 + index
 
 
-class VllmRolloutWorker(VllmScoresCandidates, HoldsWeights, Placed):
+class VllmRolloutWorker(VllmScoresCandidates, ScoresEvalSets, HoldsWeights, Placed):
     """Backend `vllm`: the same API as `RolloutWorker`, sampling with an in-process vLLM engine.
 
     Sampling log-probs come from vLLM (`processed_logprobs`: log softmax(logits / T) of each sampled
@@ -147,6 +158,17 @@ class VllmRolloutWorker(VllmScoresCandidates, HoldsWeights, Placed):
         data = self.task.test if split == "test" else self.task.train
         examples = [data[i] for i in indices]
         return self.rewards(self.greedy([e.prompt for e in examples]), examples), len(examples)
+
+    def complete(self, prompts: list[str], temperature: float, seed: int | None) -> list[str]:
+        """Decoded completions (`eval.sets`): greedy at temperature 0, else one seed per request."""
+        from actors.vllm_engine import sample, to_batch
+
+        ids = self._encode(prompts)
+        tokens, _ = sample(self.llm, ids, max_new_tokens=self.cfg["rollout"]["max_new_tokens"],
+                           eos_id=self.tokenizer.eos_token_id, temperature=temperature,
+                           seeds=None if seed is None else [seed * 10_007 + i for i in range(len(ids))])
+        out = to_batch(ids, tokens, None, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        return decode_responses(self.tokenizer, out["response"], out["response_mask"])
 
     def logprobs(self, batch: dict[str, Any]) -> torch.Tensor:
         """log pi(y_t | x, y_<t) of the batch's response tokens under the engine's current weights

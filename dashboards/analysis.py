@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 
 from dashboards.metrics import BASELINE, Curve, SpeedupRow, Targets, cumulative, speedup_rows, targets, wall_at
-from dashboards.store import ACC, Sweep, Trial
+from dashboards.store import Sweep, Trial
 
 BOOKKEEPING = ("run/name", "run/output_dir", "run/steps", "tracking/uri", "tracking/experiment")
 """Never panel keys (they still appear in the config differences)."""
@@ -130,19 +130,19 @@ def _sortable(value: str) -> tuple:
 
 
 def acc_vs_step(t: Trial) -> Curve:
-    steps, acc = t.series(ACC)
+    steps, acc = t.series(t.metric)
     return Curve(steps, acc)
 
 
 def acc_vs_wall(t: Trial) -> Curve:
     """Accuracy against training wall seconds (module docstring)."""
-    steps, acc = t.series(ACC)
+    steps, acc = t.series(t.metric)
     step_s, secs = t.series("timing/step")
     if step_s:
         walls = wall_at(steps, cumulative(step_s, secs))
         pts = [(w, a) for w, a in zip(walls, acc) if w is not None]
     else:
-        stamps = [ts for _, _, ts in t.history.get(ACC, [])]
+        stamps = [ts for _, _, ts in t.history.get(t.metric, [])]
         pts = [((ts - stamps[0]) / 1000.0, a) for ts, a in zip(stamps, acc)] if stamps else []
     return Curve([w for w, _ in pts], [a for _, a in pts])
 
@@ -177,8 +177,8 @@ def partial_data_notes(trials: list[Trial]) -> list[str]:
         elif t.state == "running":
             notes.append(f"{t.name}: running, step {t.last_step}" + (f" of {total}" if total else "")
                          + "; re-render to see its progress")
-        if ACC not in t.history:
-            notes.append(f"{t.name} has no {ACC} yet")
+        if t.metric not in t.history:
+            notes.append(f"{t.name} has no {t.metric} yet")
     ends = {t.total_steps for t in trials if t.total_steps}
     if len(ends) > 1:
         notes.append(f"trials run different step counts ({', '.join(map(str, sorted(ends)))}): "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dashboards import figures, mlflow_ui, page
 from dashboards.analysis import Analysis, analyze
-from dashboards.store import Sweep, client_for, load_sweep
+from dashboards.store import ACC, Sweep, client_for, load_sweep
 
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = "dashboard"
@@ -51,9 +51,11 @@ def draw(analysis: Analysis, out: Path) -> tuple[dict[str, list[figures.Panel]],
     return sections, notes
 
 
-def build(uri: str, sweep: str, out: Path, experiment: str | None = None, log_artifacts: bool = True) -> Result:
-    """Load, analyze, draw, write the page; log it to the parent run and set the UI tags."""
-    data: Sweep = load_sweep(uri, sweep, experiment)
+def build(uri: str, sweep: str, out: Path, experiment: str | None = None, log_artifacts: bool = True,
+          metric: str = ACC) -> Result:
+    """Load, analyze, draw, write the page; log it to the parent run and set the UI tags. `metric`:
+    the target accuracy of the curves and the speed-up table."""
+    data: Sweep = load_sweep(uri, sweep, experiment, metric)
     analysis = analyze(data)
     out.mkdir(parents=True, exist_ok=True)
     for pattern in PANEL_FILES:
@@ -63,7 +65,9 @@ def build(uri: str, sweep: str, out: Path, experiment: str | None = None, log_ar
     notes = analysis.notes + draw_notes
     ui_url = mlflow_ui.ui_base(uri) + "/" + mlflow_ui.runs_path(data.experiment_id)
     command = (f"foresight dashboard {sweep} --uri {uri} --out {out}"
-               + (f" --experiment {experiment}" if experiment else ""))
+               + (f" --experiment {experiment}" if experiment else "") + (f" --metric {metric}" if metric != ACC else ""))
+    if metric != ACC:
+        notes = [f"target metric: {metric} (curves and speed-up table)"] + notes
     kwargs = dict(notes=notes, out=out, ui_url=ui_url, command=command)
     html_path = out / "dashboard.html"
     html_path.write_text(page.render(analysis, sections, inline=False, **kwargs), encoding="utf-8")

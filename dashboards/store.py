@@ -34,6 +34,8 @@ class Trial:
     """Every metric the run has logged (train/* included)."""
     label: str | None = None
     """The method with its distinguishing settings (e.g. `exopd lam=1.25`), set by the analysis."""
+    metric: str = ACC
+    """The accuracy the curves and the speed-up table use (`foresight dashboard --metric`)."""
 
     @property
     def method(self) -> str:
@@ -101,9 +103,12 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def load_sweep(uri: str, sweep: str, experiment: str | None = None) -> Sweep:
+def load_sweep(uri: str, sweep: str, experiment: str | None = None, metric: str = ACC) -> Sweep:
     """The parent run named `sweep` in `experiment` (default: the sweep's name) and its children,
-    each with the metric histories the dashboard draws."""
+    each with the metric histories the dashboard draws; `metric` is the target accuracy (an
+    `eval/...` key, e.g. `eval/aime24/mean_at_32`)."""
+    if not metric.startswith("eval/"):
+        raise NotFound(f"--metric must be an eval/... metric, got '{metric}'")
     client = client_for(uri)
     exp_name = experiment or sweep
     exp = client.get_experiment_by_name(exp_name)
@@ -131,6 +136,8 @@ def load_sweep(uri: str, sweep: str, experiment: str | None = None) -> Sweep:
         notes.append(f"no run named '{sweep}' in experiment '{exp_name}': showing its {len(children)} top-level "
                      "runs; the dashboard is not logged to MLflow (no parent run to hold it)")
     trials = [_trial(client, r) for r in children]
+    for t in trials:
+        t.metric = metric
     trials.sort(key=lambda t: (t.scale, t.method, _num(t.seed), t.name))
     return Sweep(sweep, uri, eid, parent, trials, notes)
 

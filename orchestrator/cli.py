@@ -5,7 +5,7 @@
     foresight run CONFIG [key=value ...] [--no-resume]     run (resumes from the last checkpoint)
     foresight geometry --base DIR --updated DIR [--final DIR] --out FILE.json   update geometry
     foresight intervene {scale,beta,rank,window,embedding} --base DIR --final DIR [--values ...]
-    foresight dashboard SWEEP [--out DIR] [--uri URI] [--experiment NAME]   comparison page, logged to MLflow
+    foresight dashboard SWEEP [--out DIR] [--uri URI] [--experiment NAME] [--metric KEY]   comparison page, logged to MLflow
 
 Bad input exits with code 2 and `<file>: <key>: <reason>` before anything starts or is written.
 Inside `ray job submit` the run connects to the job's cluster; otherwise it starts a local Ray.
@@ -298,7 +298,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     uri = resolve_uri(args.uri, Path("runs"))
     out = Path(args.out or Path("runs") / "dashboards" / args.sweep)
     try:
-        result = build(uri, args.sweep, out, args.experiment, log_artifacts=not args.no_log)
+        result = build(uri, args.sweep, out, args.experiment, log_artifacts=not args.no_log, metric=args.metric)
     except NotFound as err:
         raise ConfigError("<command line>", "sweep", str(err)) from None
     from dashboards.page import text_tables
@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default: the sweep's name)")
     p.add_argument("--no-log", action="store_true", help="write the page only; log nothing to MLflow")
+    p.add_argument("--metric", default="eval/accuracy",
+                   help="target accuracy of the curves and speed-up table, e.g. eval/aime24/mean_at_32 (eval.sets)")
     p.set_defaults(fn=cmd_dashboard)
     for name, fn, helptext in (("plan", cmd_plan, "validate a config and print the resolved config and actor layout"),
                                ("run", cmd_run, "run an experiment (resumes from its last checkpoint)")):

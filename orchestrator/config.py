@@ -379,6 +379,38 @@ MethodConfig = Annotated[Union[Vanilla, EffOPD, FixedExtrapolation, ExOPD], Fiel
 
 
 # ----------------------------------------------------------------------------- eval / ckpt
+class EvalSet(_Strict):
+    """A named evaluation file in the task's layout (`task.format`, columns, chat template, reward),
+    scored at every evaluation: greedy accuracy and/or k samples per prompt at `temperature`
+    (the EffOPD paper: k = 32, T = 1.0), logged as `eval/<name>/accuracy`, `eval/<name>/mean_at_<k>`
+    (mean@k, the papers' avg@k: mean over prompts of the fraction of correct samples) and
+    `eval/<name>/pass_at_<k>` (MLflow metric names allow no `@`)."""
+
+    path: Path = Field(strict=False)
+    """The file (`.jsonl` / `.parquet`; `$VAR` and `~` are expanded)."""
+    greedy: bool = True
+    """Score greedy accuracy."""
+    k: int = Field(0, ge=0, le=1024)
+    """Samples per prompt for mean@k / pass@k (0: none)."""
+    temperature: float = Field(1.0, gt=0, le=10)
+    """Sampling temperature of the k samples."""
+    num_examples: int | None = Field(None, gt=0, le=10**6)
+    """Examples used (None: the whole file)."""
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        import os
+
+        return os.path.expanduser(os.path.expandvars(value)) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _scores_something(self) -> "EvalSet":
+        if not self.greedy and self.k == 0:
+            raise ValueError("scores nothing: set greedy: true or k >= 1")
+        return self
+
+
 class EvalConfig(_Strict):
     every: int = Field(10, gt=0, le=MAX_STEPS)
     """Greedy accuracy on the held-out test split every N steps (and at step 0 and the end)."""
@@ -386,6 +418,10 @@ class EvalConfig(_Strict):
     """Test examples used (None: the whole test split)."""
     at_powers_of_two: bool = False
     """Also evaluate at steps 1, 2, 4, 8, ... (fine early resolution for steps-to-target)."""
+    sets: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=64)], EvalSet] = {}
+    """Named evaluation sets (file tasks only), e.g. `{aime24: {path: ..., greedy: false, k: 32}}`,
+    scored at the same steps as the test split; `foresight dashboard --metric eval/aime24/mean_at_32`
+    uses one as the speed-up target."""
 
 
 class GeometryConfig(_Strict):
@@ -424,6 +460,9 @@ class ExperimentConfig(_Strict):
             raise ValueError("loss.rlvr_mix < 1 needs rollout.samples_per_prompt >= 2 (GRPO group advantages)")
         if self.loss.rlvr_mix < 1.0 and self.loss.type != "pg_reverse_kl":
             raise ValueError(f"loss.rlvr_mix mixes policy-gradient advantages; loss.type={self.loss.type} has none")
+        if self.eval.sets and not isinstance(self.task, JsonlTask):
+            raise ValueError("eval.sets: named evaluation sets need a file task (task.type: jsonl), whose layout "
+                             "and reward they share")
         return self
 
     @property
@@ -613,7 +652,9 @@ def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
     if isinstance(cfg.task, JsonlTask):
         from orchestrator.task import first_record, lookup
 
-        for key, p in (("task.train_path", cfg.task.train_path), ("task.test_path", cfg.task.test_path)):
+        files = [("task.train_path", cfg.task.train_path), ("task.test_path", cfg.task.test_path)]
+        files += [(f"eval.sets.{name}.path", es.path) for name, es in cfg.eval.sets.items()]
+        for key, p in files:
             if not p.is_file():
                 unset = re.findall(r"\$\{?(\w+)", str(p))
                 hint = f" (is ${unset[0]} set?)" if unset else ""

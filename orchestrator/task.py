@@ -267,6 +267,17 @@ def build_jsonl(cfg: JsonlTask, student_path: str | Path | None = None, max_prom
     return Task(train=train, test=test, reward=REWARDS[cfg.reward], dropped=dropped)
 
 
+def eval_examples(cfg: JsonlTask, path: Path, student_path: str | Path | None = None,
+                  max_prompt_tokens: int | None = None) -> list[Example]:
+    """A named evaluation set (`eval.sets`): the file read in the task's layout, its prompts rendered
+    and filtered exactly as the task's."""
+    render = PromptRenderer(cfg, student_path)
+    examples = read_records(path, cfg, render)
+    if cfg.filter_overlong_prompts and max_prompt_tokens is not None and student_path is not None:
+        examples = drop_overlong(examples, render, max_prompt_tokens)
+    return examples
+
+
 TASKS: dict[str, Callable] = {"addition": build_addition, "jsonl": build_jsonl}
 
 
@@ -283,3 +294,10 @@ def build_task(cfg: AdditionTask | JsonlTask, student_path: str | Path | None = 
 def task_of(acfg: dict[str, Any]) -> Task:
     """The task as an actor builds it from its actor config (`orchestrator.trainer.actor_config`)."""
     return build_task(acfg["task_cfg"], acfg["student_path"], acfg["rollout"]["max_prompt_tokens"])
+
+
+def eval_sets_of(acfg: dict[str, Any]) -> dict[str, list[Example]]:
+    """Every named evaluation set of an actor config, loaded as `eval_examples` loads it."""
+    return {name: eval_examples(acfg["task_cfg"], Path(spec["path"]), acfg["student_path"],
+                                acfg["rollout"]["max_prompt_tokens"])
+            for name, spec in acfg.get("eval_sets", {}).items()}

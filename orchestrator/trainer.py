@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import ray
 import yaml
 
+from actors.evalsets import mean_over
 from actors.group import ActorGroup, split
 from actors.weights import WeightsHandle, fetch_state_dict
 from orchestrator import checkpoint as ckpt
@@ -39,7 +40,7 @@ from orchestrator.monitor import GeometryMonitor
 from orchestrator.placement import TrialActors, nccl_layout, start_learners
 from orchestrator.plan import ResolvedPlan
 from orchestrator.progress import ProgressFile
-from orchestrator.task import build_task
+from orchestrator.task import build_task, eval_examples
 from orchestrator.tracking import MlflowLogger
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def actor_config(cfg: ExperimentConfig, plan: ResolvedPlan | None = None, run_di
         "learner": {**cfg.learner.model_dump(), "gradient_checkpointing": plan.gradient_checkpointing if plan is not None
                     else bool(cfg.learner.gradient_checkpointing)},
         "loss": cfg.loss.model_dump(),
+        "eval_sets": {name: es.model_dump(mode="json") for name, es in cfg.eval.sets.items()},
         "val_size": getattr(cfg.method, "val_size", 50),
         "val_score": getattr(cfg.method, "score", "accuracy"),
         "pid_dir": str((run_dir or cfg.run_dir).resolve() / "actors"),
@@ -153,6 +155,11 @@ class OPDTrainer:
             if any(task.dropped.values()):
                 log.info("dropped overlong prompts (> %d tokens): %s", cfg.rollout.max_prompt_tokens, task.dropped)
         self.test_indices = list(range(min(cfg.eval.num_examples or self.n_test, self.n_test)))
+        self.eval_set_sizes: dict[str, int] = {}
+        for name, es in cfg.eval.sets.items():
+            n = len(eval_examples(cfg.task, es.path, cfg.model_paths[0], cfg.rollout.max_prompt_tokens))
+            self.eval_set_sizes[name] = min(es.num_examples or n, n)
+            self.data_params[f"data/eval_{name}_prompts"] = self.eval_set_sizes[name]
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -293,7 +300,7 @@ class OPDTrainer:
             if self.state.step == 0:
                 acc0 = self.evaluate()
                 if not self.tracker.client.get_metric_history(self.tracker.run_id, "eval/accuracy"):
-                    self.tracker.log(0, {"eval/accuracy": acc0})  # not again after a restart from step 0
+                    self.tracker.log(0, {"eval/accuracy": acc0, **self.evaluate_sets(0)})  # not again after a restart
                 self._report(0, acc0)
             bar = _progress(self.state.step, cfg.run.steps, self.show_progress)
             progress = ProgressFile(self.run_dir, cfg.run.steps)
@@ -401,6 +408,7 @@ class OPDTrainer:
             if step % cfg.eval.every == 0 or step == cfg.run.steps or (cfg.eval.at_powers_of_two and is_search_step(step)):
                 with timer("eval"):
                     metrics["eval/accuracy"] = self.evaluate()
+                    metrics.update(self.evaluate_sets(step))
             if cfg.geometry.every and (step % cfg.geometry.every == 0 or step == cfg.run.steps):
                 with timer("geometry"):
                     metrics.update(self.monitor.observe(step, fetch_state_dict(self._stored())))
@@ -492,6 +500,15 @@ class OPDTrainer:
         parts = split(self.test_indices, len(self.rollout))
         results = ray.get(self.rollout.call_each("evaluate", [("test", p, self.weights) for p in parts]))
         return sum(s for s, _ in results) / max(sum(c for _, c in results), 1)
+
+    def evaluate_sets(self, step: int) -> dict[str, float]:
+        """`eval.sets`: each named set split over the rollout workers; `eval/<set>/<score>` means."""
+        metrics: dict[str, float] = {}
+        for name, n in self.eval_set_sizes.items():
+            parts = split(list(range(n)), len(self.rollout))
+            results = ray.get(self.rollout.call_each("eval_set", [(name, p, self.weights, step) for p in parts]))
+            metrics.update({f"eval/{name}/{k}": v for k, v in mean_over(results).items()})
+        return metrics
 
     def search(self, step: int) -> dict[str, float]:
         """EffOPD (validate candidates, accept by the sequential rule) or fixed extrapolation."""
