@@ -36,6 +36,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
+def expand_path(value: Any) -> Any:
+    """`$VAR`, `${VAR}` and `~` expanded in a path given as a string (an unset variable stays as written)."""
+    import os
+
+    return os.path.expanduser(os.path.expandvars(value)) if isinstance(value, str) else value
+
+
 MAX_STEPS = 10**7
 """Cap for step counts and step intervals: 10^7 optimizer steps is years of wall time at any scale."""
 MAX_SEED = 2**32 - 1
@@ -152,9 +159,7 @@ class JsonlTask(_Strict):
     @field_validator("train_path", "test_path", mode="before")
     @classmethod
     def _expand(cls, value: Any) -> Any:
-        import os
-
-        return os.path.expanduser(os.path.expandvars(value)) if isinstance(value, str) else value
+        return expand_path(value)
 
     @property
     def columns(self) -> tuple[str, str]:
@@ -400,9 +405,7 @@ class EvalSet(_Strict):
     @field_validator("path", mode="before")
     @classmethod
     def _expand(cls, value: Any) -> Any:
-        import os
-
-        return os.path.expanduser(os.path.expandvars(value)) if isinstance(value, str) else value
+        return expand_path(value)
 
     @model_validator(mode="after")
     def _scores_something(self) -> "EvalSet":
