@@ -73,3 +73,22 @@ def assert_same_metrics(client, run_id: str, ref_client, ref_id: str,
         assert [s for s, _ in got] == [s for s, _ in want], f"{key}: steps differ (duplicates or gaps)"
         for (s, a), (_, b) in zip(got, want):
             assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), f"{key} at step {s}: {a} != {b}"
+
+
+def addition_files(folder: Path, k: int = 4, temperature: float = 1.0) -> list[str]:
+    """The embedded addition problems as plain jsonl files (train 200, test 40) and overrides that run
+    them as a file task with the test file also scored as the named evaluation set `held` (greedy,
+    mean/pass at k samples): a file-task workload the shipped models can score."""
+    import json
+
+    from orchestrator.config import AdditionTask
+    from orchestrator.task import build_task
+
+    task = build_task(AdditionTask())
+    paths = {}
+    for split, n in (("train", 200), ("test", 40)):
+        paths[split] = folder / f"{split}.jsonl"
+        paths[split].write_text("\n".join(json.dumps({"prompt": e.prompt, "answer": e.answer})
+                                          for e in getattr(task, split)[:n]) + "\n")
+    return ["task.type=jsonl", f"task.train_path={paths['train']}", f"task.test_path={paths['test']}",
+            "task.reward=exact", f"eval.sets={{held: {{path: {paths['test']}, k: {k}, temperature: {temperature}}}}}"]

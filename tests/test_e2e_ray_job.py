@@ -1,5 +1,6 @@
 """`ray job submit` against a real local Ray cluster started by this test (127.0.0.1, non-default
-ports, token auth), stopped by PID. Inside the job, `foresight run` joins that cluster."""
+ports, token auth), stopped by PID. Inside the job, `foresight run` joins that cluster and runs a
+file task (jsonl) with a named evaluation set, as a user's workload would."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 
 from actors.group import free_port
 from conftest import ROOT, TEST_ENV, run_overrides
-from e2e_helpers import mlflow_run
+from conftest import foresight
+from e2e_helpers import addition_files, mlflow_run
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -50,13 +52,22 @@ def test_ray_job_submit_runs_on_the_cluster(models, tmp_path):
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
              "--", "foresight", "run", "experiments/smoke.yaml", *run_overrides(models, tmp_path),
-             "run.steps=20", "checkpoint.every=0", "learner.world_size=1", "geometry.every=0"],
+             "run.steps=20", "checkpoint.every=0", "learner.world_size=1", "geometry.every=0",
+             *addition_files(tmp_path)],
             env=env, capture_output=True, text=True, timeout=900)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         assert "succeeded" in job.stdout + job.stderr
         client, runs = mlflow_run(tmp_path)
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        assert max(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) == 20
+        run_id = runs[0].info.run_id
+        assert max(m.step for m in client.get_metric_history(run_id, "train/loss")) == 20
+        for key in ("eval/held/accuracy", "eval/held/mean_at_4", "eval/held/pass_at_4"):  # eval.sets
+            assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 20], key
+        params = runs[0].data.params
+        assert params["data/eval_held_prompts"] == "40" and params["data/overlong_dropped_train"] == "0"
+        dash = foresight("dashboard", "smoke", "--uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                         "--out", str(tmp_path / "dash"), "--metric", "eval/held/mean_at_4")
+        assert "target metric: eval/held/mean_at_4" in dash.stdout
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
