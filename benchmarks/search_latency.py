@@ -64,7 +64,7 @@ def main() -> int:
         a = {k: v - 1e-3 * torch.randn(v.shape, generator=gen) for k, v in w.items()}
         current, anchor = WeightsHandle(1, [ray.put(w)]), WeightsHandle(2, [ray.put(a)])
         acfg = {"student_path": str(student), "task_cfg": AdditionTask(), "val_size": 50, "seed": 0,
-                "rollout": {"max_new_tokens": 6}}
+                "rollout": {"max_new_tokens": 6, "max_prompt_tokens": 2048}}
         times = {}
         for p in (1, 2):
             pool = ActorGroup(CandidateEvaluator, p, lambda i: (acfg,), {"num_cpus": 0.25})
