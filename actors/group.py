@@ -36,6 +36,18 @@ class Placed:
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
 
 
+    def timed(self, method: str, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, float]]:
+        """`method(*args, **kwargs)` and how long this actor was busy with it: (result, {"busy_s",
+        "version"}) where `version` is the student weights version the actor held when it finished
+        (rollout workers; 0 for frozen roles). Called with `.options(num_returns=2)`, so the driver
+        reads the small second value without fetching the result."""
+        import time
+
+        t0 = time.perf_counter()
+        result = getattr(self, method)(*args, **kwargs)
+        return result, {"busy_s": time.perf_counter() - t0, "version": float(getattr(self, "version", 0))}
+
+
 class PlacementProbe(Placed):
     """Stands in for any actor of a plan when only its placement matters (`foresight plan --probe`,
     the simulated-cluster tests): it asks Ray for the same resources in the same bundle, loads
@@ -65,6 +77,11 @@ class ActorGroup:
 
     def call_each(self, method: str, per_actor_args: list[tuple]) -> list:
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args)]
+
+    def timed_each(self, method: str, per_actor_args: list[tuple]) -> tuple[list, list]:
+        """`call_each` through `Placed.timed`: (result refs, busy-time refs)."""
+        pairs = [a.timed.options(num_returns=2).remote(method, *args) for a, args in zip(self.actors, per_actor_args)]
+        return [r for r, _ in pairs], [m for _, m in pairs]
 
     def kill(self) -> None:
         import ray

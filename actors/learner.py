@@ -155,15 +155,19 @@ class Learner(Placed):
 
         `parts`: (rollout ref, teacher ref, rows) of every rollout part in batch order; this rank
         fetches only the parts its rows overlap (`actors.batching.fetch_rows`), then `train_on`."""
+        import time
+
         B = sum(int(n) for _, _, n in parts)
         lo, hi = self.rank * B // self.world_size, (self.rank + 1) * B // self.world_size
         batch, x = fetch_rows(parts, lo, hi, self.cfg["rollout"]["samples_per_prompt"], self.cfg["loss"])
+        t0 = time.perf_counter()  # busy from here: the wait for the rollout and teacher parts is theirs
         if fires("nan_teacher", step):  # test hook: one corrupted teacher score, whatever the loss reads
             for name in ("teacher_logp_BR", "teacher_logp_BRV", "teacher_topk_logp_BRK"):
                 if getattr(x, name) is not None:
                     setattr(x, name, getattr(x, name).clone())
                     getattr(x, name)[0, 0] = float("nan")
-        return self.train_on(batch, x, spec, step, global_rows=B, first_row=lo)
+        out = self.train_on(batch, x, spec, step, global_rows=B, first_row=lo)
+        return {**out, "busy_s": time.perf_counter() - t0}
 
     def train_on(self, batch: dict[str, Any], x, spec: dict[str, Any], step: int = 0, global_rows: int | None = None,
                  first_row: int = 0) -> dict[str, float]:

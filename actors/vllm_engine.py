@@ -49,7 +49,7 @@ def build_engine(model_path: str | Path, rollout_cfg: dict[str, Any], seed: int,
     CUDA (GPU scales): the checkpoint's dtype, `gpu_memory_utilization` of each GPU, CUDA graphs,
     tensor parallelism over the GPUs Ray gave this actor (worker processes on this node, `mp`
     executor), NCCL weight updates. CPU: fp32 (log-probs match the learner's to ~1e-6), eager,
-    a fixed KV-cache size, no tensor parallelism."""
+    a fixed KV-cache size, whole-prompt prefills, no tensor parallelism."""
     engine_env(cache_dir)
     from vllm import LLM
 
@@ -68,7 +68,9 @@ def build_engine(model_path: str | Path, rollout_cfg: dict[str, Any], seed: int,
             logging.getLogger(__name__).warning("no CUDA device in this actor (CUDA_VISIBLE_DEVICES=%s): the vLLM "
                                                 "engine runs on CPU without tensor parallelism (planned TP %d)",
                                                 os.environ.get("CUDA_VISIBLE_DEVICES"), tensor_parallel)
-        kwargs.update(dtype="float32", enforce_eager=True,
+        # no chunked prefill on CPU: a prompt split over two scheduler steps makes vLLM rewind its
+        # seeded sampler (`Generator.set_offset`), which CPU generators do not support
+        kwargs.update(dtype="float32", enforce_eager=True, enable_chunked_prefill=False, max_num_batched_tokens=8192,
                       kv_cache_memory_bytes=int(rollout_cfg["vllm_kv_cache_mb"]) * 2**20)
     return LLM(
         model=str(model_path), tokenizer=str(model_path), skip_tokenizer_init=True,

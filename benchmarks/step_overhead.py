@@ -81,8 +81,10 @@ def single_process(student: Path, teacher: Path, steps: int, batch: int, max_new
 
 
 def project(student: Path, teacher: Path, steps: int, batch: int, max_new: int, lr: float, out: Path,
-            world_size: int) -> dict[str, float]:
-    """The real pipeline via OPDTrainer; medians of its `timing/*` metrics (first 3 steps dropped)."""
+            world_size: int, pipeline_max_staleness: int = 0, loss: str = "pg_reverse_kl",
+            extra_metrics: tuple[str, ...] = ()) -> dict[str, float]:
+    """The real pipeline via OPDTrainer; medians of its `timing/*` metrics and of `extra_metrics`
+    (MLflow names), the first 3 steps and the last one (it also evaluates) dropped."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.cli import connect_ray
@@ -90,12 +92,16 @@ def project(student: Path, teacher: Path, steps: int, batch: int, max_new: int, 
     from orchestrator.plan import resolve
     from orchestrator.trainer import OPDTrainer
 
-    cfg = validate({"run": {"name": f"overhead_ws{world_size}", "steps": steps, "output_dir": str(out)},
-                    "models": {"student": str(student), "teacher": str(teacher)},
-                    "learner": {"world_size": world_size, "lr": lr},
-                    "rollout": {"batch_prompts": batch, "max_new_tokens": max_new},
-                    "eval": {"every": 10**6, "num_examples": 8}, "checkpoint": {"every": 0},
-                    "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "overhead"}})
+    raw = {"run": {"name": f"overhead_ws{world_size}", "steps": steps, "output_dir": str(out)},
+           "models": {"student": str(student), "teacher": str(teacher)},
+           "learner": {"world_size": world_size, "lr": lr},
+           "rollout": {"batch_prompts": batch, "max_new_tokens": max_new},
+           "loss": {"type": loss},
+           "eval": {"every": 10**6, "num_examples": 8}, "checkpoint": {"every": 0},
+           "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "overhead"}}
+    if pipeline_max_staleness:
+        raw["pipeline"] = {"max_staleness": pipeline_max_staleness}
+    cfg = validate(raw)
     plan = resolve(cfg)
     connect_ray(plan.available_cpus)
     trainer = OPDTrainer(cfg, plan, resume=False, show_progress=False)
@@ -105,10 +111,10 @@ def project(student: Path, teacher: Path, steps: int, batch: int, max_new: int, 
         trainer.shutdown()
     client = MlflowClient(plan.tracking_uri)
     result = {}
-    for key in ("step", "rollout", "teacher", "learner", "sync"):
-        vals = [m.value for m in sorted(client.get_metric_history(trainer.state.mlflow_run_id, f"timing/{key}"), key=lambda m: m.step)]
-        result[key] = statistics.median(vals[3:])
-    # the last step also evaluates and saves the final checkpoint: exclude it like the warm-up
+    # the last step also evaluates (and then the final checkpoint is saved): exclude it like the warm-up
+    for key, metric in [(k, f"timing/{k}") for k in ("step", "rollout", "teacher", "learner", "sync")] + [(m, m) for m in extra_metrics]:
+        vals = [m.value for m in sorted(client.get_metric_history(trainer.state.mlflow_run_id, metric), key=lambda m: m.step)]
+        result[key] = statistics.median(vals[3:-1] if len(vals) > 4 else vals[3:])
     return result
 
 

@@ -22,7 +22,7 @@ from dashboards.store import ACC, Sweep, client_for, load_sweep
 
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = "dashboard"
-PANEL_FILES = ("accuracy_*.png", "geometry_*.png", "timing.png", "effopd_decisions.png")
+PANEL_FILES = ("accuracy_*.png", "geometry_*.png", "timing.png", "utilization.png", "effopd_decisions.png")
 
 
 @dataclass
@@ -43,12 +43,17 @@ def draw(analysis: Analysis, out: Path) -> tuple[dict[str, list[figures.Panel]],
     notes: list[str] = []
     for heading, fn in (("Test accuracy", lambda: figures.accuracy_panels(analysis, out)),
                         ("EffOPD decisions", lambda: figures.decisions_panel(analysis, out)),
-                        ("Time per phase", lambda: figures.timing_panel(analysis, out)),
+                        ("Time per phase", lambda: _both(figures.timing_panel(analysis, out),
+                                                         figures.utilization_panel(analysis, out))),
                         ("Update geometry", lambda: figures.geometry_panels(analysis, out))):
         panels, more = fn()
         sections[heading] = panels
         notes += more
     return sections, notes
+
+
+def _both(a: tuple[list, list], b: tuple[list, list]) -> tuple[list, list]:
+    return a[0] + b[0], a[1] + b[1]
 
 
 def build(uri: str, sweep: str, out: Path, experiment: str | None = None, log_artifacts: bool = True,

@@ -155,6 +155,50 @@ def timing_panel(analysis: Analysis, out: Path) -> tuple[list[Panel], list[str]]
                   "step.")], []
 
 
+ROLES = ("rollout", "teacher", "learner")
+
+
+def utilization_panel(analysis: Analysis, out: Path) -> tuple[list[Panel], list[str]]:
+    """Per (group, method): each role's utilization (`util/<role>`: its actors' busy seconds /
+    (actors x step wall time), mean over steps and seeds) and the critical path's share of the
+    step (`timing/critical_path` / `timing/step`): what overlapping the phases could win."""
+    rows: list[tuple[str, dict[str, float]]] = []
+    for group in analysis.groups:
+        for method in group.methods():
+            trials = [t for t in group.trials if t.method == method and t.state in USABLE and "util/learner" in t.history]
+            if not trials:
+                continue
+            vals = {r: [v for t in trials for v in t.series(f"util/{r}")[1]] for r in ROLES}
+            per = {r: sum(v) / len(v) for r, v in vals.items() if v}
+            crit = [c / max(w, 1e-9) for t in trials
+                    for c, w in zip(t.series("timing/critical_path")[1], t.series("timing/step")[1])]
+            if crit:
+                per["critical path / step"] = sum(crit) / len(crit)
+            label = f"{method} ({len(trials)} run{'s' if len(trials) != 1 else ''})"
+            rows.append((f"{group.title}\n{label}" if len(analysis.groups) > 1 else label, per))
+    if not rows:
+        return [], ["utilization: no util/* metrics logged yet"]
+    keys = [*ROLES, "critical path / step"]
+    fig = Figure(figsize=(12, 1.2 + 0.7 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    height = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        ys = np.arange(len(rows)) + j * height
+        widths = [r[1].get(key, 0.0) for r in rows]
+        ax.barh(ys, widths, height=height, label=key)
+        for y, w in zip(ys, widths):
+            ax.text(w, y, f" {w:.0%}", va="center", fontsize=7)
+    ax.set_yticks(np.arange(len(rows)) + 0.4 - height / 2, [r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="share of the step's wall time", xlim=(0, 1.15))
+    ax.legend(ncols=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    name = _save(fig, out, "utilization.png")
+    return [Panel(name, "Utilization per role", "Busy share of each role's actors (util/<role>, mean over steps "
+                  "and seeds) and the critical path's share of the step (timing/critical_path / timing/step; "
+                  "with pipeline.max_staleness >= 1 the rollout + teacher half overlaps the learner).")], []
+
+
 def decisions_panel(analysis: Analysis, out: Path) -> tuple[list[Panel], list[str]]:
     """Per EffOPD run: the validation score of W_t (effopd/base_score) and of each candidate
     W_t + c_k (W_t - anchor) (effopd/score_k<k>) at every search step; the accepted one

@@ -434,6 +434,15 @@ class GeometryConfig(_Strict):
     """K of Sim_K (subspace similarity of update directions; at most 65536, beyond any hidden size)."""
 
 
+class PipelineConfig(_Strict):
+    max_staleness: int = Field(0, ge=0, le=64)
+    """Steps the rollout and teacher may run ahead of the learner. 0: strictly on-policy (each batch
+    sampled by the weights of the step before). s >= 1: the batches of steps t+1..t+s are sampled
+    and scored while the learner trains step t, so a batch may come from a policy up to s steps
+    old (the learner's importance correction uses the log-probs it was sampled with). Never
+    across an EffOPD search, an evaluation or a checkpoint (the pipeline drains there)."""
+
+
 class CheckpointConfig(_Strict):
     every: int = Field(25, ge=0, le=MAX_STEPS)
     """Save learner + driver state every N steps (0: only at the end)."""
@@ -455,6 +464,7 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     geometry: GeometryConfig = GeometryConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -62,24 +62,28 @@ class TinyArch:
     intermediate: int
     max_positions: int = 64
 
-    def hf_config(self, vocab_size: int, pad_id: int, eos_id: int):
-        from transformers import LlamaConfig
+    def hf_config(self, vocab_size: int, pad_id: int, eos_id: int, family: str = "llama"):
+        """The HF config of this size in the `llama` or `qwen2` architecture (Qwen2: biased q/k/v)."""
+        from transformers import LlamaConfig, Qwen2Config
 
-        return LlamaConfig(
+        common = dict(
             vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
             num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.heads,
             max_position_embeddings=self.max_positions, tie_word_embeddings=False,
             pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id, torch_dtype="float32",
         )
+        if family == "qwen2":
+            return Qwen2Config(**common, use_sliding_window=False)
+        return LlamaConfig(**common)
 
 
-def init_model(arch: TinyArch, tokenizer, seed: int):
+def init_model(arch: TinyArch, tokenizer, seed: int, family: str = "llama"):
     """Random-init a causal LM from `arch`: every weight matrix and embedding N(0, 0.02^2), every norm
-    weight 1, drawn from one seeded generator in parameter-name order, so the initial weights do not
+    weight 1, every bias 0, drawn from one seeded generator in parameter-name order, so the initial weights do not
     depend on the transformers version's own init code."""
     from transformers import AutoModelForCausalLM
 
-    cfg = arch.hf_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    cfg = arch.hf_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, family)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

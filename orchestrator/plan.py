@@ -114,7 +114,7 @@ class ResolvedPlan:
 
     @property
     def reserved_gpu_hours(self) -> float:
-        """Reserved GPUs x serial wall time per step x steps."""
+        """Reserved GPUs x wall time per step (serial, or the pipelined critical path) x steps."""
         return self.total_gpus * self.cost.step_seconds * self.steps / 3600 if self.cost else float("nan")
 
     @property
@@ -154,9 +154,11 @@ class ResolvedPlan:
                 lines.append(f"  node {node}: {', '.join(per_node[node])}")
         if self.cost:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in self.cost.seconds.items())
-            lines.append(f"  per step (serial loop): {self.cost.step_seconds:.1f} s ({parts})")
+            loop = (f"pipelined on {self.cost.overlap:.0%} of steps: max(rollout + teacher, learner + sync)"
+                    if self.cost.overlap else "serial loop")
+            lines.append(f"  per step ({loop}): {self.cost.step_seconds:.1f} s ({parts})")
             lines.append(f"  {self.steps} steps: ~{self.reserved_gpu_hours:,.0f} reserved GPU-hours "
-                         f"({self.total_gpus} GPUs x serial wall time); ideal FLOPs ~{self.ideal_gpu_hours:,.0f} GPU-hours")
+                         f"({self.total_gpus} GPUs x wall time); ideal FLOPs ~{self.ideal_gpu_hours:,.0f} GPU-hours")
         elif self.gpu:
             lines.append("  GPU-hours: unknown GPU type on this cluster (no accelerator_type resource)")
         if self.gpu:
@@ -362,7 +364,16 @@ def _cost(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: Clus
     return step_cost(scale, cluster.gpu_type, rollout=(r.actors, r.tp), teacher=(t.actors, t.tp),
                      learner_ranks=plan.role("learner").actors, evaluators=(ev.actors, ev.tp) if ev else (0, 1),
                      work=work, steps=cfg.run.steps, eval_every=cfg.eval.every, eval_work=eval_work,
-                     search_candidates=search, val_work=val)
+                     search_candidates=search, val_work=val, overlap=pipeline_overlap(cfg))
+
+
+def pipeline_overlap(cfg: ExperimentConfig) -> float:
+    """Share of steps whose rollout + teacher overlap the learner: 0 without pipelining, else every
+    step but the one after each barrier (evaluations and checkpoints; searches are rare)."""
+    if cfg.pipeline.max_staleness < 1:
+        return 0.0
+    barriers = 1 / cfg.eval.every + (1 / cfg.checkpoint.every if cfg.checkpoint.every else 0.0)
+    return max(0.0, 1.0 - barriers)
 
 
 def _check_combinations(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:

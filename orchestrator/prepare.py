@@ -108,28 +108,77 @@ def train_sft(model, tokenizer, task: Task, *, lr: float, recipe: Recipe, max_ne
     raise RuntimeError(f"{label}: did not reach its accuracy target in {recipe.max_steps} steps (last {acc:.3f})")
 
 
-def prepare(out_dir: Path, recipe: Recipe = Recipe(), force: bool = False, task_cfg: AdditionTask = AdditionTask()) -> dict:
+@dataclass(frozen=True)
+class Workload:
+    """What `prepare` builds: the task, tokenizer and model sizes of one embedded workload."""
+
+    name: str
+    teacher_arch: TinyArch
+    student_arch: TinyArch
+    family: str
+    """HF architecture of both models: `llama` or `qwen2`."""
+    max_new_tokens: int
+    data_files: tuple[str, ...] = ()
+    """Files the workload writes under the output folder (checksummed in the record)."""
+
+    def record(self, recipe: Recipe, task_cfg: AdditionTask) -> dict:
+        """The part of `prepare.json` that decides whether the models are up to date."""
+        want = {"recipe": asdict(recipe), "teacher_arch": asdict(self.teacher_arch), "student_arch": asdict(self.student_arch)}
+        if self.name == "addition":  # the record shipped before workloads existed, unchanged
+            return {**want, "task": task_cfg.model_dump()}
+        return {**want, "workload": self.name, "family": self.family,
+                "task": {"train_size": task_cfg.train_size, "test_size": task_cfg.test_size}}
+
+    def build(self, out_dir: Path, task_cfg: AdditionTask):
+        """(tokenizer, SFT task): train examples hold the SFT targets, test examples the gold answers."""
+        if self.name == "addition":
+            return build_tokenizer(), build_addition(task_cfg)
+        from orchestrator import twin
+
+        return twin.build(out_dir, task_cfg.train_size, task_cfg.test_size)
+
+
+WORKLOADS = {
+    "addition": Workload("addition", TEACHER_ARCH, STUDENT_ARCH, "llama", max_new_tokens=AdditionTask().digits + 2),
+    "math_twin": Workload("math_twin", TinyArch(hidden=96, layers=3, heads=3, intermediate=384),
+                          TinyArch(hidden=64, layers=2, heads=2, intermediate=192), "qwen2", max_new_tokens=12,
+                          data_files=("data/train.parquet", "data/test.parquet")),
+}
+"""`addition`: `ABC+DEF=` -> `SSSS`, character tokenizer, Llama (models/addition). `math_twin`: the
+paper's workload at CPU size (orchestrator/twin.py): verl parquet, byte-level BPE + chat template,
+math-verify, Qwen2 (models/math_twin)."""
+
+
+def up_to_date(out_dir: Path, want: dict, workload: Workload) -> bool:
+    """The record matches `want` and every model and data file hashes to its recorded sha256."""
+    meta_path = out_dir / "prepare.json"
+    if not meta_path.is_file():
+        return False
+    have = json.loads(meta_path.read_text())
+    files = {f"{r}/model.safetensors": have.get(r, {}).get("sha256") for r in ("teacher", "student")}
+    files.update({f: have.get("files", {}).get(f) for f in workload.data_files})
+    intact = all((out_dir / f).is_file() and sha256(out_dir / f) == digest for f, digest in files.items())
+    if not intact:
+        log.warning("models in %s do not match their record (prepare.json): rebuilding", out_dir)
+    return intact and {k: have.get(k) for k in want} == json.loads(json.dumps(want))
+
+
+def prepare(out_dir: Path, recipe: Recipe = Recipe(), force: bool = False, task_cfg: AdditionTask = AdditionTask(),
+            workload: str = "addition") -> dict:
     """Build teacher and student under `out_dir/{teacher,student}`; cached by recipe + arch."""
     quiet_hf()
     torch.set_num_threads(1)
-    meta_path = out_dir / "prepare.json"
-    want = {"recipe": asdict(recipe), "teacher_arch": asdict(TEACHER_ARCH), "student_arch": asdict(STUDENT_ARCH),
-            "task": task_cfg.model_dump()}
-    if meta_path.is_file() and not force:
-        have = json.loads(meta_path.read_text())
-        intact = all((out_dir / r / "model.safetensors").is_file() and
-                     sha256(out_dir / r / "model.safetensors") == have.get(r, {}).get("sha256") for r in ("teacher", "student"))
-        if {k: have.get(k) for k in want} == json.loads(json.dumps(want)) and intact:
-            log.info("models in %s are up to date (use --force to rebuild)", out_dir)
-            return have
-        if not intact:
-            log.warning("models in %s do not match their record (prepare.json): rebuilding", out_dir)
-    task = build_addition(task_cfg)
-    tokenizer = build_tokenizer()
-    max_new = task_cfg.digits + 2
+    wl = WORKLOADS[workload]
+    want = wl.record(recipe, task_cfg)
+    if not force and up_to_date(out_dir, want, wl):
+        log.info("models in %s are up to date (use --force to rebuild)", out_dir)
+        return json.loads((out_dir / "prepare.json").read_text())
+    tokenizer, task = wl.build(out_dir, task_cfg)
     result = dict(want)
-    for role, arch, lr, seed_off in (("teacher", TEACHER_ARCH, recipe.teacher_lr, 1), ("student", STUDENT_ARCH, recipe.student_lr, 2)):
-        model = init_model(arch, tokenizer, recipe.seed * 100 + seed_off)
+    if wl.data_files:
+        result["files"] = {f: sha256(out_dir / f) for f in wl.data_files}
+    for role, arch, lr, seed_off in (("teacher", wl.teacher_arch, recipe.teacher_lr, 1), ("student", wl.student_arch, recipe.student_lr, 2)):
+        model = init_model(arch, tokenizer, recipe.seed * 100 + seed_off, wl.family)
         torch.manual_seed(recipe.seed * 100 + seed_off)  # dropout-free models: only for completeness
         if role == "teacher":
             stop = lambda a: a >= recipe.teacher_target  # noqa: E731
@@ -137,9 +186,10 @@ def prepare(out_dir: Path, recipe: Recipe = Recipe(), force: bool = False, task_
             lo, hi = recipe.student_band
             stop = lambda a: lo <= a <= hi  # noqa: E731
         t0 = time.time()
-        steps, acc = train_sft(model, tokenizer, task, lr=lr, recipe=recipe, max_new_tokens=max_new, stop=stop, label=role)
+        steps, acc = train_sft(model, tokenizer, task, lr=lr, recipe=recipe, max_new_tokens=wl.max_new_tokens,
+                               stop=stop, label=role)
         model.eval()
-        acc = greedy_accuracy(model, tokenizer, task.test, task.reward, max_new)
+        acc = greedy_accuracy(model, tokenizer, task.test, task.reward, wl.max_new_tokens)
         path = out_dir / role
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
@@ -148,5 +198,5 @@ def prepare(out_dir: Path, recipe: Recipe = Recipe(), force: bool = False, task_
                         "seconds": round(time.time() - t0, 1), "sha256": sha256(path / "model.safetensors")}
         log.info("%s: %d params, test accuracy %.3f after %d SFT steps", role, params, acc, steps)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(result, indent=2))
+    (out_dir / "prepare.json").write_text(json.dumps(result, indent=2))
     return result

@@ -342,10 +342,18 @@ class StepCost:
 
     seconds: dict[str, float] = field(default_factory=dict)
     flops: float = 0.0
+    overlap: float = 0.0
+    """Share of steps whose rollout + teacher half runs while the learner trains the step before
+    (`pipeline.max_staleness >= 1`: every step except those after a pipeline barrier; 0: serial)."""
 
     @property
     def step_seconds(self) -> float:
-        return sum(self.seconds.values())
+        """Serial: the sum of the phases. Pipelined: on the overlapped share of steps the critical
+        path max(rollout + teacher, learner + sync), on the rest their sum; plus eval and search."""
+        s = self.seconds
+        produce, consume = s.get("rollout", 0) + s.get("teacher", 0), s.get("learner", 0) + s.get("sync", 0)
+        core = self.overlap * max(produce, consume) + (1 - self.overlap) * (produce + consume)
+        return core + sum(v for k, v in s.items() if k not in ("rollout", "teacher", "learner", "sync"))
 
 
 MFU_PREFILL = 0.40
@@ -372,7 +380,7 @@ def decode_seconds(shape: ModelShape, gpu: GpuType, engines: int, tp: int, work:
 
 def step_cost(scale: Scale, gpu: GpuType, *, rollout: tuple[int, int], teacher: tuple[int, int], learner_ranks: int,
               evaluators: tuple[int, int], work: Workload, steps: int, eval_every: int, eval_work: Workload,
-              search_candidates: int = 0, val_work: Workload | None = None) -> StepCost:
+              search_candidates: int = 0, val_work: Workload | None = None, overlap: float = 0.0) -> StepCost:
     """Serial wall time of one step (rollout -> teacher -> learner -> sync, plus searches and evaluations
     amortized over the run) on the roles' own GPUs; (engines, TP) pairs for the engine roles.
 
@@ -380,7 +388,7 @@ def step_cost(scale: Scale, gpu: GpuType, *, rollout: tuple[int, int], teacher: 
     (forward, backward, recompute with gradient checkpointing)."""
     ps, pt = scale.student.params_b * 1e9, scale.teacher.params_b * 1e9
     gen_tokens = work.sequences * work.fill * work.response_len
-    cost = StepCost()
+    cost = StepCost(overlap=overlap)
     cost.seconds["rollout"] = decode_seconds(scale.student, gpu, rollout[0], rollout[1], work)
     cost.seconds["teacher"] = 2 * pt * work.tokens / (teacher[0] * teacher[1] * MFU_PREFILL * gpu.peak_flops)
     cost.seconds["learner"] = 8 * ps * work.tokens / (learner_ranks * MFU_TRAIN * gpu.peak_flops)

@@ -3,10 +3,15 @@
     1. rollout   y ~ pi_s(.|x) for a batch of training prompts          (rollout group)
     2. teacher   log pi_t(y_t | x, y_<t) for every sampled token       (teacher group)
     3. learner   loss on A_t = lam (log pi_t - log pi_s), AdamW step    (ZeRO-3 learner group)
-    4. sync      put the new weights once; rollout workers load them
+    4. sync      put the new weights once; rollout workers load them with their next batch
     5. search    at t = 2^n: EffOPD / fixed extrapolation               (evaluator pool)
     6. eval      greedy accuracy on the held-out test split every N steps
-    7. log       MLflow metrics, `timing/<phase>` for every phase
+    7. log       MLflow metrics, `timing/<phase>` for every phase, busy time and `util/<role>`
+
+Steps 1-2 run as one pipeline (`orchestrator/pipeline.py`): each rollout shard goes to a teacher as
+soon as it is sampled, and with `pipeline.max_staleness` s >= 1 the batches of the next s steps
+are sampled and scored while the learner trains this one (never across a search, evaluation or
+checkpoint).
     8. ckpt      every N steps: learner + anchor + driver state, then `latest`
 
 Nothing here holds model tensors; actors exchange them through the object store.
@@ -37,6 +42,7 @@ from orchestrator.extrapolation import Decision, accept, is_search_step
 from orchestrator.faults import fires
 from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION
 from orchestrator.monitor import GeometryMonitor
+from orchestrator.pipeline import Launched, RolloutPipeline
 from orchestrator.placement import TrialActors, nccl_layout, start_learners
 from orchestrator.plan import ResolvedPlan
 from orchestrator.progress import ProgressFile
@@ -185,6 +191,7 @@ class OPDTrainer:
             self._sync_rollout()
             if cfg.learner.grad_project_rank and self.state.step >= self._project_step:
                 self.start_grad_projection_from_disk()
+        self.pipeline = RolloutPipeline(self._launch, cfg.pipeline.max_staleness, cfg.run.steps, self._barrier)
         if cfg.geometry.every:
             self.monitor = GeometryMonitor(self._initial_weights(), self.run_dir / "geometry", cfg.geometry.sim_k)
 
@@ -219,12 +226,18 @@ class OPDTrainer:
         else:
             self._on_learners("set_anchor")
         self.weights = WeightsHandle(self._version, [])
+        self._weights_step = self.state.step
+        self._version_step = {0: 0}
+        """Weights version -> the learner step that made it (W_0: 0), for the samples' staleness."""
         self.anchor = self._publish(which="anchor") if self._extrapolates else None
 
     def _on_learners(self, method: str, *args: Any) -> list:
         """Call `method` on every learner rank; fail as soon as one rank fails (a dead rank leaves the
         others waiting in a collective)."""
-        refs = self.learner.call(method, *args)
+        return self._wait_learners(self.learner.call(method, *args))
+
+    @staticmethod
+    def _wait_learners(refs: list) -> list:
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -258,6 +271,7 @@ class OPDTrainer:
         run_id = self.state.mlflow_run_id
         self.state = ckpt.read_driver_state(self.run_dir, tag) if tag else ckpt.RunState(mlflow_run_id=run_id)
         self._restore_learner(tag)
+        self.pipeline.reset()  # batches in flight came from weights the restored learner never had
         self._sync_rollout()  # the rollout workers go back to the restored weights
 
     def _open_tracker(self) -> None:
@@ -377,23 +391,20 @@ class OPDTrainer:
     def step_once(self, step: int) -> dict[str, float]:
         cfg, timer = self.cfg, Timer()
         with timer("step"):
-            # 1. rollout: the student samples completions for this step's prompts
+            # 1-2. rollout y ~ pi_s(.|x), each shard scored by a teacher as soon as it is sampled
+            #      (log pi_t of every sampled token); launched up to pipeline.max_staleness steps ahead
+            batch = self.pipeline.take(step)
+            # 3. learner: one ZeRO-3 AdamW step on the OPD loss (each rank fetches its rows only and
+            #    starts when they are scored); the driver times the wait on each phase meanwhile
+            learner_refs = self.learner.call("train_step", batch.parts, self._loss_spec, step)
             with timer("rollout"):
-                samplers = self.rollout if cfg.rollout.source == "student" else self.teacher
-                parts = split(batch_indices(step, self.n_train, cfg.rollout.batch_prompts, cfg.run.seed, cfg.run.data_order), len(samplers))
-                rollout_refs = samplers.call_each("generate", [(step, p, self.weights) for p in parts])
-                ray.wait(rollout_refs, num_returns=len(rollout_refs))
-            # 2. teacher: log-prob of every sampled token (and the reference's, for ExOPD)
+                ray.wait(batch.rollout_meta, num_returns=len(batch.rollout_meta))
             with timer("teacher"):
-                scorers = self.teacher.actors
-                teacher_refs = [scorers[i % len(scorers)].score.remote(r, **self._wanted_scores)
-                                for i, r in enumerate(rollout_refs)]
-                ray.wait(teacher_refs, num_returns=len(teacher_refs))
-            # 3. learner: one ZeRO-3 AdamW step on the OPD loss (each rank fetches its rows only)
+                ray.wait(batch.teacher_meta, num_returns=len(batch.teacher_meta))
             with timer("learner"):
-                rows = [len(p) * cfg.rollout.samples_per_prompt for p in parts]
-                stats = self._on_learners("train_step", list(zip(rollout_refs, teacher_refs, rows)), self._loss_spec, step)
+                stats = self._wait_learners(learner_refs)
             # 4. weight sync: learner -> rollout engines
+            self._weights_step = step
             with timer("sync"):
                 self._sync_rollout()
             metrics = self._train_metrics(stats)
@@ -405,7 +416,7 @@ class OPDTrainer:
             if cfg.learner.grad_project_rank and step == self._project_step:
                 self.start_grad_projection()
             # 6. periodic evaluation on the held-out test split (and the geometry monitor)
-            if step % cfg.eval.every == 0 or step == cfg.run.steps or (cfg.eval.at_powers_of_two and is_search_step(step)):
+            if self._evaluates_at(step):
                 with timer("eval"):
                     metrics["eval/accuracy"] = self.evaluate()
                     metrics.update(self.evaluate_sets(step))
@@ -413,20 +424,79 @@ class OPDTrainer:
                 with timer("geometry"):
                     metrics.update(self.monitor.observe(step, fetch_state_dict(self._stored())))
         self.state.step = step
-        return {**metrics, **timer.times}
+        return {**metrics, **timer.times, **self._utilization(batch, stats, timer.times)}
 
     # ------------------------------------------------------------------ phases
+    def _launch(self, step: int) -> Launched:
+        """Steps 1-2 of `step`, submitted without waiting: rollout shards sampled with the weights
+        held now, each passed (as an object ref) to a teacher, which starts when it is ready."""
+        cfg = self.cfg
+        samplers = self.rollout if cfg.rollout.source == "student" else self.teacher
+        parts = split(batch_indices(step, self.n_train, cfg.rollout.batch_prompts, cfg.run.seed, cfg.run.data_order), len(samplers))
+        rollout_refs, rollout_meta = samplers.timed_each("generate", [(step, p, self.weights) for p in parts])
+        scorers = self.teacher.actors
+        scored = [scorers[i % len(scorers)].timed.options(num_returns=2).remote("score", r, **self._wanted_scores)
+                  for i, r in enumerate(rollout_refs)]
+        rows = [len(p) * cfg.rollout.samples_per_prompt for p in parts]
+        return Launched(step, self._weights_step, list(zip(rollout_refs, [t for t, _ in scored], rows)),
+                        rollout_meta, [m for _, m in scored])
+
+    def _evaluates_at(self, step: int) -> bool:
+        cfg = self.cfg
+        return step % cfg.eval.every == 0 or step == cfg.run.steps or (cfg.eval.at_powers_of_two and is_search_step(step))
+
+    def _barrier(self, step: int) -> bool:
+        """Steps after which something reads or replaces the weights outside a learner step (search,
+        evaluation, gradient projection, checkpoint): the pipeline does not run past them."""
+        cfg = self.cfg
+        return bool((self._extrapolates and cfg.method.searches_at(step)) or self._evaluates_at(step)
+                    or (cfg.learner.grad_project_rank and step == self._project_step)
+                    or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
+
+    def _utilization(self, batch: Launched, stats: list[dict[str, float]], times: dict[str, float]) -> dict[str, float]:
+        """Busy seconds of each role on this step's batch (`timing/<role>_busy`: the busiest actor),
+        its utilization (`util/<role>`: summed busy time / (actors x step wall time)), the critical
+        path (rollout + teacher of the slowest shard, then learner and sync; with pipelining the
+        producer half overlaps the learner: max of the two) and the batch's staleness."""
+        rmeta, tmeta = ray.get(batch.rollout_meta), ray.get(batch.teacher_meta)
+        scorers = len(self.teacher)
+        teacher_busy = [sum(m["busy_s"] for i, m in enumerate(tmeta) if i % scorers == j) for j in range(scorers)]
+        learner_busy = [s["busy_s"] for s in stats]
+        producer = max(r["busy_s"] + teacher_busy[i % scorers] for i, r in enumerate(rmeta))
+        consumer = max(learner_busy) + times["timing/sync"]
+        wall = max(times["timing/step"], 1e-9)
+        out = {"timing/rollout_busy": max(r["busy_s"] for r in rmeta), "timing/teacher_busy": max(teacher_busy),
+               "timing/learner_busy": max(learner_busy),
+               "timing/critical_path": max(producer, consumer) if self.cfg.pipeline.max_staleness else producer + consumer,
+               "util/rollout": sum(r["busy_s"] for r in rmeta) / (len(self.rollout) * wall),
+               "util/teacher": sum(teacher_busy) / (scorers * wall),
+               "util/learner": sum(learner_busy) / (len(learner_busy) * wall),
+               "pipeline/staleness": float(self._staleness(batch, rmeta))}
+        return out
+
+    def _staleness(self, batch: Launched, rmeta: list[dict[str, float]]) -> int:
+        """How many learner steps older than on-policy (W_{t-1}) the oldest sample of the batch is,
+        from the weights version each rollout worker reports having sampled with."""
+        if self.cfg.rollout.source != "student":
+            return 0  # off-policy control: the teacher samples
+        try:
+            return max((batch.step - 1) - self._version_step[int(m["version"])] for m in rmeta)
+        except KeyError as err:
+            raise RuntimeError(f"step {batch.step}: a rollout worker sampled with weights version {err.args[0]}, "
+                               "which the learner never published") from None
+
     def _sync_rollout(self) -> None:
-        """Step 4. Object store (default): learner rank 0 puts the weights once, in buckets, and every
-        rollout worker loads the same refs. NCCL (GPU, vLLM engines): rank 0 broadcasts to every
-        engine worker; the object-store copy is then made only when something else needs it."""
+        """Step 4. Object store (default): learner rank 0 puts the weights once, in buckets; every
+        rollout worker loads the same refs when its next call carries the new handle (no round trip
+        of its own). NCCL (GPU, vLLM engines): rank 0 broadcasts to every engine worker; the
+        object-store copy is then made only when something else needs it."""
         if not self._nccl:
             self.weights = self._publish()
-            ray.get(self.rollout.call("sync", self.weights))
-            return
-        self._version += 1
-        self.weights = WeightsHandle(self._version, [])
-        ray.get(self.learner.call("nccl_send") + self.rollout.call("nccl_receive", self._nccl_meta, self._version))
+        else:
+            self._version += 1
+            self.weights = WeightsHandle(self._version, [])
+            ray.get(self.learner.call("nccl_send") + self.rollout.call("nccl_receive", self._nccl_meta, self._version))
+        self._version_step[self.weights.version] = self._weights_step
 
     def _stored(self) -> WeightsHandle:
         """The current weights in the object store (for evaluators, the monitor, the final save)."""

@@ -41,16 +41,28 @@ def models() -> Path:
 
 
 @pytest.fixture(scope="session")
+def twin_models() -> Path:
+    """The shipped math twin (models/math_twin: verl data, BPE tokenizer + chat template, Qwen2
+    teacher and student), verified by `foresight prepare --workload math_twin`."""
+    out = ROOT / "models" / "math_twin"
+    foresight("prepare", "--workload", "math_twin", timeout=1800)
+    return out
+
+
+SMOKE_PIPELINED = ("pipeline.max_staleness=1",)
+
+
+@pytest.fixture(scope="session")
 def smoke_reference(models, tmp_path_factory) -> dict:
-    """experiments/smoke.yaml run once through the CLI (vanilla OPD, 80 steps): the reference that
-    several modules check or compare against."""
+    """experiments/smoke.yaml run once through the CLI (vanilla OPD, 80 steps, pipelined with
+    `pipeline.max_staleness=1`; every other end-to-end run is strictly on-policy)."""
     import time
 
     from mlflow.tracking import MlflowClient
 
     out = tmp_path_factory.mktemp("smoke_reference")
     t0 = time.time()
-    proc = foresight("run", str(ROOT / "experiments" / "smoke.yaml"), *run_overrides(models, out))
+    proc = foresight("run", str(ROOT / "experiments" / "smoke.yaml"), *run_overrides(models, out), *SMOKE_PIPELINED)
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("smoke")
     runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "smoke"]

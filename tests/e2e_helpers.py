@@ -92,3 +92,11 @@ def addition_files(folder: Path, k: int = 4, temperature: float = 1.0) -> list[s
                                           for e in getattr(task, split)[:n]) + "\n")
     return ["task.type=jsonl", f"task.train_path={paths['train']}", f"task.test_path={paths['test']}",
             "task.reward=exact", f"eval.sets={{held: {{path: {paths['test']}, k: {k}, temperature: {temperature}}}}}"]
+
+
+def assert_reward_rose(client, run_id: str, window: int = 5, min_gain: float = 0.05) -> None:
+    """The student's verifiable reward (math-verify on its own samples) rose: the mean of the last
+    `window` steps' `train/reward` is at least `min_gain` above the first `window` steps'."""
+    reward = [v for _, v in history(client, run_id, "train/reward")]
+    first, last = sum(reward[:window]) / window, sum(reward[-window:]) / window
+    assert last >= first + min_gain, f"train/reward {first:.3f} -> {last:.3f} (steps 1-{window} vs the last {window})"

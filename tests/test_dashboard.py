@@ -144,7 +144,8 @@ def synthetic_sweep(uri: str, artifacts: Path, name: str = "synth") -> dict:
             _log(client, rid, step, {"eval/accuracy": acc}, t0 + step * 1000)
         for step in range(1, max(s for s, _ in curve) + 1):
             m = {"timing/rollout": 0.5, "timing/teacher": 0.2, "timing/learner": 0.8, "timing/sync": 0.1,
-                 "timing/eval": 0.05, "timing/step": 1.7 + (0.4 if method == "effopd" else 0)}
+                 "timing/eval": 0.05, "timing/step": 1.7 + (0.4 if method == "effopd" else 0),
+                 "timing/critical_path": 1.6, "util/rollout": 0.3, "util/teacher": 0.12, "util/learner": 0.47}
             if method == "effopd":
                 m["timing/search"] = 0.4
             if geometry and step % 4 == 0:
@@ -215,6 +216,7 @@ def test_page_images_exist_are_pngs_and_are_referenced(rendered):
         data = (out / src).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, src
     assert "geometry_layers.png" in srcs and "effopd_decisions.png" in srcs and "timing.png" in srcs
+    assert "utilization.png" in srcs and "Utilization per role" in html
 
 
 def test_panels_per_swept_key_and_partial_data_notes(rendered):

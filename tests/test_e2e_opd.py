@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from conftest import foresight
+from conftest import ROOT, foresight
 from e2e_helpers import assert_student_learned, history
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +56,8 @@ def test_smoke_run_improves_student_and_logs_to_mlflow(smoke_reference):
     assert acc[0][0] == 0 and acc[-1][0] == 80
     assert_student_learned(client, run.info.run_id)
     for key in ("train/loss", "train/reverse_kl", "timing/rollout", "timing/teacher", "timing/learner",
-                "timing/sync", "timing/step"):
+                "timing/sync", "timing/step", "timing/rollout_busy", "timing/teacher_busy", "timing/learner_busy",
+                "timing/critical_path", "util/rollout", "util/teacher", "util/learner", "pipeline/staleness"):
         steps = [s for s, _ in history(client, run.info.run_id, key)]
         assert steps == list(range(1, 81)), key
     geo = history(client, run.info.run_id, "geometry/stable_rank")
@@ -71,6 +72,40 @@ def test_smoke_run_improves_student_and_logs_to_mlflow(smoke_reference):
     assert {"resolved_config.yaml", "final_checkpoint.txt"} <= arts
     assert (smoke_reference["out"] / "smoke" / "final" / "model.safetensors").is_file()
     print(f"smoke run wall time {smoke_reference['seconds']:.0f}s; accuracy {acc[0][1]:.3f} -> {acc[-1][1]:.3f}")
+
+
+def test_pipelined_run_keeps_its_staleness_bound_and_resumes_exactly(smoke_reference, models, tmp_path):
+    """The smoke reference runs with pipeline.max_staleness=1 (and learned: the test above). Every
+    batch was sampled by weights at most one learner step old (the versions the rollout workers
+    report), the pipeline ran ahead wherever it may and drained after each evaluation/checkpoint
+    (steps 20, 40, 60). Resume: the run folder as a crash after the step-60 checkpoint leaves it
+    (`latest` -> step 60, no final weights), re-run with the same command, ends with final weights
+    bit-identical to the uninterrupted run's."""
+    import shutil
+
+    from conftest import SMOKE_PIPELINED, run_overrides
+
+    client, run = smoke_reference["client"], smoke_reference["run"]
+    staleness = dict(history(client, run.info.run_id, "pipeline/staleness"))
+    assert sorted(staleness) == list(range(1, 81)) and set(staleness.values()) == {0.0, 1.0}
+    assert all(staleness[s] == 0.0 for s in (1, 21, 41, 61)), "the pipeline must drain at evaluations/checkpoints"
+    assert sum(staleness.values()) == 80 - 4  # every other step's batch was sampled while the learner trained
+    util = history(client, run.info.run_id, "util/learner")
+    assert all(0.0 < v <= 1.0 for _, v in util)
+
+    src, out = smoke_reference["out"], tmp_path
+    shutil.copytree(src / "smoke", out / "smoke")
+    shutil.copy(src / "mlflow.db", out / "mlflow.db")
+    ckpts = out / "smoke" / "checkpoints"
+    assert (ckpts / "step0000060").is_dir()
+    (ckpts / "latest").write_text("step0000060")
+    shutil.rmtree(ckpts / "step0000080")
+    shutil.rmtree(out / "smoke" / "final")
+    (out / "smoke" / "done.json").unlink()
+    resumed = foresight("run", str(ROOT / "experiments" / "smoke.yaml"), *run_overrides(models, out), *SMOKE_PIPELINED)
+    assert "step0000060" in resumed.stdout + resumed.stderr
+    final = "smoke/final/model.safetensors"
+    assert (out / final).read_bytes() == (src / final).read_bytes(), "the resumed pipelined run diverged"
 
 
 def test_pg_reverse_kl_and_exopd_as_published(method_sweep):

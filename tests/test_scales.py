@@ -145,3 +145,16 @@ def test_plan_cli_dry_run_and_rejection(fake_models):
     gpu_here = foresight("plan", "experiments/smoke.yaml", "run.scale=4B", f"models.student={fake_models / 'student'}",
                          f"models.teacher={fake_models / 'teacher'}", check=False)
     assert gpu_here.returncode == 2 and "run.scale: scale 4B needs GPUs" in gpu_here.stderr
+
+
+def test_pipelined_gpu_hours_use_the_critical_path_on_the_steps_that_overlap():
+    args = ("run.scale=1.5B", "run.steps=100", "rollout.batch_prompts=1024", "rollout.max_new_tokens=16384",
+            "eval.every=10", "checkpoint.every=20")
+    serial, piped = gpu_plan(*args), gpu_plan(*args, "pipeline.max_staleness=2")
+    s = piped.cost.seconds
+    assert s == serial.cost.seconds and piped.cost.overlap == pytest.approx(1 - 1 / 10 - 1 / 20)
+    produce, consume = s["rollout"] + s["teacher"], s["learner"] + s["sync"]
+    per_step = 0.85 * max(produce, consume) + 0.15 * (produce + consume) + s["eval"]
+    assert piped.reserved_gpu_hours == pytest.approx(piped.total_gpus * per_step * 100 / 3600)
+    assert piped.reserved_gpu_hours < serial.reserved_gpu_hours
+    assert "pipelined on 85% of steps" in piped.describe()
