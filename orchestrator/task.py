@@ -14,6 +14,7 @@ Registry (a plain dict) keyed by the config's `task.type`:
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass
@@ -73,13 +74,28 @@ def as_latex(expr: str) -> str:
 
 def math_verify_reward(completion: str, answer: str, timeout: int = 5) -> float:
     """1.0 when math-verify judges the completion's last `\\boxed{}` (else the whole completion)
-    equal to the gold answer; parsing and verifying each stop after `timeout` seconds (0.0)."""
+    equal to the gold answer; parsing and verifying each stop after `timeout` seconds (0.0).
+    A boxed answer spelled exactly like a gold answer that parses is correct without verifying
+    (the same string is the same value); gold answers are parsed once per process."""
     from math_verify import parse, verify
 
     boxed = last_boxed(completion)
-    gold = parse(as_latex(answer), parsing_timeout=timeout)
+    gold = list(parsed_gold(answer, timeout))  # verify() takes lists
+    if not gold:
+        return 0.0
+    if boxed is not None and boxed.strip() == answer.strip():
+        return 1.0
     pred = parse(f"${boxed}$" if boxed is not None else completion, parsing_timeout=timeout)
-    return float(bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout))
+    return float(bool(pred) and verify(gold, pred, timeout_seconds=timeout))
+
+
+@functools.lru_cache(maxsize=65536)
+def parsed_gold(answer: str, timeout: int) -> tuple:
+    """math-verify's parse of a gold answer (wrapped as LaTeX), cached: a training set's answers
+    repeat at every epoch and every sample of a prompt."""
+    from math_verify import parse
+
+    return tuple(parse(as_latex(answer), parsing_timeout=timeout))
 
 
 def python_tests_reward(completion: str, tests: str, timeout: float = 10.0) -> float:

@@ -13,6 +13,8 @@ from pathlib import Path
 from conftest import ROOT, TEST_ENV, run_overrides
 
 SMOKE = str(ROOT / "experiments" / "smoke.yaml")
+TWIN_SMALL_EVAL = ("eval.num_examples=100", "eval.sets.held.num_examples=40")
+"""experiments/math_twin.yaml with smaller evaluations, for the tests' short runs."""
 
 
 def mlflow_run(out: Path, name: str = "smoke", experiment: str = "smoke"):

@@ -20,7 +20,7 @@ import pytest
 from actors.group import free_port
 from conftest import ROOT, TEST_ENV, run_overrides
 from conftest import foresight
-from e2e_helpers import assert_reward_rose, mlflow_run
+from e2e_helpers import TWIN_SMALL_EVAL, assert_reward_rose, mlflow_run
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -54,7 +54,7 @@ def test_ray_job_submit_runs_the_math_twin_on_the_cluster(twin_models, tmp_path)
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
              "--", "foresight", "run", "experiments/math_twin.yaml", *run_overrides(twin_models, tmp_path),
-             "run.steps=20", "checkpoint.every=0", "learner.world_size=1"],
+             "run.steps=20", "checkpoint.every=0", "learner.world_size=1", *TWIN_SMALL_EVAL],
             env=env, capture_output=True, text=True, timeout=900)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         assert "succeeded" in job.stdout + job.stderr
@@ -65,7 +65,7 @@ def test_ray_job_submit_runs_the_math_twin_on_the_cluster(twin_models, tmp_path)
         for key in ("eval/held/accuracy", "eval/held/mean_at_4", "eval/held/pass_at_4"):  # eval.sets
             assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 20], key
         params = runs[0].data.params
-        assert params["data/eval_held_prompts"] == "100" and params["data/overlong_dropped_train"] == "0"
+        assert params["data/eval_held_prompts"] == "40" and params["data/overlong_dropped_train"] == "0"
         assert params["task/format"] == "verl" and params["task/chat_template_kwargs/enable_thinking"] == "False"
         assert_reward_rose(client, run_id)
         dash = foresight("dashboard", "math_twin", "--uri", f"sqlite:///{tmp_path / 'mlflow.db'}",

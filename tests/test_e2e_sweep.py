@@ -16,7 +16,7 @@ from e2e_helpers import start_run, wait_for
 
 pytestmark = pytest.mark.e2e
 STUDY = str(ROOT / "experiments" / "geometry_study.yaml")
-SHORT = ["run.steps=8", "eval.every=4", "geometry.every=4", "checkpoint.every=2", "eval.num_examples=100",
+SHORT = ["run.steps=8", "eval.every=4", "geometry.every=4", "checkpoint.every=4", "eval.num_examples=100",
          "learner.world_size=1"]
 """One learner rank per trial: 1 CPU each, so two trials run at once on 2 CPUs."""
 
