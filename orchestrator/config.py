@@ -143,9 +143,10 @@ class JsonlTask(_Strict):
     """Column holding the prompt (a string or a chat message list); None: the layout's."""
     answer_key: str | None = Field(None, min_length=1)
     """Column holding the reference answer, e.g. `reward_model.ground_truth`; None: the layout's."""
-    reward: Literal["math_verify", "exact", "python_tests"] = "math_verify"
-    """How a completion is checked: math-verify equivalence, exact string match, or (code data)
-    the answer field holds Python test code run against the completion's code in a subprocess."""
+    reward: Literal["math_verify", "exact", "python_tests", "code_io"] = "math_verify"
+    """How a completion is checked: math-verify equivalence, exact string match, or (code data) the
+    completion's code run in a subprocess against the answer field: Python test code
+    (`python_tests`) or APPS/Eurus-style JSON cases {"inputs", "outputs"[, "fn_name"]} (`code_io`)."""
     chat_template: bool | None = None
     """Render prompts with the student tokenizer's chat template (`add_generation_prompt`).
     None: message-list prompts are rendered and plain strings kept as they are; true: plain strings

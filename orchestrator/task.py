@@ -7,7 +7,8 @@ Registry (a plain dict) keyed by the config's `task.type`:
 - `jsonl`: local `.jsonl` / `.parquet` files in a plain, verl or DeepMath layout (`task.format`);
   a completion is correct when `math_verify.verify(parse(answer), parse(completion))` holds
   (`reward: math_verify`), on exact match (`exact`), or for code data when the answer's Python
-  tests pass (`python_tests`). Chat-message prompts are rendered once, here, with the student
+  tests pass (`python_tests`: assert code; `code_io`: Eurus/APPS-style stdin/stdout or call cases
+  as JSON, the EffOPD paper's code data). Chat-message prompts are rendered once, here, with the student
   tokenizer's chat template, so the HF and vLLM backends (which both encode the rendered string
   with that tokenizer, no special tokens added) see the same token ids.
 """
@@ -98,18 +99,24 @@ def parsed_gold(answer: str, timeout: int) -> tuple:
     return tuple(parse(as_latex(answer), parsing_timeout=timeout))
 
 
+def completion_code(completion: str) -> str:
+    """The code of a completion: its last ```python (or bare ```) block, else the whole text."""
+    import re
+
+    blocks = re.findall(r"```(?:python)?\n(.*?)```", completion, flags=re.S)
+    return blocks[-1] if blocks else completion
+
+
 def python_tests_reward(completion: str, tests: str, timeout: float = 10.0) -> float:
     """1.0 when the completion's code (the last ```python block, else the whole text) passes `tests`.
 
     Runs `python -I` in a fresh temporary folder with a timeout; no network is needed or used.
     """
-    import re
     import subprocess
     import sys
     import tempfile
 
-    blocks = re.findall(r"```(?:python)?\n(.*?)```", completion, flags=re.S)
-    code = blocks[-1] if blocks else completion
+    code = completion_code(completion)
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "check.py"
         script.write_text(code + "\n\n" + tests + "\n")
@@ -120,8 +127,61 @@ def python_tests_reward(completion: str, tests: str, timeout: float = 10.0) -> f
     return float(proc.returncode == 0)
 
 
+CODE_IO_HARNESS = r"""
+import contextlib, io, json, sys
+cases = json.load(open(sys.argv[1]))
+code = open(sys.argv[2]).read()
+fn = cases.get("fn_name")
+for given, want in zip(cases["inputs"], cases["outputs"]):
+    scope = {"__name__": "__main__"}
+    out = io.StringIO()
+    if fn:  # call-based: the inputs are the arguments, the output the return value
+        exec(code, scope)
+        target = scope[fn] if fn in scope else getattr(scope["Solution"](), fn)
+        got = target(*given) if isinstance(given, list) else target(given)
+        if got != want and [got] != want:
+            sys.exit(1)
+        continue
+    sys.stdin = io.StringIO(given if isinstance(given, str) else "\n".join(map(str, given)))
+    with contextlib.redirect_stdout(out):
+        exec(code, scope)
+    if out.getvalue().split() != str(want).split():
+        sys.exit(1)
+"""
+
+
+def code_io_reward(completion: str, tests: str, timeout: float = 10.0) -> float:
+    """1.0 when the completion's code passes every case of APPS-style tests, as Eurus-2-RL-Data (the
+    EffOPD paper's Eurus-RL-Code) stores them in `reward_model.ground_truth`: a JSON string
+    `{"inputs": [...], "outputs": [...]}` run as stdin -> stdout (compared token by token), or
+    with `"fn_name"` as calls `fn(*inputs[i]) == outputs[i]`. One `python -I` process runs every
+    case in a temporary folder, stopped after `timeout` seconds."""
+    import subprocess
+    import sys
+    import tempfile
+
+    try:
+        cases = json.loads(tests) if isinstance(tests, str) else tests
+        if not isinstance(cases, dict) or len(cases.get("inputs", [])) != len(cases.get("outputs", [])):
+            return 0.0
+    except json.JSONDecodeError:
+        return 0.0
+    code = completion_code(completion)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"cases.json": json.dumps(cases), "solution.py": code, "harness.py": CODE_IO_HARNESS}
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+        try:
+            proc = subprocess.run([sys.executable, "-I", "harness.py", "cases.json", "solution.py"], cwd=tmp,
+                                  capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return 0.0
+    return float(proc.returncode == 0)
+
+
 REWARDS: dict[str, Callable[[str, str], float]] = {
     "math_verify": math_verify_reward, "exact": exact_match, "python_tests": python_tests_reward,
+    "code_io": code_io_reward,
 }
 
 
