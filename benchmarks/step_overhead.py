@@ -6,7 +6,7 @@ single-process loop doing the same compute (same models, batch, generation, loss
 ratio = median step time of the project / median step time of the single-process loop (strictly
 on-policy; `pipelined_ratio` with pipeline.max_staleness=1; `project_fixed_overhead_s` = step wall
 time minus the busy-time critical path, i.e. dispatch, object-store traffic and waits), at the
-benchmark's model size (`medium`, a 4-layer d=256 Llama, ~3.4M parameters; `tiny` is the embedded
+benchmark's model size (`medium`, a 4-layer d=256 Llama, 4.2M parameters; `tiny` is the embedded
 task's student). Writes benchmarks/results/step_overhead.json and logs it to MLflow
 (experiment `benchmarks`).
 """
@@ -126,7 +126,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--sizes", default="tiny,medium")
-    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_overhead.json"))
     args = parser.parse_args()
     lr, max_new = 1e-5, 6
