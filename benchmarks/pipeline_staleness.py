@@ -33,28 +33,16 @@ MODELS = ROOT / "models" / "addition"
 
 def run_one(seed: int, staleness: int, steps: int, lr: float, out: Path) -> dict:
     """One vanilla OPD run through OPDTrainer; its accuracy, step time and staleness from MLflow."""
-    from mlflow.tracking import MlflowClient
+    from step_overhead import run_trainer
 
-    from orchestrator.cli import connect_ray
-    from orchestrator.config import validate
-    from orchestrator.plan import resolve
-    from orchestrator.trainer import OPDTrainer
-
-    cfg = validate({"run": {"name": f"s{staleness}_seed{seed}", "steps": steps, "seed": seed, "output_dir": str(out)},
-                    "models": {"student": str(MODELS / "student"), "teacher": str(MODELS / "teacher")},
-                    "learner": {"world_size": 1, "lr": lr}, "loss": {"type": "full_reverse_kl"},
-                    "rollout": {"batch_prompts": 64, "max_new_tokens": 6},
-                    "eval": {"every": 25}, "checkpoint": {"every": 0}, "geometry": {"every": 0},
-                    "pipeline": {"max_staleness": staleness},
-                    "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "staleness"}})
-    plan = resolve(cfg)
-    connect_ray(plan.available_cpus)
-    trainer = OPDTrainer(cfg, plan, resume=False, show_progress=False)
-    try:
-        trainer.run()
-    finally:
-        trainer.shutdown()
-    client, rid = MlflowClient(plan.tracking_uri), trainer.state.mlflow_run_id
+    client, rid = run_trainer({
+        "run": {"name": f"s{staleness}_seed{seed}", "steps": steps, "seed": seed, "output_dir": str(out)},
+        "models": {"student": str(MODELS / "student"), "teacher": str(MODELS / "teacher")},
+        "learner": {"world_size": 1, "lr": lr}, "loss": {"type": "full_reverse_kl"},
+        "rollout": {"batch_prompts": 64, "max_new_tokens": 6},
+        "eval": {"every": 25}, "checkpoint": {"every": 0}, "geometry": {"every": 0},
+        "pipeline": {"max_staleness": staleness},
+        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "staleness"}})
 
     def series(key: str) -> list[float]:
         return [m.value for m in sorted(client.get_metric_history(rid, key), key=lambda m: m.step)]

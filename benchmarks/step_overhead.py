@@ -87,13 +87,6 @@ def project(student: Path, teacher: Path, steps: int, batch: int, max_new: int, 
             extra_metrics: tuple[str, ...] = ()) -> dict[str, float]:
     """The real pipeline via OPDTrainer; medians of its `timing/*` metrics and of `extra_metrics`
     (MLflow names), the first 3 steps and the last one (it also evaluates) dropped."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.cli import connect_ray
-    from orchestrator.config import validate
-    from orchestrator.plan import resolve
-    from orchestrator.trainer import OPDTrainer
-
     raw = {"run": {"name": f"overhead_ws{world_size}", "steps": steps, "output_dir": str(out)},
            "models": {"student": str(student), "teacher": str(teacher)},
            "learner": {"world_size": world_size, "lr": lr},
@@ -103,6 +96,26 @@ def project(student: Path, teacher: Path, steps: int, batch: int, max_new: int, 
            "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "overhead"}}
     if pipeline_max_staleness:
         raw["pipeline"] = {"max_staleness": pipeline_max_staleness}
+    client, run_id = run_trainer(raw)
+    result = {}
+    # the last step also evaluates (and then the final checkpoint is saved): exclude it like the warm-up
+    phases = ("step", "rollout", "teacher", "learner", "sync", "rollout_busy", "teacher_busy", "learner_busy", "critical_path")
+    for key, metric in [(k, f"timing/{k}") for k in phases] + [(m, m) for m in extra_metrics]:
+        vals = [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+        result[key] = statistics.median(vals[3:-1] if len(vals) > 4 else vals[3:])
+    return result
+
+
+def run_trainer(raw: dict):
+    """Validate a config dict, run it through OPDTrainer on local Ray, and return (MLflow client,
+    run id)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cli import connect_ray
+    from orchestrator.config import validate
+    from orchestrator.plan import resolve
+    from orchestrator.trainer import OPDTrainer
+
     cfg = validate(raw)
     plan = resolve(cfg)
     connect_ray(plan.available_cpus)
@@ -111,14 +124,7 @@ def project(student: Path, teacher: Path, steps: int, batch: int, max_new: int, 
         trainer.run()
     finally:
         trainer.shutdown()
-    client = MlflowClient(plan.tracking_uri)
-    result = {}
-    # the last step also evaluates (and then the final checkpoint is saved): exclude it like the warm-up
-    phases = ("step", "rollout", "teacher", "learner", "sync", "rollout_busy", "teacher_busy", "learner_busy", "critical_path")
-    for key, metric in [(k, f"timing/{k}") for k in phases] + [(m, m) for m in extra_metrics]:
-        vals = [m.value for m in sorted(client.get_metric_history(trainer.state.mlflow_run_id, metric), key=lambda m: m.step)]
-        result[key] = statistics.median(vals[3:-1] if len(vals) > 4 else vals[3:])
-    return result
+    return MlflowClient(plan.tracking_uri), trainer.state.mlflow_run_id
 
 
 def main() -> int:

@@ -114,23 +114,30 @@ def accuracy_panels(analysis: Analysis, out: Path) -> tuple[list[Panel], list[st
     return panels, notes
 
 
+def method_trials(analysis: Analysis, metric: str) -> list[tuple[str, list[Trial]]]:
+    """(bar label, usable trials that logged `metric`) per (group, method) with any."""
+    out = []
+    for group in analysis.groups:
+        for method in group.methods():
+            trials = [t for t in group.trials if t.method == method and t.state in USABLE and metric in t.history]
+            if trials:
+                label = f"{method} ({len(trials)} run{'s' if len(trials) != 1 else ''})"
+                out.append((f"{group.title}\n{label}" if len(analysis.groups) > 1 else label, trials))
+    return out
+
+
 def timing_panel(analysis: Analysis, out: Path) -> tuple[list[Panel], list[str]]:
     """Mean seconds per training step in each phase, stacked, one bar per (group, method): a
     phase's total seconds over all usable seeds / their number of steps (a phase that runs only at
     some steps, like search or eval, is spread over all of them); 'other' = timing/step minus the
     phases."""
     rows: list[tuple[str, dict[str, float]]] = []
-    for group in analysis.groups:
-        for method in group.methods():
-            trials = [t for t in group.trials if t.method == method and t.state in USABLE and "timing/step" in t.history]
-            if not trials:
-                continue
-            steps = sum(len(t.series("timing/step")[1]) for t in trials)
-            per = {p: sum(v for t in trials for v in t.series(f"timing/{p}")[1]) / steps for p in PHASES}
-            step = sum(v for t in trials for v in t.series("timing/step")[1]) / steps
-            per["other"] = max(0.0, step - sum(per.values()))
-            label = f"{method} ({len(trials)} run{'s' if len(trials) != 1 else ''})"
-            rows.append((f"{group.title}\n{label}" if len(analysis.groups) > 1 else label, per))
+    for label, trials in method_trials(analysis, "timing/step"):
+        steps = sum(len(t.series("timing/step")[1]) for t in trials)
+        per = {p: sum(v for t in trials for v in t.series(f"timing/{p}")[1]) / steps for p in PHASES}
+        step = sum(v for t in trials for v in t.series("timing/step")[1]) / steps
+        per["other"] = max(0.0, step - sum(per.values()))
+        rows.append((label, per))
     if not rows:
         return [], ["time per phase: no timing/* metrics logged yet"]
     fig = Figure(figsize=(12, 1.2 + 0.55 * len(rows)), layout="constrained")
@@ -163,19 +170,14 @@ def utilization_panel(analysis: Analysis, out: Path) -> tuple[list[Panel], list[
     (actors x step wall time), mean over steps and seeds) and the critical path's share of the
     step (`timing/critical_path` / `timing/step`): what overlapping the phases could win."""
     rows: list[tuple[str, dict[str, float]]] = []
-    for group in analysis.groups:
-        for method in group.methods():
-            trials = [t for t in group.trials if t.method == method and t.state in USABLE and "util/learner" in t.history]
-            if not trials:
-                continue
-            vals = {r: [v for t in trials for v in t.series(f"util/{r}")[1]] for r in ROLES}
-            per = {r: sum(v) / len(v) for r, v in vals.items() if v}
-            crit = [c / max(w, 1e-9) for t in trials
-                    for c, w in zip(t.series("timing/critical_path")[1], t.series("timing/step")[1])]
-            if crit:
-                per["critical path / step"] = sum(crit) / len(crit)
-            label = f"{method} ({len(trials)} run{'s' if len(trials) != 1 else ''})"
-            rows.append((f"{group.title}\n{label}" if len(analysis.groups) > 1 else label, per))
+    for label, trials in method_trials(analysis, "util/learner"):
+        vals = {r: [v for t in trials for v in t.series(f"util/{r}")[1]] for r in ROLES}
+        per = {r: sum(v) / len(v) for r, v in vals.items() if v}
+        crit = [c / max(w, 1e-9) for t in trials
+                for c, w in zip(t.series("timing/critical_path")[1], t.series("timing/step")[1])]
+        if crit:
+            per["critical path / step"] = sum(crit) / len(crit)
+        rows.append((label, per))
     if not rows:
         return [], ["utilization: no util/* metrics logged yet"]
     keys = [*ROLES, "critical path / step"]
