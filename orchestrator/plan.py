@@ -24,7 +24,7 @@ from pathlib import Path
 
 from orchestrator.config import ConfigError, EffOPD, ExperimentConfig
 from orchestrator.scales import (GPU_TYPES, SCALES, ClusterSpec, Scale, StepCost, Workload, concurrent_trials,
-                                 engine_mem_gb, first_fit, learner_mem_gb, step_cost)
+                                 decode_seconds, engine_mem_gb, first_fit, learner_mem_gb, step_cost)
 from orchestrator.tracking import resolve_uri
 
 ROLES = ("rollout", "teacher", "learner", "evaluator")
@@ -361,10 +361,40 @@ def _cost(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: Clus
     search = len(method.coefficients()) if isinstance(method, EffOPD) else 0
     val = Workload(method.val_size, rc.max_prompt_tokens // 4, rc.max_new_tokens) if isinstance(method, EffOPD) else None
     r, t = plan.role("rollout"), plan.role("teacher")
-    return step_cost(scale, cluster.gpu_type, rollout=(r.actors, r.tp), teacher=(t.actors, t.tp),
+    cost = step_cost(scale, cluster.gpu_type, rollout=(r.actors, r.tp), teacher=(t.actors, t.tp),
                      learner_ranks=plan.role("learner").actors, evaluators=(ev.actors, ev.tp) if ev else (0, 1),
                      work=work, steps=cfg.run.steps, eval_every=cfg.eval.every, eval_work=eval_work,
                      search_candidates=search, val_work=val, overlap=pipeline_overlap(cfg))
+    sequences = eval_set_sequences(cfg, plan.notes)
+    if sequences:
+        sets = Workload(sequences, rc.max_prompt_tokens // 4, rc.max_new_tokens)
+        cost.seconds["eval_sets"] = decode_seconds(scale.student, cluster.gpu_type, r.actors, r.tp, sets) / cfg.eval.every
+    return cost
+
+
+def eval_set_sequences(cfg: ExperimentConfig, notes: list[str]) -> int:
+    """Sequences one evaluation of the named sets decodes: per prompt one greedy and k samples; the
+    prompt count is `num_examples`, else the file's rows (a file not on this machine counts 0, noted)."""
+    total = 0
+    for name, es in cfg.eval.sets.items():
+        n = es.num_examples or count_rows(es.path)
+        if n is None:
+            notes.append(f"eval.sets.{name}: {es.path} is not here; its sampling is not in the GPU-hours")
+            continue
+        total += n * (int(es.greedy) + es.k)
+    return total
+
+
+def count_rows(path: Path) -> int | None:
+    """Records in a `.parquet` (from its footer) or `.jsonl` file; None when the file is absent."""
+    if not path.is_file():
+        return None
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with path.open() as f:
+        return sum(1 for line in f if line.strip())
 
 
 def pipeline_overlap(cfg: ExperimentConfig) -> float:

@@ -158,3 +158,24 @@ def test_pipelined_gpu_hours_use_the_critical_path_on_the_steps_that_overlap():
     assert piped.reserved_gpu_hours == pytest.approx(piped.total_gpus * per_step * 100 / 3600)
     assert piped.reserved_gpu_hours < serial.reserved_gpu_hours
     assert "pipelined on 85% of steps" in piped.describe()
+
+
+def test_gpu_hours_count_the_named_evaluation_sets(tmp_path):
+    """eval.sets sampling (the paper: avg@32 every 2 steps) is decoding on the rollout engines:
+    (greedy + k) sequences per prompt, prompts from num_examples or the file's rows, per eval.every."""
+    from orchestrator.scales import SCALES, Workload, decode_seconds
+
+    rows = tmp_path / "aime.jsonl"
+    rows.write_text("".join(f'{{"prompt": "p{i}", "answer": "{i}"}}\n' for i in range(30)))
+    (tmp_path / "train.jsonl").write_text(rows.read_text())
+    base = ("run.scale=1.5B", "task.type=jsonl", f"task.train_path={tmp_path / 'train.jsonl'}",
+            f"task.test_path={tmp_path / 'train.jsonl'}", "eval.every=2", "rollout.max_new_tokens=16384")
+    plain = gpu_plan(*base)
+    sets = gpu_plan(*base, f"eval.sets={{aime: {{path: {rows}, greedy: false, k: 32}}, "
+                           f"gone: {{path: {tmp_path / 'gone.jsonl'}, k: 4}}}}")
+    r = sets.role("rollout")
+    work = Workload(30 * 32, 2048 // 4, 16384)  # rollout.max_prompt_tokens 2048: the cost model's prompt is a quarter
+    want = decode_seconds(SCALES["1.5B"].student, sets.cluster.gpu_type, r.actors, r.tp, work) / 2
+    assert "eval_sets" not in plain.cost.seconds and sets.cost.seconds["eval_sets"] == pytest.approx(want)
+    assert sets.reserved_gpu_hours > plain.reserved_gpu_hours
+    assert any("eval.sets.gone" in n and "not in the GPU-hours" in n for n in sets.notes)
