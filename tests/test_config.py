@@ -317,3 +317,19 @@ def test_unreachable_tracking_server_refused_before_anything_starts(tmp_path, fa
     err = refused(lambda: _load(args))
     assert err.key == "tracking.uri" and "no MLflow tracking server answers" in err.reason
     assert not (tmp_path / "out").exists()
+
+
+def test_exopd_at_lam_1_runs_vanilla_opds_step():
+    """ExOPD with lam = 1 asks the teacher for nothing more and gives the learner vanilla's loss spec,
+    so with the same seeds its run is vanilla's bit for bit; lam != 1 adds the reference's scores."""
+    from orchestrator.trainer import OPDTrainer
+
+    def trainer(*overrides: str) -> OPDTrainer:
+        t = OPDTrainer.__new__(OPDTrainer)  # the properties read only the config
+        t.cfg = load_config(None, ["loss.type=pg_reverse_kl", *overrides])
+        return t
+
+    vanilla, lam1 = trainer(), trainer("method.type=exopd", "method.lam=1.0")
+    lam125 = trainer("method.type=exopd", "method.lam=1.25")
+    assert lam1._wanted_scores == vanilla._wanted_scores and lam1._loss_spec == vanilla._loss_spec
+    assert lam125._wanted_scores["ref"] and lam125._loss_spec["lam"] == 1.25

@@ -111,8 +111,9 @@ def test_pipelined_run_keeps_its_staleness_bound_and_resumes_exactly(smoke_refer
 def test_pg_reverse_kl_and_exopd_as_published(method_sweep):
     """The papers' loss (sampled-token reverse-KL policy gradient) end to end, and ExOPD (reward
     extrapolation relative to the frozen initial student) on it, from the session's method sweep:
-    vanilla learns; ExOPD at lam = 1 gives bit-identical final weights to vanilla; ExOPD at
-    lam = 1.25 gives different ones (the reference's log-probs enter the advantage) and learns."""
+    vanilla learns; ExOPD at lam = 1.25 gives different final weights (the reference's log-probs
+    enter the advantage) and learns. (At lam = 1 ExOPD is vanilla's step exactly: the reference is
+    never scored and the loss spec is vanilla's, tests/test_config.py.)"""
     import torch
     from safetensors.torch import load_file
 
@@ -120,8 +121,7 @@ def test_pg_reverse_kl_and_exopd_as_published(method_sweep):
 
     out = method_sweep["out"]
     final = {n: load_file(str(out / f"dash_{n}" / "final" / "model.safetensors"))
-             for n in ("vanilla_s0", "exopd_lam1", "exopd_lam125")}
-    assert all(torch.equal(final["exopd_lam1"][k], final["vanilla_s0"][k]) for k in final["vanilla_s0"])
+             for n in ("vanilla_s0", "exopd_lam125")}
     assert any(not torch.equal(final["exopd_lam125"][k], final["vanilla_s0"][k]) for k in final["vanilla_s0"])
     # The sampled-token gradient on 64 prompts x 6 tokens is noisy (per-step reverse-KL sd ~0.22 around
     # its trend) and lr 1e-4 is the largest it stands (3e-4 loses accuracy): judge learning on windows.

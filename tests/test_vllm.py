@@ -186,16 +186,16 @@ def test_vllm_evaluator_scores_candidates_like_the_hf_evaluator(ray_local, acfg,
 
 def test_math_twin_on_vllm_learns_and_survives_a_killed_engine(twin_models, tmp_path):
     """The paper's workload at CPU size (experiments/math_twin.yaml: verl parquet, chat template,
-    BPE tokenizer, math-verify, Qwen2) for 24 steps with rollout.backend=vllm; its vLLM actor is
-    SIGKILLed at step 12, Ray restarts it (a new engine at W_0) and it catches up with the learner's
+    BPE tokenizer, math-verify, Qwen2) for 16 steps with rollout.backend=vllm; its vLLM actor is
+    SIGKILLed at step 8, Ray restarts it (a new engine at W_0) and it catches up with the learner's
     weights; the student's reward rises and vLLM's sampling log-probs equal the learner's."""
     from e2e_helpers import TWIN_SMALL_EVAL, assert_reward_rose, history, latest, mlflow_run, start_run, wait_for
 
     twin = str(ROOT / "experiments" / "math_twin.yaml")
-    proc = start_run(twin_models, tmp_path, "rollout.backend=vllm", "run.steps=24", "learner.world_size=1",
-                     "checkpoint.every=12", "eval.every=12", *TWIN_SMALL_EVAL, config=twin)
+    proc = start_run(twin_models, tmp_path, "rollout.backend=vllm", "run.steps=16", "learner.world_size=1",
+                     "checkpoint.every=8", "eval.every=8", *TWIN_SMALL_EVAL, config=twin)
     pid_file = tmp_path / "math_twin" / "actors" / "rollout-0.pid"
-    wait_for(lambda: latest(tmp_path, "math_twin") == "step0000012", proc, timeout=600)
+    wait_for(lambda: latest(tmp_path, "math_twin") == "step0000008", proc, timeout=600)
     pid = int(pid_file.read_text())
     os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=900)
@@ -204,8 +204,8 @@ def test_math_twin_on_vllm_learns_and_survives_a_killed_engine(twin_models, tmp_
     client, runs = mlflow_run(tmp_path, "math_twin", "math_twin")
     run = runs[0]
     assert len(runs) == 1 and run.info.status == "FINISHED" and run.data.params["rollout/backend"] == "vllm"
-    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(1, 25))
-    assert [s for s, _ in history(client, run.info.run_id, "eval/held/mean_at_4")] == [0, 12, 24]
+    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(1, 17))
+    assert [s for s, _ in history(client, run.info.run_id, "eval/held/mean_at_4")] == [0, 8, 16]
     assert_reward_rose(client, run.info.run_id)
     gap = history(client, run.info.run_id, "train/rollout_logp_abs_diff")
-    assert len(gap) == 24 and max(v for _, v in gap) < 1e-4, "learner and vLLM disagree on the sampled tokens' log-probs"
+    assert len(gap) == 16 and max(v for _, v in gap) < 1e-4, "learner and vLLM disagree on the sampled tokens' log-probs"
