@@ -7,12 +7,12 @@
     5. search    at t = 2^n: EffOPD / fixed extrapolation               (evaluator pool)
     6. eval      greedy accuracy on the held-out test split every N steps
     7. log       MLflow metrics, `timing/<phase>` for every phase, busy time and `util/<role>`
+    8. ckpt      every N steps: learner + anchor + driver state, then `latest`
 
 Steps 1-2 run as one pipeline (`orchestrator/pipeline.py`): each rollout shard goes to a teacher as
 soon as it is sampled, and with `pipeline.max_staleness` s >= 1 the batches of the next s steps
 are sampled and scored while the learner trains this one (never across a search, evaluation or
 checkpoint).
-    8. ckpt      every N steps: learner + anchor + driver state, then `latest`
 
 Nothing here holds model tensors; actors exchange them through the object store.
 """
