@@ -70,3 +70,21 @@ def test_math_verify_scores_unreduced_fractions_that_exact_match_rejects(task):
         assert math_verify_reward(solution, gold) == 1.0 and exact_match(solution, gold) == 0.0, (solution, gold)
     assert math_verify_reward("\\boxed{\\frac{7}{5}}", "\\frac{6}{5}") == 0.0
     assert task.reward is math_verify_reward
+
+
+def test_data_and_tokenizer_rebuild_identically(tmp_path):
+    """`prepare --workload math_twin` regenerates the shipped verl files byte for byte (their sha256
+    in the record) and retrains the same BPE tokenizer (the weights' determinism is the SFT code
+    path shared with the addition models, checked in test_e2e_opd.py)."""
+    from orchestrator.prepare import sha256
+    from orchestrator.twin import build
+
+    tokenizer, sft = build(tmp_path, 20000, 500)
+    meta = json.loads((TWIN / "prepare.json").read_text())
+    for f, digest in meta["files"].items():
+        assert sha256(tmp_path / f) == digest, f
+    tokenizer.save_pretrained(tmp_path / "tok")
+    got, want = (json.loads((d / "tokenizer.json").read_text()) for d in (tmp_path / "tok", TWIN / "student"))
+    for key in ("model", "added_tokens", "pre_tokenizer", "decoder"):  # not the padding state SFT leaves behind
+        assert got[key] == want[key], key
+    assert len(sft.train) == 20000 and len(sft.test) == 500
