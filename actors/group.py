@@ -35,7 +35,6 @@ class Placed:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
 
-
     def timed(self, method: str, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, float]]:
         """`method(*args, **kwargs)` and how long this actor was busy with it: (result, {"busy_s",
         "version"}) where `version` is the student weights version the actor held when it finished
