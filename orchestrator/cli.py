@@ -63,7 +63,7 @@ def _load(args: argparse.Namespace) -> tuple[str | None, list, dict]:
         base = deep_merge(data.get("base") or {}, parse_overrides(args.overrides))
         search = parse_search(data["search"], args.config)
         check_search_space(name, base, search, args.config)
-        extras = {"base": base, "search": search}
+        extras = {"base": base, "search": search, "scheduler": scheduler_options(data, args.config)}
         cfgs = [validate(deep_merge(base, {"run": {"name": f"{name}_t000"}, "tracking": {"experiment": name}}), args.config)]
     elif is_sweep(data):
         name, trials = expand(args.config, args.overrides)
@@ -177,23 +177,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     parent, ok = open_parent_run(sweep, plans), False
     try:
+        from orchestrator.plan import cluster_resources
+        from orchestrator.scheduler import SweepSpec, run_search, run_sweep
+
+        opts = extras["scheduler"]
         if "search" in extras:
-            from orchestrator.search import run_study
-
-            run_study(sweep, extras["base"], extras["search"], args.config, parent)
-            ok = True
+            spec = SweepSpec(sweep, parent, str(args.config), base=extras["base"], search=extras["search"],
+                             resources=cluster_resources())
+            result = run_search(spec, max_retries=opts.max_retries, max_concurrent=opts.max_concurrent)
         else:
-            from orchestrator.scheduler import run_sweep
-
-            opts = extras["scheduler"]
-            result = run_sweep(plans, parent, max_retries=opts.max_retries, max_concurrent=opts.max_concurrent)
-            for name in result.skipped:
-                print(f"{name}: already finished, skipped")
-            for name, final in result.finished.items():
-                print(f"done: {name} final test accuracy {final.get('eval/accuracy', float('nan')):.3f}")
-            for name, reason in result.failed.items():
-                print(f"FAILED: {name}: {reason}")
-            ok = not result.failed
+            spec = SweepSpec(sweep, parent, str(args.config), trials={cfg.run.name: (cfg, plan) for cfg, plan in plans})
+            result = run_sweep(spec, max_retries=opts.max_retries, max_concurrent=opts.max_concurrent)
+        ok = result.ok
     finally:
         close_parent_run(plans, parent, ok)
     print(ui_hint(plans))

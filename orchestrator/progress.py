@@ -1,7 +1,7 @@
 """Trial progress a person can follow during a sweep.
 
 Each trial's control loop writes `<run_dir>/progress.json` (step, total, last eval accuracy,
-steps/s) at most once a second; the scheduler, which runs the trials as Ray actors on the cluster,
+steps/s) at most once a second; the sweep's Tune callback (orchestrator/scheduler.py), on the driver,
 reads them from the shared run folders and prints one line per running trial: redrawn in place on
 a terminal, or as plain lines (at most every 30 s per trial, and at each eval) when the output is
 not a terminal (`ray job logs`, CI)."""
@@ -79,10 +79,12 @@ class ProgressBoard:
                     self.last[name] = (now, ln, p.get("eval_accuracy"))
         self.stream.flush()
 
-    def message(self, text: str) -> None:
-        """A status line above the board."""
+    def message(self, text: str, stream=None) -> None:
+        """A line above the board (on `stream`, default the board's own: results go to stdout)."""
         if self.tty and self.drawn:
             self.stream.write("\x1b[F\x1b[2K" * self.drawn)
+            self.stream.flush()
             self.drawn = 0
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        out = stream or self.stream
+        out.write(text + "\n")
+        out.flush()

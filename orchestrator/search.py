@@ -1,4 +1,5 @@
-"""Hyper-parameter search with Optuna: a sweep file with a `search` section instead of a matrix.
+"""Hyper-parameter search: a sweep file with a `search` section instead of a matrix, run by Ray Tune
+with Optuna as the searcher (orchestrator/scheduler.py).
 
     sweep: lr_search
     base: {run: {steps: 100}, ...}
@@ -6,10 +7,12 @@
       params:
         learner.lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}
         method.type: {type: categorical, choices: [vanilla, effopd]}
+      points: [{learner.lr: 1.0e-4, method.type: vanilla}]   # evaluated first (optional)
       objective: final_accuracy        # or best_accuracy, steps_to_target (with target)
       n_trials: 8
       sampler: tpe                     # or random
-      pruner: median                   # fed eval/accuracy at every evaluation; or none
+      pruner: asha                     # or median, none: Tune's scheduler fed every evaluation
+    scheduler: {max_concurrent: 2, max_retries: 2}
 
 The study lives in RDB storage (default `sqlite:///<run.output_dir>/<sweep>.optuna.db`), so a
 re-run resumes it: completed and pruned trials count toward `n_trials`, trials left running by
@@ -18,8 +21,6 @@ a killed process are marked failed. Every trial is an MLflow child run of the sw
 
 from __future__ import annotations
 
-import logging
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,6 @@ from pydantic import Field, model_validator
 
 from orchestrator.config import MAX_SEED, ConfigError, _Strict, deep_merge, nest, validate, validation_error
 
-log = logging.getLogger(__name__)
 
 
 class SearchParam(_Strict):
@@ -78,8 +78,15 @@ class SearchConfig(_Strict):
     """Optuna sampler: TPE or uniform random."""
     seed: int = Field(0, ge=0, le=MAX_SEED)
     """Sampler seed."""
-    pruner: Literal["median", "none"] = "median"
-    """Median pruner on intermediate eval/accuracy (after 2 complete trials and 1 evaluation)."""
+    points: list[dict[str, Any]] = Field([], max_length=1000)
+    """Assignments (dotted key -> value, one per parameter) evaluated before the sampler's own,
+    e.g. the current defaults; a point the study already holds is not run again."""
+    pruner: Literal["median", "asha", "none"] = "median"
+    """Tune's scheduler, fed test accuracy at every evaluation: `median` stops a trial below the
+    median of the others at the same step (after 2 trials have reported), `asha` (asynchronous
+    successive halving) keeps the top 1/reduction_factor at steps eval.every x reduction_factor^k."""
+    reduction_factor: int = Field(2, ge=2, le=16)
+    """ASHA: the share of trials that continue at each rung is 1/reduction_factor."""
     storage: str | None = Field(None, min_length=1)
     """Optuna RDB URL (default sqlite:///<run.output_dir>/<sweep>.optuna.db)."""
 
@@ -92,7 +99,24 @@ class SearchConfig(_Strict):
         for key in self.params:
             if not all(part.isidentifier() for part in key.split(".")):
                 raise ValueError(f"params: '{key}' is not a dotted config key like learner.lr")
+        for i, point in enumerate(self.points):
+            if set(point) != set(self.params):
+                raise ValueError(f"points.{i}: needs exactly the params' keys {sorted(self.params)} (got {sorted(point)})")
+            for key, value in point.items():
+                if not _contains(self.params[key], value):
+                    raise ValueError(f"points.{i}.{key}: {value!r} is outside the parameter's distribution")
         return self
+
+    def direction_of(self) -> Literal["maximize", "minimize"]:
+        return self.direction or ("minimize" if self.objective == "steps_to_target" else "maximize")
+
+
+def _contains(p: SearchParam, value: Any) -> bool:
+    if p.type == "categorical":
+        return value in p.choices
+    if p.type == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+        return False
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high
 
 
 def parse_search(raw: Any, file: str | Path) -> SearchConfig:
@@ -104,12 +128,30 @@ def parse_search(raw: Any, file: str | Path) -> SearchConfig:
         raise validation_error(err, file, prefix="search") from None
 
 
-def suggest(trial, key: str, p: SearchParam) -> Any:
-    if p.type == "categorical":
-        return trial.suggest_categorical(key, p.choices)
-    if p.type == "int":
-        return trial.suggest_int(key, int(p.low), int(p.high), log=p.log)
-    return trial.suggest_float(key, p.low, p.high, log=p.log)
+def distributions(search: SearchConfig) -> dict[str, Any]:
+    """The search space as Optuna distributions (what Tune's OptunaSearch samples from)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for key, p in search.params.items():
+        if p.type == "categorical":
+            out[key] = CategoricalDistribution(p.choices)
+        elif p.type == "int":
+            out[key] = IntDistribution(int(p.low), int(p.high), log=p.log)
+        else:
+            out[key] = FloatDistribution(p.low, p.high, log=p.log)
+    return out
+
+
+def sampler(search: SearchConfig, trials_so_far: int = 0):
+    """The study's sampler, seeded with `seed + trials so far`: a resumed study draws new points
+    (the same seed again would repeat the first run's draws) and stays reproducible."""
+    import optuna
+
+    seed = (search.seed + trials_so_far) % (MAX_SEED + 1)
+    if search.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def trial_config(name: str, number: int, base: dict, assignment: dict[str, Any], file: str | Path):
@@ -137,6 +179,11 @@ def check_search_space(name: str, base: dict, search: SearchConfig, file: str | 
                 where = next((f"search.params.{k}" for k in search.params
                               if err.key.startswith(k) or k.startswith(err.key + ".")), err.key)
                 raise ConfigError(file, where, f"{err.reason} (at {key}={value!r})") from None
+    for i, point in enumerate(search.points):
+        try:
+            trial_config(name, 0, base, point, file)
+        except ConfigError as err:
+            raise ConfigError(file, f"search.points.{i}", err.reason) from None
 
 
 def objective_value(search: SearchConfig, history: list[tuple[int, float]], steps: int, every: int) -> float:
@@ -146,60 +193,3 @@ def objective_value(search: SearchConfig, history: list[tuple[int, float]], step
     if search.objective == "best_accuracy":
         return max(accs)
     return float(next((s for s, a in history if a >= search.target), steps + every))
-
-
-def run_study(name: str, base: dict, search: SearchConfig, file: str | Path, parent_run_id: str | None,
-              cpus: float | None = None) -> Any:
-    """Create or resume the study and run the missing trials one after another."""
-    import optuna
-
-    from orchestrator.plan import resolve
-    from orchestrator.trainer import OPDTrainer
-
-    base_cfg = validate(base, file)
-    storage = search.storage or f"sqlite:///{(base_cfg.run.output_dir / f'{name}.optuna.db').resolve()}"
-    base_cfg.run.output_dir.mkdir(parents=True, exist_ok=True)
-    direction = search.direction or ("minimize" if search.objective == "steps_to_target" else "maximize")
-    sampler = optuna.samplers.TPESampler(seed=search.seed) if search.sampler == "tpe" else optuna.samplers.RandomSampler(seed=search.seed)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if search.pruner == "median" else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=direction,
-                                sampler=sampler, pruner=pruner)
-    states = optuna.trial.TrialState
-    for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
-        study.tell(t.number, state=states.FAIL)  # left running by a killed process
-    counted = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
-    remaining = max(0, search.n_trials - counted)
-    log.info("study %s (%s): %d trials done, %d to run", name, storage, counted, remaining)
-
-    def objective(trial) -> float:
-        assignment = {k: suggest(trial, k, p) for k, p in search.params.items()}
-        cfg = trial_config(name, trial.number, base, assignment, file)
-        plan = resolve(cfg, file, cpus)
-        history: list[tuple[int, float]] = []
-
-        def on_eval(step: int, acc: float) -> bool:
-            history.append((step, acc))
-            if step == 0:
-                return False
-            trial.report(acc, step)
-            return trial.should_prune()
-
-        trainer = OPDTrainer(cfg, plan, resume=True, parent_run_id=parent_run_id, show_progress=False, on_eval=on_eval)
-        try:
-            trainer.run()
-        finally:
-            trainer.shutdown()
-        trainer.tracker.set_tags({"optuna.trial": str(trial.number), "optuna.study": name,
-                                  **{f"optuna.param.{k}": str(v) for k, v in assignment.items()}})
-        if trainer.pruned:
-            raise optuna.TrialPruned()
-        value = objective_value(search, history, cfg.run.steps, cfg.eval.every)
-        print(f"trial {trial.number}: {assignment} -> {search.objective} {value:.4g}", flush=True)
-        return value if not math.isnan(value) else float("-inf")
-
-    if remaining:
-        study.optimize(objective, n_trials=remaining, catch=())
-    best = study.best_trial if any(t.state == states.COMPLETE for t in study.trials) else None
-    if best is not None:
-        print(f"best trial {best.number}: {best.params} -> {best.value:.4g}")
-    return study

@@ -11,8 +11,8 @@
 Trials are the cartesian product of the matrix axes in file order, named deterministically
 (`demo-method.type=effopd-run.seed=1` -> run.name `demo_effopd_s1`). Every trial config is
 validated before the first one starts, and so is the file itself (`SweepFile`: its keys and their
-types, exclude keys and values that exist in the matrix, distinct trial names). Trials run one after another in one Ray session, each
-as an MLflow child run of the sweep's parent run.
+types, exclude keys and values that exist in the matrix, distinct trial names). Ray Tune runs the
+trials (orchestrator/scheduler.py), each as an MLflow child run of the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ DOTTED_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 class SchedulerOptions(_Strict):
     max_concurrent: int | None = Field(None, gt=0, le=1024)
-    """Trials at once at most (None: as many as the cluster's CPUs allow; 1024 is beyond any cluster)."""
+    """Trials at once at most (None: as many as the cluster's CPUs and GPUs fit; 1024 is beyond any cluster)."""
     max_retries: int = Field(2, ge=0, le=100)
-    """Retries of a failed trial (each resumes from the trial's last checkpoint)."""
+    """Retries of a failed trial (Tune's max_failures; each resumes from the trial's last checkpoint)."""
 
 
 class SweepFile(_Strict):
@@ -57,7 +57,7 @@ class SweepFile(_Strict):
     """Matrix combinations to drop: mappings of matrix key -> one of its values."""
     scheduler: SchedulerOptions = SchedulerOptions()
     search: SearchConfig | None = None
-    """An Optuna search instead of matrix/include (orchestrator/search.py)."""
+    """An Optuna search on Tune instead of matrix/include (orchestrator/search.py)."""
 
 
 MISSING = {"base": "missing: a sweep file needs `base:`, the experiment config every trial starts from ({} for defaults)"}
@@ -70,9 +70,9 @@ def parse_sweep(data: dict[str, Any], path: str | Path) -> SweepFile:
     except ValidationError as err:
         raise validation_error(err, path, missing=MISSING) from None
     if sf.search is not None:
-        for key in ("matrix", "include", "exclude", "scheduler"):
+        for key in ("matrix", "include", "exclude"):
             if key in data:
-                raise ConfigError(path, key, "not used by a search file (Optuna samples the trials, one after another)")
+                raise ConfigError(path, key, "not used by a search file (Optuna samples the trials)")
         return sf
     if not (sf.matrix or sf.include):
         raise ConfigError(path, "matrix", "must be a non-empty mapping of dotted key -> list of values (or give include)")

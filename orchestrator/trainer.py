@@ -28,7 +28,7 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import ray
 import yaml
@@ -144,13 +144,11 @@ class OPDTrainer:
     """Full weights of the EffOPD anchor (the previous accepted point), for evaluators."""
 
     def __init__(self, cfg: ExperimentConfig, plan: ResolvedPlan, *, resume: bool = True, show_progress: bool = True,
-                 parent_run_id: str | None = None, placement_group: Any = None,
-                 on_eval: Callable[[int, float], bool] | None = None) -> None:
-        """`placement_group`: bundles in plan order (scheduler); `on_eval(step, acc)` returning True
-        stops the run early (Optuna pruning)."""
+                 parent_run_id: str | None = None, placement_group: Any = None) -> None:
+        """`placement_group`: bundles in plan order (a Tune trial's group; see orchestrator/scheduler.py)."""
         self.cfg, self.plan, self.resume, self.show_progress = cfg, plan, resume, show_progress
-        self.parent_run_id, self.pg, self.on_eval = parent_run_id, placement_group, on_eval
-        self.pruned = False
+        self.parent_run_id, self.pg = parent_run_id, placement_group
+        self.final: dict[str, float] = {}
         self._stop: Exception | None = None
         self.run_dir = plan.run_dir
         task = build_task(cfg.task, cfg.model_paths[0], cfg.rollout.max_prompt_tokens)
@@ -305,17 +303,27 @@ class OPDTrainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, float]:
-        """start (unless started) -> (eval at step 0) -> step_once for every remaining step -> final save."""
+        """The whole run (see `evaluations`); returns the final step's metrics."""
+        for _ in self.evaluations():
+            pass
+        return self.final
+
+    def evaluations(self) -> Iterator[tuple[int, float]]:
+        """start (unless started) -> (eval at step 0) -> step_once for every remaining step -> final save,
+        yielding (step, test accuracy) after every evaluation.
+
+        A caller that stops early (a Tune scheduler stopping the trial) closes the generator: the
+        MLflow run ends KILLED, tagged `pruned` at that step, and its last checkpoint stays."""
         if not hasattr(self, "actors"):
             self.start()
-        cfg, final = self.cfg, {}
+        cfg, at = self.cfg, self.state.step
         status = "FAILED"
         try:
             if self.state.step == 0:
                 acc0 = self.evaluate()
                 if not self.tracker.client.get_metric_history(self.tracker.run_id, "eval/accuracy"):
                     self.tracker.log(0, {"eval/accuracy": acc0, **self.evaluate_sets(0)})  # not again after a restart
-                self._report(0, acc0)
+                yield 0, acc0
             bar = _progress(self.state.step, cfg.run.steps, self.show_progress)
             progress = ProgressFile(self.run_dir, cfg.run.steps)
             step = self.state.step + 1
@@ -328,16 +336,13 @@ class OPDTrainer:
                     bar.n = self.state.step
                     continue
                 self.tracker.log(step, metrics)
-                final.update(metrics)
+                self.final.update(metrics)
                 progress.update(step, metrics.get("eval/accuracy"))
                 if self._stop is not None:
                     raise self._stop
-                if "eval/accuracy" in metrics and self._report(step, metrics["eval/accuracy"]):
-                    self.pruned = True
-                    self.tracker.set_tags({"pruned": "true", "pruned_at_step": str(step)})
-                    status = "KILLED"
-                    bar.close()
-                    return final
+                if "eval/accuracy" in metrics:
+                    at = step
+                    yield step, metrics["eval/accuracy"]
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.run.steps:
                     self.save(step)
                 bar.update(1)
@@ -348,7 +353,10 @@ class OPDTrainer:
             self.save(cfg.run.steps)
             self.finish()
             status = "FINISHED"
-            return final
+        except GeneratorExit:
+            self.tracker.set_tags({"pruned": "true", "pruned_at_step": str(at)})
+            status = "KILLED"
+            raise
         finally:
             self.tracker.close(status)
 
@@ -384,9 +392,6 @@ class OPDTrainer:
     def _install_projection(self, bases: dict) -> None:
         hooked = self._on_learners("set_grad_projection", [ray.put(bases)])
         log.info("rank-%d gradient projection on %d matrices", self.cfg.learner.grad_project_rank, hooked[0])
-
-    def _report(self, step: int, acc: float) -> bool:
-        return bool(self.on_eval and self.on_eval(step, acc))
 
     def step_once(self, step: int) -> dict[str, float]:
         cfg, timer = self.cfg, Timer()

@@ -271,6 +271,11 @@ SEARCH = "search:\n  params:\n    learner.lr: {type: float, low: 1e-5, high: 1e-
     ("base: {}\n" + SEARCH + "  n_trials: true\n", "search.n_trials", "valid integer"),
     ("base: {}\n" + SEARCH + "  n_trials: 100000\n", "search.n_trials", "less than or equal to 10000"),
     ("base: {}\n" + SEARCH + "  sampler: grid\n", "search.sampler", "'tpe' or 'random'"),
+    ("base: {}\n" + SEARCH + "  pruner: hyperband\n", "search.pruner", "'median', 'asha' or 'none'"),
+    ("base: {}\n" + SEARCH + "  pruner: asha\n  reduction_factor: 1\n", "search.reduction_factor", "greater than or equal to 2"),
+    ("base: {}\n" + SEARCH + "  points: [{learner.lr: 0.5}]\n", "search", "points.0.learner.lr: 0.5 is outside"),
+    ("base: {}\n" + SEARCH + "  points: [{run.seed: 1}]\n", "search", "points.0: needs exactly the params' keys"),
+    ("base: {}\n" + SEARCH + "scheduler: {max_concurrent: 0}\n", "scheduler.max_concurrent", "greater than 0"),
 ])
 def test_bad_sweep_and_search_files_refused(tmp_path, fake_models, text, key, reason):
     path = tmp_path / "s.yaml"
@@ -288,6 +293,9 @@ def test_valid_sweep_and_search_files_pass(tmp_path, fake_models):
     assert [t.name for t in trials] == ["s_s0_lr3e-05", "s_hot"]
     assert trials[0].cfg.learner.lr == 3e-5 and trials[1].cfg.learner.betas == (0.8, 0.9)
     path.write_text("base: {}\n" + SEARCH + "  objective: steps_to_target\n  target: 0.9\n")
+    load_sweep(path)
+    path.write_text("base: {}\n" + SEARCH + "  points: [{learner.lr: 1.0e-4}]\n  pruner: asha\n"
+                    "scheduler: {max_concurrent: 2, max_retries: 1}\n")  # a search may set Tune's concurrency
     load_sweep(path)
 
 

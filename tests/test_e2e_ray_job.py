@@ -1,11 +1,14 @@
 """`ray job submit` against a real local Ray cluster started by this test (127.0.0.1, non-default
-ports, token auth), stopped by PID. Inside the job, `foresight run` joins that cluster and runs the
-paper's workload at CPU size (experiments/math_twin.yaml: verl parquet, chat template with
-enable_thinking=False, math-verify, Qwen2 teacher and student, a named evaluation set) on the HF
-backend, and the student's reward rises."""
+ports, token auth), stopped by PID. Inside the job, `foresight run` joins that cluster and runs a
+sweep on Ray Tune over the paper's workload at CPU size (experiments/math_twin.yaml: verl parquet,
+chat template with enable_thinking=False, math-verify, Qwen2 teacher and student, a named
+evaluation set) on the HF backend: the trial is an MLflow child run of the sweep's parent, the
+student's reward rises, and the job leaves the cluster without actors or placement groups. (Ctrl-C /
+SIGTERM, what `ray job stop` sends, is in test_e2e_sweep.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from actors.group import free_port
 from conftest import ROOT, TEST_ENV, run_overrides
@@ -24,6 +28,24 @@ from e2e_helpers import TWIN_SMALL_EVAL, assert_reward_rose, mlflow_run
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
+TWIN = ROOT / "experiments" / "math_twin.yaml"
+
+
+def assert_cluster_is_clean(gcs_port: int, env: dict) -> None:
+    """No live actors and no placement groups left on the cluster once the job has ended."""
+    probe = ("import ray, json; from ray.util.state import list_actors, list_placement_groups; "
+             f"ray.init(address='127.0.0.1:{gcs_port}', logging_level='ERROR'); "
+             "print(json.dumps([[a.class_name for a in list_actors(filters=[('state', '=', 'ALIVE')])], "
+             "[p.state for p in list_placement_groups(filters=[('state', '!=', 'REMOVED')])]]))")
+    deadline = time.time() + 60
+    while True:  # a stopped job's driver may still be exiting
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        actors, groups = json.loads(out.stdout.strip().splitlines()[-1])
+        if (actors == [] and groups == []) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert actors == [] and groups == [], (actors, groups)
 
 
 def wait_http(url: str, timeout: float = 120) -> None:
@@ -39,27 +61,35 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise AssertionError(f"{url} did not come up")
 
 
-def test_ray_job_submit_runs_the_math_twin_on_the_cluster(twin_models, tmp_path):
+def test_ray_job_submit_runs_a_math_twin_sweep_on_tune(twin_models, tmp_path):
     env = {**os.environ, **TEST_ENV, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
+    gcs, dash_port = free_port(), free_port()
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}",
+         f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}",
          f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
          "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true"],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_http(f"http://127.0.0.1:{dash}/api/version")
+        wait_http(f"http://127.0.0.1:{dash_port}/api/version")
+        sweep = tmp_path / "math_twin_sweep.yaml"
+        sweep.write_text(yaml.safe_dump({"sweep": "math_twin", "base": yaml.safe_load(TWIN.read_text()),
+                                         "matrix": {"method.type": ["vanilla"]}}))
         job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-             "--", "foresight", "run", "experiments/math_twin.yaml", *run_overrides(twin_models, tmp_path),
+            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--working-dir", str(ROOT),
+             "--", "foresight", "run", str(sweep), *run_overrides(twin_models, tmp_path),
              "run.steps=20", "checkpoint.every=0", "learner.world_size=1", *TWIN_SMALL_EVAL],
             env=env, capture_output=True, text=True, timeout=900)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         assert "succeeded" in job.stdout + job.stderr
-        client, runs = mlflow_run(tmp_path, "math_twin", "math_twin")
+        assert "done: math_twin_vanilla final test accuracy" in job.stdout
+        assert "Trial status: 1 TERMINATED" in job.stdout  # Tune's own table, in the job's log
+        assert_cluster_is_clean(gcs, env)
+        client, runs = mlflow_run(tmp_path, "math_twin_vanilla", "math_twin")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        _, parents = mlflow_run(tmp_path, "math_twin", "math_twin")
+        assert runs[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         run_id = runs[0].info.run_id
         assert max(m.step for m in client.get_metric_history(run_id, "train/loss")) == 20
         for key in ("eval/held/accuracy", "eval/held/mean_at_4", "eval/held/pass_at_4"):  # eval.sets

@@ -1,8 +1,10 @@
-"""A sweep end to end through the scheduler: the shipped geometry study (OPD, SFT on teacher
-outputs, GRPO, OPD/RLVR mix, top-KL token sparsification, rank-16 gradient projection for OPD and
-SFT), 7 trials two at a time, as MLflow child runs of one parent; one trial's runner is SIGKILLed
-mid-run, retried, and resumes from its checkpoint into the same MLflow run with no duplicated
-step; a re-run skips every finished trial."""
+"""A sweep end to end on Ray Tune: the shipped geometry study (OPD, SFT on teacher outputs, GRPO,
+OPD/RLVR mix, top-KL token sparsification, rank-16 gradient projection for OPD and SFT), 7 trials two
+at a time, as MLflow child runs of one parent. One trial's runner (its Tune trainable) is SIGKILLed
+mid-run and retried by Tune from its checkpoint into the same MLflow run; then the driver gets
+SIGTERM (what `ray job stop` sends) with trials running: it stops, and the same command restores
+the Tune experiment (finished trials are not run again, interrupted ones resume from their
+checkpoints). Every trial logs each step once; a last re-run skips every trial."""
 
 from __future__ import annotations
 
@@ -21,17 +23,24 @@ SHORT = ["run.steps=8", "eval.every=4", "geometry.every=4", "checkpoint.every=4"
 """One learner rank per trial: 1 CPU each, so two trials run at once on 2 CPUs."""
 
 
-def test_geometry_study_sweep_runs_every_control_two_at_a_time_and_survives_a_killed_trial(models, tmp_path):
+def test_geometry_study_sweep_on_tune_survives_a_killed_trial_and_a_stopped_driver(models, tmp_path):
     proc = start_run(models, tmp_path, *SHORT, config=STUDY)
     victim = tmp_path / "geometry_study_opd"
     pid_file = victim / "actors" / "trial-0.pid"
     wait_for(lambda: (victim / "checkpoints" / "latest").is_file() and pid_file.is_file(), proc, timeout=600)
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-5000:]
-    assert out.count("done:") == 7
+    wait_for(lambda: len(list(tmp_path.glob("geometry_study_*/done.json"))) >= 2, proc, timeout=600)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "interrupted; resume with the same command" in out, out[-5000:]
     assert "2 running" in out  # two trials ran at the same time
     assert "retrying from its last checkpoint" in out
+    resumed = foresight("run", STUDY, *run_overrides(models, tmp_path), *SHORT)
+    assert "restoring the Tune experiment" in resumed.stderr
+    before, after = ({line.split()[1] for line in text.splitlines() if line.startswith("done: ")}
+                     for text in (out, resumed.stdout))
+    assert len(before) >= 2 and not before & after and len(before | after) == 7  # finished trials not run again
+    assert all(f"{name}: already finished, skipped" in resumed.stdout for name in before)
 
     from mlflow.tracking import MlflowClient
 
@@ -45,9 +54,8 @@ def test_geometry_study_sweep_runs_every_control_two_at_a_time_and_survives_a_ki
     for r in children:
         assert r.info.status == "FINISHED", r.info.run_name
         assert "geometry/stable_rank" in r.data.metrics and "train/loss" in r.data.metrics
-    killed = next(r for r in children if r.info.run_name == "geometry_study_opd")
-    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")]
-    assert steps == list(range(1, 9))  # resumed into the same run, no duplicates
+    for r in children:  # the killed and the interrupted trials resumed into their runs: no step twice
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == list(range(1, 9)), r.info.run_name
     projected = next(r for r in children if r.info.run_name.endswith("_opd_rank16"))
     assert projected.data.params["learner/grad_project_rank"] == "16"
     assert (tmp_path / "geometry_study_opd_rank16" / "projection_basis.pt").is_file()
