@@ -2,9 +2,8 @@
 
 Each trial's control loop writes `<run_dir>/progress.json` (step, total, last eval accuracy,
 steps/s) at most once a second; the sweep's Tune callback (orchestrator/scheduler.py), on the driver,
-reads them from the shared run folders and prints one line per running trial: redrawn in place on
-a terminal, or as plain lines (at most every 30 s per trial, and at each eval) when the output is
-not a terminal (`ray job logs`, CI)."""
+reads them from the shared run folders and prints a line per running trial at each evaluation and
+at least every 30 s (plain lines: the same on a terminal, in `ray job logs` and in CI)."""
 
 from __future__ import annotations
 
@@ -56,35 +55,26 @@ def line(name: str, p: dict | None) -> str:
 
 
 class ProgressBoard:
-    """Printed by the scheduler on stderr."""
+    """Printed by the sweep's Tune callback on stderr: plain lines, so they interleave cleanly with
+    Tune's trial table (a line per trial at each evaluation and at least every 30 s)."""
 
     def __init__(self, stream=None) -> None:
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.drawn = 0
         self.last: dict[str, tuple[float, str, float | None]] = {}
 
     def show(self, trials: dict[str, Path]) -> None:
-        lines = [line(name, read(run_dir)) for name, run_dir in trials.items()]
-        if self.tty:
-            self.stream.write("\x1b[F\x1b[2K" * self.drawn + "".join(f"{ln}\n" for ln in lines))
-            self.drawn = len(lines)
-        else:
-            now = time.time()
-            for name, ln in zip(trials, lines):
-                p = read(trials[name]) or {}
-                t, prev, acc = self.last.get(name, (0.0, "", None))
-                if ln != prev and (now - t >= 30 or p.get("eval_accuracy") != acc):
-                    self.stream.write(ln + "\n")
-                    self.last[name] = (now, ln, p.get("eval_accuracy"))
+        now = time.time()
+        for name, run_dir in trials.items():
+            p = read(run_dir) or {}
+            ln = line(name, p or None)
+            t, prev, acc = self.last.get(name, (0.0, "", None))
+            if ln != prev and (now - t >= 30 or p.get("eval_accuracy") != acc):
+                self.stream.write(ln + "\n")
+                self.last[name] = (now, ln, p.get("eval_accuracy"))
         self.stream.flush()
 
     def message(self, text: str, stream=None) -> None:
-        """A line above the board (on `stream`, default the board's own: results go to stdout)."""
-        if self.tty and self.drawn:
-            self.stream.write("\x1b[F\x1b[2K" * self.drawn)
-            self.stream.flush()
-            self.drawn = 0
+        """A status line (on `stream`, default the board's own: results go to stdout)."""
         out = stream or self.stream
         out.write(text + "\n")
         out.flush()
