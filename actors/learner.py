@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -110,8 +111,9 @@ class Learner(Placed):
         import torch.distributed as dist
 
         _skip_muon_import()
-        import deepspeed
-        import deepspeed.ops
+        with _without_mlflow():
+            import deepspeed
+            import deepspeed.ops
 
         os.environ.update({k: str(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")})
         os.environ["MASTER_PORT"] = str(port)
@@ -475,6 +477,23 @@ def _skip_muon_import() -> None:
         stub = types.ModuleType(name)
         stub.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {"__doc__": "never used by Foresight"})
         sys.modules[name] = stub
+
+
+@contextmanager
+def _without_mlflow() -> Iterator[None]:
+    """DeepSpeed's autotuner imports mlflow when it is installed (~1.3 s of every rank's start, on
+    the critical path of a trial's setup) to log autotuning experiments, which Foresight never runs:
+    hide mlflow while DeepSpeed is imported (the learner logs nothing itself; the driver does)."""
+    import sys
+
+    if "mlflow" in sys.modules:
+        yield
+        return
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed sets has_mlflow = False
+    try:
+        yield
+    finally:
+        del sys.modules["mlflow"]
 
 
 def rng_state() -> dict[str, Any]:

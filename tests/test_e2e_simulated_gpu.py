@@ -6,8 +6,9 @@ CUDA device; the learner and vLLM engines log it). Tiny models stand in for 1.5B
    end to end as planned (actors == plan, one GPU each, no GPU shared, learner rendezvous on
    loopback), learns, and nothing it opens listens beyond 127.0.0.1.
 2. Four nodes with 8 declared GPUs each (`ray.cluster_utils.Cluster`): the 1.5B EffOPD plan and the
-   32B plan are placed as planned (placement probes, `foresight plan --probe`, stand in for actors
-   whose models cannot load here): a TP engine's
+   32B plan are placed as planned (placement probes stand in for actors whose models cannot load
+   here; the 1.5B plan as `foresight plan --probe` places it, the 32B plan inside a one-trial Ray
+   Tune sweep whose placement group Tune reserved, as `foresight run` of a sweep does): a TP engine's
    GPUs on one node, learner ranks spread over nodes agreeing on master address, world size and
    ranks, NCCL rank offsets at TP 2 and 4 disjoint.
 """
@@ -102,7 +103,10 @@ def test_simulated_multi_node_placement_probes_follow_the_plan(four_nodes, fake_
     cfg = load_config(None, [f"models.student={fake_models / 'student'}", f"models.teacher={fake_models / 'teacher'}",
                              f"run.output_dir={tmp_path}", *overrides])
     plan = resolve(cfg, "<test>", resources=ray.cluster_resources())
-    placements = probe_placements(plan)  # what `foresight plan --probe` does on a live cluster
+    if plan.scale == "32B":  # what a sweep does: Tune reserves the trial's group, the trial launches into it
+        placements = tune_trial_placements(cfg, plan, tmp_path)
+    else:
+        placements = probe_placements(plan)  # what `foresight plan --probe` does on a live cluster
     check_matches_plan(plan, placements)
     for spec in plan.roles:
         if spec.tp > 1:  # a TP engine is one actor: its GPUs are one bundle, on one node
@@ -120,3 +124,37 @@ def test_simulated_multi_node_placement_probes_follow_the_plan(four_nodes, fake_
         offsets, world = nccl_layout([plan.role("rollout").tp] * plan.role("rollout").actors)
         ranks = [set(range(o, o + plan.role("rollout").tp)) for o in offsets]
         assert offsets == [1, 5] and world == 9 and not set.intersection(*ranks)
+
+
+
+def tune_trial_placements(cfg, plan, tmp_path) -> dict[str, list[dict]]:
+    """A one-trial Tune sweep, short of loading models: Tune reserves the placement group from
+    `SweepSpec.resources_of` (the trainable's empty bundle, then the plan's GPU bundles across
+    nodes) and the trial launches its actors into it as `OPDTrial.setup` does (placement probes
+    stand in for them); checks Tune reserved exactly the plan's bundles, returns the placements."""
+    import json
+
+    from ray import tune
+    from ray.util import get_current_placement_group, placement_group_table
+
+    from actors.group import PlacementProbe
+    from orchestrator.placement import TrialActors, role_classes
+    from orchestrator.trial import TRIAL, SweepSpec
+
+    spec = SweepSpec("s", None, "<test>", trials={cfg.run.name: (cfg, plan)})
+
+    def trial(config: dict) -> dict:
+        pg = get_current_placement_group()
+        probes = {role: {b: PlacementProbe for b in backends} for role, backends in role_classes().items()}
+        actors = TrialActors.launch(plan, {}, {}, pg=pg, classes=probes)
+        try:
+            return {"placements": json.dumps(actors.placements(), default=str),
+                    "bundles": json.dumps(list(placement_group_table(pg)["bundles"].values()))}
+        finally:
+            actors.kill()
+
+    grid = tune.Tuner(tune.with_resources(trial, spec.resources_of), param_space={TRIAL: tune.grid_search([cfg.run.name])},
+                      run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="probe", verbose=0)).fit()
+    assert not grid.errors, grid.errors
+    assert json.loads(grid[0].metrics["bundles"]) == [{k: float(v) for k, v in b.items() if v} for b in plan.bundles()]
+    return json.loads(grid[0].metrics["placements"])

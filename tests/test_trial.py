@@ -1,7 +1,8 @@
 """The Tune side of sweeps without a cluster: a trial's placement group is the plan's bundles after an
 empty head bundle, a search's Tune config becomes the named trial config, the Optuna searcher numbers
 its suggestions and records a trial stopped early as PRUNED, and a resumed study's sampler draws new
-points. (Tune running real trials: test_e2e_sweep.py, test_e2e_search.py, test_e2e_ray_job.py.)"""
+points, and a re-run of a finished sweep launches nothing. (Tune running real trials:
+test_e2e_sweep.py, test_e2e_search.py, test_e2e_ray_job.py, test_e2e_simulated_gpu.py.)"""
 
 from __future__ import annotations
 
@@ -66,3 +67,22 @@ def test_a_resumed_study_samples_new_points():
         return [study.ask(space).params["x"] for _ in range(2)]
 
     assert draws(0) == draws(0) and draws(2) != draws(0)
+
+
+def test_a_rerun_of_a_finished_sweep_launches_nothing(fake_models, tmp_path, capsys):
+    import ray
+
+    from orchestrator.scheduler import run_sweep
+    from orchestrator.trainer import done_marker
+
+    trials = {}
+    for seed in (0, 1):
+        cfg = validate({**parse_overrides(model_overrides(fake_models)), "run": {"name": f"s_s{seed}", "seed": seed,
+                                                                               "output_dir": str(tmp_path)}})
+        plan = resolve(cfg, "s.yaml", resources=CPUS)
+        plan.run_dir.mkdir(parents=True)
+        done_marker(plan.run_dir).write_text("{}")
+        trials[cfg.run.name] = (cfg, plan)
+    assert run_sweep(SweepSpec("s", None, "s.yaml", trials=trials)).ok
+    assert capsys.readouterr().out.splitlines() == ["s_s0: already finished, skipped", "s_s1: already finished, skipped"]
+    assert not ray.is_initialized() and not (tmp_path / "tune").exists()
