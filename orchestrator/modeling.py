@@ -34,8 +34,10 @@ def quiet_hf() -> None:
 
     hf_logging.disable_progress_bar()
     # transformers' assisted-generation module imports scikit-learn (and scipy) at import when it is
-    # installed (mlflow pulls it in): ~1.5 s of every actor's start, for a feature no role uses.
+    # installed (mlflow pulls it in): ~1.5 s of every actor's start, for a feature no role uses; its
+    # object-detection losses import scipy.optimize the same way (~0.5 s; scipy's only use there).
     transformers.utils.is_sklearn_available = lambda: False
+    transformers.utils.is_scipy_available = lambda: False
 
 
 def build_tokenizer():

@@ -79,7 +79,7 @@ def test_ray_job_submit_runs_a_math_twin_sweep_on_tune(twin_models, tmp_path):
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--working-dir", str(ROOT),
              "--", "foresight", "run", str(sweep), *run_overrides(twin_models, tmp_path),
-             "run.steps=20", "checkpoint.every=0", "learner.world_size=1", *TWIN_SMALL_EVAL],
+             "run.steps=16", "checkpoint.every=0", "learner.world_size=1", *TWIN_SMALL_EVAL],
             env=env, capture_output=True, text=True, timeout=900)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         assert "succeeded" in job.stdout + job.stderr
@@ -91,9 +91,9 @@ def test_ray_job_submit_runs_a_math_twin_sweep_on_tune(twin_models, tmp_path):
         _, parents = mlflow_run(tmp_path, "math_twin", "math_twin")
         assert runs[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         run_id = runs[0].info.run_id
-        assert max(m.step for m in client.get_metric_history(run_id, "train/loss")) == 20
+        assert max(m.step for m in client.get_metric_history(run_id, "train/loss")) == 16
         for key in ("eval/held/accuracy", "eval/held/mean_at_4", "eval/held/pass_at_4"):  # eval.sets
-            assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 20], key
+            assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 16], key
         params = runs[0].data.params
         assert params["data/eval_held_prompts"] == "40" and params["data/overlong_dropped_train"] == "0"
         assert params["task/format"] == "verl" and params["task/chat_template_kwargs/enable_thinking"] == "False"
