@@ -97,9 +97,12 @@ def actor_config(cfg: ExperimentConfig, plan: ResolvedPlan | None = None, run_di
 
 
 def vllm_cache_dir() -> str:
-    """VLLM_CACHE_ROOT and TMPDIR of vLLM engines: the project's `.cache/vllm` (shared by runs, so
-    compiled ops are reused), or $FORESIGHT_VLLM_CACHE."""
-    return os.environ.get("FORESIGHT_VLLM_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "vllm"))
+    """VLLM_CACHE_ROOT and TMPDIR of vLLM engines: $FORESIGHT_VLLM_CACHE, else the user's cache
+    (`$XDG_CACHE_HOME` or ~/.cache, then foresight/vllm; vLLM's own default is ~/.cache/vllm), shared
+    by runs and checkouts: vLLM caches there what it learns by inspecting a model architecture in a
+    subprocess (seconds per engine start in a fresh checkout otherwise)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return os.environ.get("FORESIGHT_VLLM_CACHE", str(Path(cache) / "foresight" / "vllm"))
 
 
 class LearnerLost(RuntimeError):
