@@ -42,7 +42,43 @@ def token_batch(batch: dict[str, Any], scores: dict[str, Any]) -> TokenBatch:
     )
 
 
-def micro_batches(rows: int, width: int, max_tokens: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges of at most `max_tokens` padded tokens (at least one row each)."""
-    per = max(1, max_tokens // max(width, 1))
-    return [(a, min(a + per, rows)) for a in range(0, rows, per)]
+def row_lengths(batch: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(real prompt tokens, real response tokens) of every row of a rollout batch."""
+    P = batch["prompt_len"]
+    return batch["attention_mask"][:, :P].sum(1).tolist(), batch["response_mask"].sum(1).long().tolist()
+
+
+def micro_batches(prompts: list[int], responses: list[int], max_tokens: int) -> list[list[int]]:
+    """Rows packed into micro-batches of at most `max_tokens` tokens, a micro-batch costing its rows x
+    its own width (longest prompt + longest response in it: the learner trims each micro-batch to
+    that, as verl's remove-padding and OpenRLHF's packing avoid computing on padding). Rows are taken
+    longest first and a micro-batch grows while it fits (at least one row each), so rows of similar
+    length share one. Returns the row indices of each micro-batch."""
+    order = sorted(range(len(prompts)), key=lambda i: (-(prompts[i] + responses[i]), i))
+    out: list[list[int]] = []
+    current: list[int] = []
+    width_p = width_r = 0
+    for i in order:
+        wp, wr = max(width_p, prompts[i]), max(width_r, max(responses[i], 1))
+        if current and (len(current) + 1) * (wp + wr) > max_tokens:
+            out.append(current)
+            current, wp, wr = [], prompts[i], max(responses[i], 1)
+        current.append(i)
+        width_p, width_r = wp, wr
+    return out + ([current] if current else [])
+
+
+def trimmed(batch: dict[str, Any], x: TokenBatch, rows: list[int]) -> tuple[dict[str, Any], TokenBatch]:
+    """Rows `rows` of a rank's batch cut to their own width: the left-padding columns no row of them
+    uses and the response columns past their longest response are dropped. Returns the
+    micro-batch (input_ids, attention_mask, prompt_len) and its per-token loss inputs."""
+    import torch
+
+    idx = torch.tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
+    P = batch["prompt_len"]
+    att = batch["attention_mask"].index_select(0, idx)
+    p0 = int(P - att[:, :P].sum(1).max())
+    r1 = max(1, int(batch["response_mask"].index_select(0, idx).sum(1).max()))
+    ids = batch["input_ids"].index_select(0, idx)[:, p0 : P + r1]
+    return ({"input_ids": ids, "attention_mask": att[:, p0 : P + r1], "prompt_len": P - p0},
+            x.map(lambda t: t.index_select(0, idx)[:, :r1]))

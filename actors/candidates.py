@@ -1,9 +1,10 @@
 """Scoring EffOPD candidates W_t + c (W_t - anchor) on D_v: a mixin for every actor that holds the
 student (evaluators, and rollout workers when the pool is borrowed).
 
-Each candidate is built tensor by tensor while it is loaded (`actors.weights.candidate_stream`, the
-learner's own `extrapolate` expression, so a candidate scored here is bit-identical to the weights
-the learner would jump to): the actor holds one model, never W, A and the candidate at once.
+Each candidate is formed on the learner ranks, where the fp32 masters and the anchor live
+(partition-local, `Learner.publish_weights("candidate", c)`), and reaches its evaluator once, in
+the working dtype, as weight buckets streamed into the held model: what is scored here is bit for
+bit what every rank and engine holds if the learner jumps to that candidate, in fp32 and bf16 alike.
 
 V is greedy accuracy on D_v (the paper), or with `method.score: teacher_kl` (HF actors) minus the
 mean reverse KL to the teacher on the candidate's own samples of D_v (one sampling seed for all).
@@ -15,8 +16,8 @@ from typing import Any
 
 import torch
 
-from actors.weights import WeightsHandle, candidate_stream
-from orchestrator.modeling import gather_logp, generate, greedy_accuracy, load_model, response_logits
+from actors.weights import WeightsHandle, stream
+from orchestrator.modeling import generate, greedy_accuracy, load_model, score_responses
 
 
 class ScoresCandidates:
@@ -32,11 +33,11 @@ class ScoresCandidates:
             self._val = self.task.validation_set(self.cfg["val_size"], self.cfg["seed"])
         return self._val
 
-    def score(self, current: WeightsHandle, anchor: WeightsHandle, coefs: list[float]) -> list[float]:
-        """V(W_t + c (W_t - anchor)) for each c, in order (c = 0 scores W_t itself)."""
+    def score(self, candidates: list[WeightsHandle]) -> list[float]:
+        """V of each candidate's weights, in order (one load and one validation pass each)."""
         scores = []
-        for c in coefs:
-            self.load_stream(candidate_stream(current, anchor, c))
+        for handle in candidates:
+            self.load_stream(stream(handle))
             self.version = -1  # holds a candidate now: the next sync reloads whatever it is given
             scores.append(self.validation_score())
         return scores
@@ -53,12 +54,13 @@ class HfScoresCandidates(ScoresCandidates):
     @torch.no_grad()
     def _teacher_kl(self) -> float:
         """-(1/N) sum_t (log pi_cand(y_t) - log pi_t(y_t)) on the candidate's samples of D_v (fixed seed)."""
-        if getattr(self, "teacher", None) is None:
-            self.teacher = load_model(self.cfg["teacher_path"])
+        from actors.teacher import scoring_budget
+
+        if getattr(self, "teacher", None) is None:  # beside the student, on its device and in its dtype
+            self.teacher = load_model(self.cfg["teacher_path"], self.model.dtype, self.device)
         out = generate(self.model, self.tokenizer, [e.prompt for e in self.val], self.cfg["rollout"]["max_new_tokens"],
                        greedy=False, seed=self.cfg["seed"] + 12345)
-        logits = response_logits(self.teacher, out["input_ids"], out["attention_mask"], out["prompt_len"])
-        q = gather_logp(torch.log_softmax(logits, -1), out["response"])
+        q = score_responses(self.teacher, out, **scoring_budget(self.cfg))["logp"]
         m = out["response_mask"]
         return -float(((out["logp"] - q) * m).sum() / m.sum())
 

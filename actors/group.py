@@ -35,6 +35,13 @@ class Placed:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
 
+    def device_requests(self) -> list[dict[str, Any]]:
+        """Every device index this actor's code asked for (`actors.devices`: each was checked against
+        its visible GPUs when asked)."""
+        from actors import devices
+
+        return devices.requests()
+
     def timed(self, method: str, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, float]]:
         """`method(*args, **kwargs)` and how long this actor was busy with it: (result, {"busy_s",
         "version"}) where `version` is the student weights version the actor held when it finished

@@ -24,32 +24,44 @@ import numpy as np
 import torch
 
 from actors.group import Placed
-from actors.batching import fetch_rows, micro_batches
+from actors.batching import fetch_rows
 from orchestrator.faults import fires
 from orchestrator.extrapolation import extrapolate
-from orchestrator.modeling import load_model, quiet_hf
+from orchestrator.modeling import quiet_hf
 
 log = logging.getLogger(__name__)
 
 
-def ds_config(lc: dict[str, Any], cuda: bool) -> dict[str, Any]:
-    """ZeRO-3 config that partitions even tiny models and compiles no op.
+SMALL_MODEL = 10_000_000
+"""Parameters below which every tensor is partitioned (persistence thresholds 0): a tiny model's
+tensors are all below DeepSpeed's default threshold, and it would not be partitioned at all."""
+DS_PERSISTENCE = 100_000
+"""DeepSpeed's default `stage3_param_persistence_threshold` (elements): norms and biases stay gathered
+instead of being re-gathered in every forward, backward and recompute."""
+
+
+def ds_config(lc: dict[str, Any], cuda: bool, params: int | None = None) -> dict[str, Any]:
+    """The learner's ZeRO-3 config; compiles no op.
 
     Optimizer: torch AdamW (no DeepSpeed JIT op), its fused multi-tensor kernel on CUDA. Precision
-    (`learner.dtype`): bf16 working weights, gradients and activations with fp32 master weights and
-    Adam states (`auto` on CUDA), or fp32 throughout (`auto` on CPU)."""
+    (`learner.dtype`): bf16 working weights and activations with fp32 master weights, Adam states and
+    gradient accumulation (`grad_accum_dtype`: micro-batch gradients add up in an fp32 partition
+    buffer; `auto` on CUDA), or fp32 throughout (`auto` on CPU). Tensors of at most `DS_PERSISTENCE`
+    elements stay gathered (DeepSpeed's default) unless the model has fewer than `SMALL_MODEL`
+    parameters (`params`; None: a small model), where everything is partitioned."""
     bf16 = lc["dtype"] == "bf16" or (lc["dtype"] == "auto" and cuda)
     adam = {"lr": lc["lr"], "betas": list(lc["betas"]), "eps": 1e-8, "weight_decay": lc["weight_decay"], "torch_adam": True}
     if cuda:
         adam["fused"] = True
-    return {
+    persist = DS_PERSISTENCE if params is not None and params >= SMALL_MODEL else 0
+    config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": lc["grad_clip"],
         "zero_optimization": {
             "stage": 3,
-            "stage3_param_persistence_threshold": 0,
-            "stage3_model_persistence_threshold": 0,
+            "stage3_param_persistence_threshold": persist,
+            "stage3_model_persistence_threshold": persist if persist == 0 else 2**63 - 1,
         },
         "optimizer": {"type": "AdamW", "params": adam},
         "bf16": {"enabled": bf16},
@@ -57,6 +69,9 @@ def ds_config(lc: dict[str, Any], cuda: bool) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 class Learner(Placed):
@@ -71,19 +86,21 @@ class Learner(Placed):
     anchor: list[torch.Tensor] | None
 
     def __init__(self, rank: int, world_size: int, cfg: dict[str, Any]) -> None:
+        from actors import devices
+        from actors.weights import write_pid
+
         quiet_hf()
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         torch.set_num_threads(1)
         self.engine, self.anchor, self._listen = None, None, None
         self.cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
+        # the one GPU Ray made visible to this rank is cuda:0 (checked against CUDA_VISIBLE_DEVICES)
+        self.device = devices.device(0, f"learner rank {rank}")
         # DeepSpeed's accelerator follows the device this actor has (a GPU plan on a machine whose
         # torch sees no CUDA device, e.g. a simulated GPU cluster, computes on CPU)
         os.environ["DS_ACCELERATOR"] = "cuda" if self.cuda else "cpu"
-        from actors.weights import write_pid
-
         write_pid(cfg, "learner", rank)
-        if not self.cuda and os.environ.get("CUDA_VISIBLE_DEVICES"):
+        if not self.cuda and devices.visible():
             log.warning("learner rank %d: Ray assigned GPU(s) %s but torch sees no CUDA device: computing on CPU",
                         rank, os.environ["CUDA_VISIBLE_DEVICES"])
 
@@ -104,11 +121,17 @@ class Learner(Placed):
         """Join the process group (rendezvous at rank 0's store) and build the ZeRO-3 engine.
 
         `env`: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and MASTER_ADDR from where Ray placed
-        the ranks (`orchestrator.placement.learner_env`). Returns the model's parameter count."""
+        the ranks (`orchestrator.placement.learner_env`; LOCAL_RANK is 0: the index of this rank's
+        one GPU among the devices Ray made visible to it, which DeepSpeed's `zero.Init` sets as the
+        device). The model is built partitioned and each rank loads only its shard
+        (`actors.shards`). Returns the model's parameter count."""
         import datetime
         from types import SimpleNamespace
 
         import torch.distributed as dist
+
+        from actors import devices
+        from actors.shards import build_partitioned, checkpoint_numel
 
         _skip_muon_import()
         with _without_mlflow():
@@ -117,10 +140,11 @@ class Learner(Placed):
 
         os.environ.update({k: str(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")})
         os.environ["MASTER_PORT"] = str(port)
+        devices.guard_accelerator(f"learner rank {self.rank}")  # every device index DeepSpeed asks for is checked
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a JIT compile
         backend = "nccl" if self.cuda else "gloo"
         if self.cuda:
-            torch.cuda.set_device(0)  # the one GPU Ray made visible to this actor
+            torch.cuda.set_device(self.device)
         if env["MASTER_ADDR"] == "127.0.0.1":  # one node: gloo's pair sockets on loopback too
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         store = dist.TCPStore(env["MASTER_ADDR"], port, self.world_size, is_master=self.rank == 0,
@@ -131,15 +155,15 @@ class Learner(Placed):
         deepspeed.init_distributed(dist_backend=backend)  # wraps the group above
         torch.manual_seed(self.cfg["seed"])
         lc = self.cfg["learner"]
-        bf16 = ds_config(lc, self.cuda)["bf16"]["enabled"]
-        model = load_model(self.cfg["student_path"], torch.bfloat16 if bf16 else torch.float32)  # half the host RAM in bf16
+        config = ds_config(lc, self.cuda, checkpoint_numel(self.cfg["student_path"]))
+        self.dtype = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32
+        model = build_partitioned(self.cfg["student_path"], config, self.dtype, self.device)
         model.train()
         if lc["gradient_checkpointing"]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine, *_ = deepspeed.initialize(
             args=SimpleNamespace(device_rank=0, local_rank=int(env["LOCAL_RANK"])),
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=ds_config(lc, self.cuda),
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config,
         )
         return sum(p.ds_numel for p in self.engine.module.parameters())
 
@@ -174,15 +198,17 @@ class Learner(Placed):
     def train_on(self, batch: dict[str, Any], x, spec: dict[str, Any], step: int = 0, global_rows: int | None = None,
                  first_row: int = 0) -> dict[str, float]:
         """One optimizer step on this rank's rows (`batch`: the rollout layout; `x`: the per-token
-        loss inputs, `orchestrator.losses.TokenBatch`). The rows are split into micro-batches of at
-        most `learner.max_tokens_per_gpu` tokens (every rank runs the same number, padding with
-        empty ones, because ZeRO-3 gathers parameters collectively), gradients accumulate into one
-        optimizer step, and each micro-batch's logits exist one sequence chunk at a time
-        (`learner.logit_chunk_tokens`, recomputed in backward). Returns token-sum statistics.
+        loss inputs, `orchestrator.losses.TokenBatch`). The rows are packed into micro-batches of at
+        most `learner.max_tokens_per_gpu` tokens, each cut to its own width (`actors.batching`; every
+        rank runs the same number, padding with empty ones, because ZeRO-3 gathers parameters
+        collectively), gradients accumulate into one optimizer step, and each micro-batch's logits
+        exist one sequence chunk at a time (`learner.logit_chunk_tokens`, recomputed in backward).
+        Returns token-sum statistics, and the tokens computed (`padded_tokens`) beside the real ones.
 
         A non-finite loss or gradient (a NaN teacher score, a bf16 overflow) gives a non-finite
         global gradient norm, computed across ranks: ZeRO-3 then skips the optimizer step on every
         rank (weights and Adam states untouched); `skipped` reports it."""
+        from actors.batching import micro_batches, row_lengths, trimmed
         from orchestrator.losses import STAT_KEYS, LossSpec
 
         lcfg = self.cfg["loss"]
@@ -192,17 +218,21 @@ class Learner(Placed):
         if lcfg["token_keep"] < 1.0:
             x.keep_BR = self._global_keep(x, global_rows or rows, first_row, lcfg, step)
         norm = float(self._all_reduce(x.mask_BR.sum(), "sum")) / self.world_size
-        micro = micro_batches(rows, batch["input_ids"].shape[1], self.cfg["learner"]["max_tokens_per_gpu"])
+        micro = micro_batches(*row_lengths(batch), self.cfg["learner"]["max_tokens_per_gpu"])
         n = int(self._all_reduce(torch.tensor(len(micro), device=self.device), "max"))
         loss_spec = LossSpec(**spec)
         stats = torch.zeros(len(STAT_KEYS), device=self.device)
+        padded = real = 0
         for i in range(n):
-            a, b = micro[i] if i < len(micro) else (0, 1)  # an empty micro-batch keeps the collectives in step
+            mb, xs = trimmed(batch, x, micro[i] if i < len(micro) else [0])  # an empty one keeps the collectives in step
             self.engine.set_gradient_accumulation_boundary(i == n - 1)
-            total, st = self._forward_loss(loss_spec, batch, x, a, b)
+            total, st = self._forward_loss(loss_spec, mb, xs)
             weight = 1.0 if i < len(micro) else 0.0
             self.engine.backward(total * (weight / norm), scale_wrt_gas=False)
             stats += st * weight
+            if weight:
+                padded += mb["input_ids"].numel()
+                real += int(mb["attention_mask"].sum())
         self.engine.step()
         out = dict(zip(STAT_KEYS, stats.tolist()))
         out["skipped"] = 0.0 if self.engine.was_step_applied() else 1.0
@@ -210,15 +240,16 @@ class Learner(Placed):
         out["reward_sum"] = float(batch["rewards"].sum())
         out["sequences"] = float(rows)
         out["micro_batches"] = float(len(micro))
+        out["padded_tokens"], out["real_tokens"] = float(padded), float(real)
         return out
 
-    def _forward_loss(self, spec, batch: dict, x, a: int, b: int):
-        """Loss terms (sum, with grad) and statistics of rows a:b, logits one chunk at a time."""
+    def _forward_loss(self, spec, mb: dict, xs):
+        """Loss terms (sum, with grad) and statistics of one trimmed micro-batch, logits one chunk at a time."""
         from torch.utils.checkpoint import checkpoint
 
         from orchestrator.modeling import position_ids
 
-        ids, att, P = batch["input_ids"][a:b], batch["attention_mask"][a:b], batch["prompt_len"]
+        ids, att, P = mb["input_ids"], mb["attention_mask"], mb["prompt_len"]
         captured: dict[str, torch.Tensor] = {}
         handle = self.engine.module.get_decoder().register_forward_hook(
             lambda _m, _i, out: captured.update(h=out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
@@ -228,8 +259,8 @@ class Learner(Placed):
         finally:
             handle.remove()
         hidden = captured["h"][:, P - 1 : -1]  # position P + j - 1 predicts response token j
-        xs, R = x.rows(a, b), hidden.shape[1]
-        step = max(1, self.cfg["learner"]["logit_chunk_tokens"] // max(b - a, 1))
+        R = hidden.shape[1]
+        step = max(1, self.cfg["learner"]["logit_chunk_tokens"] // max(ids.shape[0], 1))
         total, stats = 0.0, 0.0
         for j0 in range(0, R, step):
             t, st = checkpoint(self._chunk_terms, spec, hidden[:, j0 : j0 + step], xs.positions(j0, j0 + step),
@@ -293,7 +324,7 @@ class Learner(Placed):
             v = bases.get(name)
             if v is None:
                 continue
-            v = v.to(torch.float32)
+            v = v.to(self.device, torch.float32)  # the gradient's device (CUDA on GPUs)
             p.register_hook(lambda g, v=v: (g.float() @ v @ v.T).to(g.dtype))
             hooked += 1
         return hooked
@@ -311,7 +342,8 @@ class Learner(Placed):
         return buckets + ([current] if current else [])
 
     def _put_full(self, bucket_mb: float) -> list | None:
-        """Gather one bucket at a time (one collective each); rank 0 puts it in the object store."""
+        """Gather one bucket at a time (one collective each); rank 0 puts it in the object store in the
+        working dtype (bf16 on GPUs: what the engines hold, half the bytes of fp32)."""
         import deepspeed
         import ray
 
@@ -320,7 +352,7 @@ class Learner(Placed):
         for bucket in self._buckets(bucket_mb):
             with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
                 if refs is not None:
-                    refs.append(ray.put({name: p.detach().to("cpu", torch.float32, copy=True) for name, p in bucket}))
+                    refs.append(ray.put({name: p.detach().to("cpu", copy=True) for name, p in bucket}))
         return refs
 
     def _gathered(self, bucket_mb: float):
@@ -352,15 +384,19 @@ class Learner(Placed):
                 shutil.copy2(f, out / f.name)
         write_safetensors(out / "model.safetensors", named)
 
-    def publish_weights(self, bucket_mb: float, which: str = "current") -> list | None:
-        """Put the full weights (or the EffOPD anchor) in the object store once, in buckets.
+    def publish_weights(self, bucket_mb: float, which: str = "current", coef: float = 0.0) -> list | None:
+        """Put the full weights in the object store once, in buckets, in the working dtype: the current
+        weights, an EffOPD `candidate` W + coef (W - anchor) formed on the fp32 master partitions (see
+        `candidate_partitions`), or the `anchor` (diagnostics).
 
         Returns on rank 0 a list of ObjectRefs, each a {name: tensor} dict of about `bucket_mb`
         MB; None on other ranks. Rollout workers and evaluators `ray.get` the buckets; the
         driver passes the same refs to all of them (put once, not per worker).
         """
         if which == "anchor":
-            return self._with_working_copy(self.anchor, lambda: self._put_full(bucket_mb))
+            return self._with_working(lambda i, lo, hi: self.anchor[i][lo:hi], lambda: self._put_full(bucket_mb))
+        if which == "candidate":
+            return self._with_working(self._candidate(coef), lambda: self._put_full(bucket_mb))
         return self._put_full(bucket_mb)
 
     # ------------------------------------------------------------------ GPU: NCCL to vLLM engines
@@ -412,12 +448,15 @@ class Learner(Placed):
         opt = self.engine.optimizer
         return opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat
 
-    def _with_working_copy(self, source: list[torch.Tensor], fn):
-        """Run fn() with the working partitions temporarily set to `source`, then restore."""
+    def _with_working(self, values, fn):
+        """Run fn() with the working partitions temporarily set to `values(i, lo, hi)` (fp32 values of
+        flat group i, elements lo:hi, cast to the working dtype as the optimizer casts its masters),
+        then restore them from the masters."""
         masters, working = self._flats()
-        self._release_gathered()
-        for w, s in zip(working, source):
-            w.data.copy_(s)
+        self._release_gathered()  # persistent parameters too: the next gather reads the edited partitions
+        for i, w in enumerate(working):
+            for lo, hi in _slices(w.numel()):
+                w.data[lo:hi].copy_(values(i, lo, hi))
         try:
             return fn()
         finally:
@@ -425,18 +464,37 @@ class Learner(Placed):
             for w, m in zip(working, masters):
                 w.data.copy_(m)
 
+    def _candidate(self, coef: float):
+        """The fp32 values of W + coef (W - anchor) on this rank's partitions, slice by slice."""
+        masters, _ = self._flats()
+        return lambda i, lo, hi: extrapolate(masters[i].data[lo:hi], self.anchor[i][lo:hi], coef)
+
     def set_anchor(self) -> None:
         """anchor <- current fp32 master partitions (the accepted point W_acc)."""
         masters, _ = self._flats()
         self.anchor = [m.detach().clone() for m in masters]
 
     def extrapolate(self, coef: float) -> None:
-        """W <- W + coef * (W - anchor) on master and working partitions, no gather."""
+        """W <- W + coef * (W - anchor) on the fp32 master partitions, then working <- master (cast to
+        the working dtype), no gather. `publish_weights("candidate", coef)` computes the same
+        expression on the same masters, slice for slice, so in every dtype the point an evaluator
+        scored is bit for bit the point every rank (and then every engine) holds after the jump."""
         masters, working = self._flats()
         self._release_gathered()
-        for m, w, a in zip(masters, working, self.anchor):
-            m.data.copy_(extrapolate(m.data, a, coef))
+        values = self._candidate(coef)
+        for i, (m, w) in enumerate(zip(masters, working)):
+            for lo, hi in _slices(m.numel()):
+                m.data[lo:hi].copy_(values(i, lo, hi))
             w.data.copy_(m.data)
+
+    def full_masters(self) -> dict[str, torch.Tensor] | None:
+        """The full fp32 master weights on rank 0 (None elsewhere); every rank must call (one gather
+        per tensor: for tests and diagnostics, not the hot path)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        self._release_gathered()
+        full = {name: safe_get_full_fp32_param(p).cpu() for name, p in self.engine.module.named_parameters()}
+        return full if self.rank == 0 else None
 
     def partition_state(self) -> dict[str, list[torch.Tensor]]:
         """This rank's master, working and anchor partitions (for tests and diagnostics)."""
@@ -463,6 +521,14 @@ class Learner(Placed):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+SLICE = 1 << 24
+"""Elements per slice when a partition is edited in place (a 64 MB fp32 temporary, not a partition-sized one)."""
+
+
+def _slices(n: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + SLICE, n)) for lo in range(0, n, SLICE)]
 
 
 def _skip_muon_import() -> None:

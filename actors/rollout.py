@@ -1,6 +1,7 @@
 """Rollout workers: the student samples completions y ~ pi_s(.|x) at the configured temperature.
 
-Backend `hf`: HF `generate`, fp32. Backend `vllm`: an in-process vLLM engine (`VllmRolloutWorker`).
+Backend `hf`: HF `generate` on the actor's GPU in the checkpoint's dtype (bf16), or fp32 on the CPU.
+Backend `vllm`: an in-process vLLM engine (`VllmRolloutWorker`).
 Each call carries the current `WeightsHandle`; the worker syncs first if it is behind (after a
 restart, for instance).
 """
@@ -26,11 +27,14 @@ class RolloutWorker(HfScoresCandidates, ScoresEvalSets, HoldsWeights, Placed):
     role = "rollout"
 
     def __init__(self, cfg: dict[str, Any], index: int = 0) -> None:
+        from actors import devices
+
         quiet_hf()
         torch.set_num_threads(1)
         self.cfg, self.index = cfg, index
+        self.device = devices.device(0, f"{self.role} {index}")
         self.tokenizer = load_tokenizer(cfg["student_path"])
-        self.model = load_model(cfg["student_path"])
+        self.model = load_model(cfg["student_path"], devices.compute_dtype(self.device), self.device)
         self.task = task_of(cfg)
         self.version = 0
         write_pid(cfg, self.role, index)
@@ -105,7 +109,7 @@ class VllmRolloutWorker(VllmScoresCandidates, ScoresEvalSets, HoldsWeights, Plac
         """Reload the engine from a weight stream (one tensor in memory at a time)."""
         from actors.vllm_engine import load_stream
 
-        load_stream(self.llm, named, self.cfg["vllm_cache_dir"])
+        load_stream(self.llm, named, self.cfg["vllm_cache_dir"], self.cfg["tp"].get(self.role, 1))
 
     def rewards(self, out: dict[str, Any], examples) -> float:
         """Sum of the task rewards of a batch's decoded responses."""

@@ -1,4 +1,9 @@
-"""Teacher scorers: log pi_t(y_t | x, y_<t) of every sampled response token, at temperature 1.0."""
+"""Teacher scorers: log pi_t(y_t | x, y_<t) of every sampled response token, at temperature 1.0.
+
+On a GPU the HF scorer runs on the actor's GPU in the checkpoint's dtype (bf16), micro-batched with
+its logits in sequence chunks (`orchestrator.modeling.score_responses`); on the CPU in fp32. ExOPD's
+reference policy pi_ref (the frozen initial student) is scored the same way beside the teacher, on
+the same device (the plan counts its memory on the teacher's GPU)."""
 
 from __future__ import annotations
 
@@ -9,17 +14,20 @@ import torch
 from actors.group import Placed
 from actors.rollout import VllmRolloutWorker
 from actors.weights import write_pid
-from orchestrator.modeling import gather_logp, load_model, quiet_hf, response_logits
+from orchestrator.modeling import load_model, quiet_hf, score_responses
 
 
 class TeacherScorer(Placed):
     """Plain Python; `ray.remote(TeacherScorer)` is applied in `actors/group.py`."""
 
     def __init__(self, cfg: dict[str, Any], index: int = 0) -> None:
+        from actors import devices
+
         quiet_hf()
         torch.set_num_threads(1)
         self.cfg, self.index = cfg, index
-        self.model = load_model(cfg["teacher_path"])
+        self.device = devices.device(0, f"teacher {index}")
+        self.model = load_model(cfg["teacher_path"], devices.compute_dtype(self.device), self.device)
         self.task, self.tokenizer = None, None
         write_pid(cfg, "teacher", index)
 
@@ -39,29 +47,27 @@ class TeacherScorer(Placed):
         """{"logp": [B, R]} (masked); with `full` also the distribution "logp_full" [B, R, V]; with
         `topk` its top-k ("topk_ids", "topk_logp" [B, R, k]); with `ref` the reference policy's
         log-probs "ref_logp" [B, R] (ExOPD)."""
-        logits = response_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"])
-        logp_BRV = torch.log_softmax(logits, dim=-1)
-        out = {"logp": gather_logp(logp_BRV, batch["response"]) * batch["response_mask"]}
-        if full:
-            out["logp_full"] = logp_BRV
-        if topk:
-            out["topk_logp"], out["topk_ids"] = logp_BRV.topk(min(topk, logp_BRV.shape[-1]), dim=-1)
+        out = score_responses(self.model, batch, topk=topk, full=full, **scoring_budget(self.cfg))
         if ref:
             out["ref_logp"] = reference_logp(self, batch)
         return out
 
 
+def scoring_budget(cfg: dict[str, Any]) -> dict[str, int]:
+    """Micro-batch tokens and logit-chunk positions of a no-grad scoring pass (the learner's budget)."""
+    return {"max_tokens": cfg["learner"]["max_tokens_per_gpu"], "chunk_tokens": cfg["learner"]["logit_chunk_tokens"]}
+
+
 def reference_logp(actor: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """log pi_ref(y_t) of the sampled tokens under the frozen initial student (an HF model loaded on
-    first use, on the actor's device), [B, R] masked."""
+    """log pi_ref(y_t) of the sampled tokens under the frozen initial student, [B, R] masked: an HF
+    model loaded on first use on the actor's device in the run's dtype (bf16 on GPUs, beside the
+    teacher engine: the plan counts it), scored micro-batched with chunked logits."""
+    from actors import devices
+
     if getattr(actor, "reference", None) is None:
-        actor.reference = load_model(actor.cfg["student_path"]).to("cuda" if torch.cuda.is_available() else "cpu")
-    device = next(actor.reference.parameters()).device
-    with torch.no_grad():
-        logits = response_logits(actor.reference, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 batch["prompt_len"])
-        logp = gather_logp(torch.log_softmax(logits, -1), batch["response"].to(device)).cpu()
-    return logp * batch["response_mask"]
+        dev = devices.device(0, f"{type(actor).__name__} reference")
+        actor.reference = load_model(actor.cfg["student_path"], devices.compute_dtype(dev), dev)
+    return score_responses(actor.reference, batch, **scoring_budget(actor.cfg))["logp"]
 
 
 class VllmTeacherScorer(VllmRolloutWorker):

@@ -5,12 +5,13 @@ subprocess to orphan when Ray kills the actor), eager mode, a fixed KV-cache siz
 go in and come out; the HF tokenizer of the checkpoint encodes prompts, as on the HF backend, so
 both backends build the same batch layout (`orchestrator/modeling.py`).
 
-Weight sync on CPU (and any single-node setup): the learner's buckets are written tensor by tensor
-into a local safetensors file, and every engine worker reloads from it through `LLM.collective_rpc`,
-whose worker extension (`WeightSyncExtension`) calls
-`model_runner.reload_weights(weights_iterator=...)` on a memory-mapped reader; the prefix cache is
-reset afterwards, or cached prompt KV from the old weights would be reused. On GPU clusters the NCCL path in
-`actors/vllm_nccl.py` broadcasts from learner rank 0 instead.
+Weight sync through the object store (CPU, and EffOPD candidates): the engine's worker extension
+(`WeightSyncExtension`, called through `LLM.collective_rpc`) runs `model_runner.reload_weights` on
+the learner's buckets as they are fetched, tensor by tensor, when the engine's one worker runs in
+this process; the workers of a TP engine (own processes) reload from a local safetensors file
+written tensor by tensor. The prefix cache is reset afterwards, or cached prompt KV from the old
+weights would be reused. On GPU clusters the NCCL path in `actors/vllm_nccl.py` broadcasts rollout
+weights from learner rank 0 instead.
 
 Sampling log-probs: `logprobs_mode="processed_logprobs"`, so `logprobs` are log softmax(logits /
 temperature) of each sampled token, the quantity the learner's importance correction divides by.
@@ -88,13 +89,28 @@ class WeightSyncExtension:
 
         self.model_runner.reload_weights(weights_iterator=read_safetensors(path))  # type: ignore[attr-defined]
 
+    def load_named(self, named) -> None:
+        """Reload the model in place from an iterator of (HF name, tensor), in this process."""
+        self.model_runner.reload_weights(weights_iterator=iter(named))  # type: ignore[attr-defined]
 
-def load_stream(llm, named, cache_dir: str | Path) -> None:
-    """Push a full weight stream into a running engine through a local safetensors file (written and
-    read tensor by tensor: no second full copy in memory), then drop prefix-cache entries of the old
-    weights. Every worker of a TP engine reads the same file (one node)."""
+
+def in_process(tensor_parallel: int) -> bool:
+    """The engine's one worker runs in this process (no engine-core subprocess, no TP workers): a
+    weight stream can go straight into its loader."""
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and (tensor_parallel == 1 or not torch.cuda.is_available())
+
+
+def load_stream(llm, named, cache_dir: str | Path, tensor_parallel: int = 1) -> None:
+    """Push a full weight stream into a running engine, tensor by tensor (no second full copy in
+    memory), then drop prefix-cache entries of the old weights. An in-process engine (one worker)
+    takes the stream straight into `reload_weights`; the workers of a TP engine (processes of their
+    own) read it from a local safetensors file written tensor by tensor (one node)."""
     from actors.weights import write_safetensors
 
+    if in_process(tensor_parallel):
+        llm.collective_rpc("load_named", args=(named,))
+        llm.reset_prefix_cache()
+        return
     path = Path(cache_dir) / "tmp" / f"weights-{os.getpid()}.safetensors"
     write_safetensors(path, named)
     try:

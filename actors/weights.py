@@ -6,9 +6,9 @@ A worker reloads only when its version differs, so a worker that Ray restarted m
 (back at W_0) catches up on its next call without any extra bookkeeping.
 
 Loading streams: buckets are fetched one at a time and copied tensor by tensor into the held
-model (HF) or written tensor by tensor into a safetensors file the engine reloads from (vLLM), so
-a worker never holds a second full copy of the weights. EffOPD candidates W + c (W - A) are built
-the same way, tensor by tensor while loading (`candidate_stream`).
+model (HF) or into the engine (vLLM: straight into its weight loader when the engine runs in this
+process, else through a local safetensors file), so a worker never holds a second full copy of the
+weights. EffOPD candidates arrive the same way: the learner forms each one and publishes it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-
-from orchestrator.extrapolation import extrapolate
 
 Named = Iterator[tuple[str, torch.Tensor]]
 
@@ -40,18 +38,6 @@ def stream(handle: WeightsHandle) -> Named:
 
     for ref in handle.refs:
         yield from ray.get(ref).items()
-
-
-def candidate_stream(current: WeightsHandle, anchor: WeightsHandle, coef: float) -> Named:
-    """(name, W + coef (W - A)) tensor by tensor; both handles come from the same learner, so their
-    buckets hold the same names. `extrapolate` is the learner's expression: bit-identical results."""
-    import ray
-
-    for w_ref, a_ref in zip(current.refs, anchor.refs):
-        w, a = ray.get([w_ref, a_ref])
-        for name, tensor in w.items():
-            yield name, extrapolate(tensor, a[name], coef) if coef else tensor
-        del w, a  # one bucket pair alive at a time, not two while the next is fetched
 
 
 def fetch_state_dict(handle: WeightsHandle) -> dict[str, torch.Tensor]:

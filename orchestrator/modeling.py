@@ -97,13 +97,17 @@ def init_model(arch: TinyArch, tokenizer, seed: int, family: str = "llama"):
     return model
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a local HF checkpoint (fp32 unless told), eval mode. Never touches the network."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Load a local HF checkpoint (fp32 on the CPU unless told), eval mode. Never touches the network."""
     quiet_hf()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    return model.eval()
+    return model.to(device).eval()
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def load_tokenizer(path: str | Path):
@@ -143,6 +147,55 @@ def gather_logp(logp_BRV: torch.Tensor, tokens_BR: torch.Tensor) -> torch.Tensor
     return logp_BRV.gather(-1, tokens_BR.unsqueeze(-1)).squeeze(-1)
 
 
+@torch.no_grad()
+def score_responses(model, batch: dict, *, topk: int | None = None, full: bool = False, max_tokens: int = 22000,
+                    chunk_tokens: int = 2048) -> dict[str, torch.Tensor]:
+    """log p(y_t | x, y_<t) of every response token of a rollout batch, [B, R] (0 where masked), on
+    the model's device and in its dtype, returned as fp32 on the CPU: "logp"; with `topk` also the
+    k most likely tokens per position ("topk_ids", "topk_logp" [B, R, k]); with `full` the whole
+    log-distribution "logp_full" [B, R, V] (small vocabularies only).
+
+    Rows go through the model in micro-batches of at most `max_tokens` tokens, each cut to its own
+    width (no computation on padding columns no row of it uses), and the LM head runs on
+    `chunk_tokens` positions at a time: no [B, L, V] tensor, at a 152k vocabulary ~0.6 MB per
+    position in fp32."""
+    dev = model_device(model)
+    P, mask_BR = batch["prompt_len"], batch["response_mask"]
+    B, R = mask_BR.shape
+    prompt_len = batch["attention_mask"][:, :P].sum(1)
+    resp_len = mask_BR.sum(1).long()
+    out = {"logp": torch.zeros(B, R)}
+    if topk:
+        k = min(topk, model.config.vocab_size)
+        out["topk_ids"], out["topk_logp"] = torch.zeros(B, R, k, dtype=torch.long), torch.full((B, R, k), -1e4)
+    if full:
+        out["logp_full"] = torch.zeros(B, R, model.config.vocab_size)
+    width = int(prompt_len.max()) + max(1, int(resp_len.max()))
+    per = max(1, max_tokens // max(width, 1))
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    for a in range(0, B, per):
+        b = min(a + per, B)
+        p0 = int(P - prompt_len[a:b].max())
+        r1 = max(1, int(resp_len[a:b].max()))
+        ids = batch["input_ids"][a:b, p0 : P + r1].to(dev)
+        att = batch["attention_mask"][a:b, p0 : P + r1].to(dev)
+        hidden = decoder(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False).last_hidden_state
+        hidden = hidden[:, P - p0 - 1 : -1]
+        y = batch["response"][a:b, :r1].to(dev)
+        step = max(1, chunk_tokens // (b - a))
+        for j0 in range(0, r1, step):
+            j1 = min(j0 + step, r1)
+            logp = torch.log_softmax(head(hidden[:, j0:j1]).float(), dim=-1)
+            out["logp"][a:b, j0:j1] = gather_logp(logp, y[:, j0:j1]).cpu()
+            if topk:
+                vals, idx = logp.topk(k, dim=-1)
+                out["topk_logp"][a:b, j0:j1], out["topk_ids"][a:b, j0:j1] = vals.cpu(), idx.cpu()
+            if full:
+                out["logp_full"][a:b, j0:j1] = logp.cpu()
+    out["logp"] *= mask_BR
+    return out
+
+
 def decode_responses(tokenizer, response_BR: torch.Tensor, mask_BR: torch.Tensor) -> list[str]:
     """Text of each response before its EOS."""
     out = []
@@ -163,27 +216,31 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, greed
     under the sampling distribution softmax(logits / temperature) (no top-k / top-p).
     """
     ids_BP, pmask_BP = encode_prompts(tokenizer, prompts)
+    dev = model_device(model)
     if seed is not None:
         torch.manual_seed(seed)
     out = model.generate(
-        input_ids=ids_BP, attention_mask=pmask_BP, max_new_tokens=max_new_tokens,
+        input_ids=ids_BP.to(dev), attention_mask=pmask_BP.to(dev), max_new_tokens=max_new_tokens,
         do_sample=not greedy, temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
         top_p=1.0 if not greedy else None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         return_dict_in_generate=True, output_logits=not greedy,
     )
     P = ids_BP.shape[1]
-    response_BR = out.sequences[:, P:]
+    sequences = out.sequences.cpu()
+    response_BR = sequences[:, P:]
     rmask_BR = response_mask(response_BR, tokenizer.eos_token_id)
     result: dict = {
-        "input_ids": out.sequences,
+        "input_ids": sequences,
         "attention_mask": torch.cat([pmask_BP, rmask_BR.long()], dim=1),
         "prompt_len": P,
         "response": response_BR,
         "response_mask": rmask_BR,
     }
-    if not greedy:
-        logits_BRV = torch.stack(out.logits, dim=1).float() / temperature
-        result["logp"] = gather_logp(torch.log_softmax(logits_BRV, -1), response_BR) * rmask_BR
+    if not greedy:  # one [B, V] step at a time: no [B, R, V] tensor
+        ids = out.sequences[:, P:]
+        logp_BR = torch.stack([gather_logp(torch.log_softmax(lg.float() / temperature, -1), ids[:, t])
+                               for t, lg in enumerate(out.logits)], dim=1)
+        result["logp"] = logp_BR.cpu() * rmask_BR
     return result
 
 

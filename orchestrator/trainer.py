@@ -143,8 +143,6 @@ class OPDTrainer:
     state: ckpt.RunState
     weights: WeightsHandle
     """What rollout workers should hold: the learner's newest weights."""
-    anchor: WeightsHandle | None
-    """Full weights of the EffOPD anchor (the previous accepted point), for evaluators."""
 
     def __init__(self, cfg: ExperimentConfig, plan: ResolvedPlan, *, resume: bool = True, show_progress: bool = True,
                  parent_run_id: str | None = None, placement_group: Any = None) -> None:
@@ -220,7 +218,7 @@ class OPDTrainer:
 
     def _restore_learner(self, tag: str | None) -> None:
         """Learner state from checkpoint `tag` (weights, optimizer, EffOPD anchor, RNG), or the anchor
-        at W_0 when there is none; the anchor's full weights for the evaluators."""
+        at W_0 when there is none."""
         if tag:
             log.info("resuming from %s (step %d)", tag, self.state.step)
             self._on_learners("load_checkpoint", str(ckpt.ckpt_root(self.run_dir)), tag)
@@ -230,7 +228,6 @@ class OPDTrainer:
         self._weights_step = self.state.step
         self._version_step = {0: 0}
         """Weights version -> the learner step that made it (W_0: 0), for the samples' staleness."""
-        self.anchor = self._publish(which="anchor") if self._extrapolates else None
 
     def _on_learners(self, method: str, *args: Any) -> list:
         """Call `method` on every learner rank; fail as soon as one rank fails (a dead rank leaves the
@@ -536,9 +533,9 @@ class OPDTrainer:
         refs += [a.nccl_join.remote(address, port, off, world, bucket) for off, a in zip(offsets, self.rollout.actors)]
         self._nccl_meta = ray.get(refs)[0]
 
-    def _publish(self, which: str = "current") -> WeightsHandle:
-        """Learner rank 0 puts the full weights (or the anchor) once; a fresh version number."""
-        refs = self._on_learners("publish_weights", self.cfg.learner.sync_bucket_mb, which)
+    def _publish(self) -> WeightsHandle:
+        """Learner rank 0 puts the full weights once; a fresh version number."""
+        refs = self._on_learners("publish_weights", self.cfg.learner.sync_bucket_mb)
         self._version += 1
         return WeightsHandle(self._version, refs[0])
 
@@ -572,6 +569,9 @@ class OPDTrainer:
             "train/reward": total["reward_sum"] / max(total["sequences"], 1.0),
             "train/response_tokens": n,
             "train/step_skipped": stats[0]["skipped"],
+            "learner/padded_tokens": total["padded_tokens"],
+            "learner/real_tokens": total["real_tokens"],
+            "learner/padding_share": 1.0 - total["real_tokens"] / max(total["padded_tokens"], 1.0),
         }
 
     def evaluate(self) -> float:
@@ -595,18 +595,13 @@ class OPDTrainer:
         if isinstance(method, FixedExtrapolation):
             k, base, scores = method.k, float("nan"), [float("nan")] * method.k
         else:
-            pool = self.evaluators if self.evaluators is not None else self.rollout  # borrowed: the rollout engines
-            parts = [p for p in split(list(range(len(coefs))), len(pool)) if p]
-            results = ray.get(pool.call_each("score", [(self._stored(), self.anchor, [coefs[i] for i in p]) for p in parts]))
-            flat = [s for r in results for s in r]
-            base, scores = flat[0], flat[1:]
+            base, *scores = self._score_candidates(coefs)
             k = accept(base, scores, method.comparison)
         if k > 0:
             self._on_learners("extrapolate", coefs[k])
         if k > 0 or self.evaluators is None and not isinstance(method, FixedExtrapolation):
             self._sync_rollout()  # the accepted weights (borrowed engines hold a candidate until then)
         self._on_learners("set_anchor")
-        self.anchor = self._stored()
         decision = Decision(step, base, scores, k, getattr(method, "comparison", "fixed"), coefs[k])
         self.state.decisions.append(decision.to_dict())
         log.info("step %d: %s accepted k=%d (base %.3f, scores %s)", step, method.type, k, base,
@@ -614,6 +609,22 @@ class OPDTrainer:
         out = {"effopd/base_score": base, "effopd/accepted_k": float(k), "effopd/accepted_coef": coefs[k]}
         out.update({f"effopd/score_k{i}": s for i, s in enumerate(scores, start=1)})
         return out
+
+    def _score_candidates(self, coefs: list[float]) -> list[float]:
+        """V(W_t + c (W_t - anchor)) for each c, in order. The learner forms each candidate on its fp32
+        master partitions and publishes it once in the working dtype (c = 0: the current weights);
+        the pool (evaluators, or the borrowed rollout engines) scores one candidate per actor at a
+        time, in rounds of the pool's size, so at most that many candidates are in the object store."""
+        pool = self.evaluators if self.evaluators is not None else self.rollout
+        scores: list[float] = []
+        for lo in range(0, len(coefs), len(pool)):
+            handles = [self._stored() if c == 0.0 else self._candidate(c) for c in coefs[lo:lo + len(pool)]]
+            scores += [s for r in ray.get([a.score.remote([h]) for a, h in zip(pool.actors, handles)]) for s in r]
+        return scores
+
+    def _candidate(self, coef: float) -> WeightsHandle:
+        refs = self._on_learners("publish_weights", self.cfg.learner.sync_bucket_mb, "candidate", coef)
+        return WeightsHandle(-1, refs[0])
 
     def save(self, step: int) -> None:
         tag = ckpt.tag_for(step)

@@ -54,8 +54,13 @@ def opd_step(learners, acfg: dict, step: int) -> None:
     ray.get(learners.call("train_step", [[ray.put(batch), ray.put(scores), 64]], SPEC, step))
 
 
-def publish(learners, which="current", version=1) -> WeightsHandle:
-    return WeightsHandle(version, ray.get(learners.call("publish_weights", 64.0, which))[0])
+def publish(learners, which="current", version=1, coef=0.0) -> WeightsHandle:
+    return WeightsHandle(version, ray.get(learners.call("publish_weights", 64.0, which, coef))[0])
+
+
+def candidates(learners, coefs: list[float]) -> list[WeightsHandle]:
+    """The handles the trainer gives the pool: W_t for c = 0, else the learner-formed candidate."""
+    return [publish(learners, version=-1) if c == 0 else publish(learners, "candidate", -1, c) for c in coefs]
 
 
 def test_jump_is_exact_on_every_rank_without_gather(cluster, models):
@@ -67,6 +72,7 @@ def test_jump_is_exact_on_every_rank_without_gather(cluster, models):
     assert all(torch.equal(a_full[k], w0[k]) for k in w0)  # the anchor is W_0 before the first search
     assert any(not torch.equal(w_full[k], w0[k]) for k in w0)  # and the step moved the weights
     coef = coefficient(2)
+    scored = fetch_state_dict(publish(learners, "candidate", 2, coef))  # what an evaluator gets to score
     ray.get(learners.call("extrapolate", coef))
     after = ray.get(learners.call("partition_state"))
     for rank in range(2):
@@ -77,6 +83,7 @@ def test_jump_is_exact_on_every_rank_without_gather(cluster, models):
     jumped = fetch_state_dict(publish(learners, version=3))
     for k in w_full:  # what the evaluators scored is bit-identical to where the learner jumped
         assert torch.equal(jumped[k], extrapolate(w_full[k], a_full[k], coef)), k
+        assert torch.equal(jumped[k], scored[k]), k
     total = sum(p.numel() for p in w0.values())
     assert sum(a.numel() for a in before[0]["anchor"]) < 0.6 * total
 
@@ -101,13 +108,13 @@ def test_anchor_is_the_accepted_point_after_accepted_and_rejected_searches(clust
 def test_parallel_pool_gives_the_sequential_decisions(cluster):
     """Scored by teacher KL (continuous, so distinct candidates get distinct scores)."""
     learners, acfg = cluster["learners"], {**cluster["acfg"], "val_score": "teacher_kl"}
-    current, anchor = publish(learners, version=10), publish(learners, "anchor", 11)
     coefs = [0.0] + [coefficient(k) for k in range(1, 6)]
+    handles = candidates(learners, coefs)
     pool = ActorGroup(CandidateEvaluator, 2, lambda i: (acfg,), {"num_cpus": 0.25})
     parts = split(list(range(len(coefs))), 2)
-    parallel = [s for r in ray.get(pool.call_each("score", [(current, anchor, [coefs[i] for i in p]) for p in parts])) for s in r]
+    parallel = [s for r in ray.get(pool.call_each("score", [([handles[i] for i in p],) for p in parts])) for s in r]
     single = CandidateEvaluator(acfg)  # sequential: one evaluator, one candidate at a time, in order
-    sequential = [single.score(current, anchor, [c])[0] for c in coefs]
+    sequential = [single.score([h])[0] for h in handles]
     pool.kill()
     assert parallel == sequential and len(set(sequential)) > 1  # distinct candidates, same scores
     for comparison in (">=", ">"):
@@ -185,8 +192,8 @@ def test_teacher_kl_validation_score(cluster):
 
     learners, acfg = cluster["learners"], {**cluster["acfg"], "val_score": "teacher_kl"}
     opd_step(learners, cluster["acfg"], 3)  # whatever earlier tests did, W_t != anchor
-    current, anchor = publish(learners, version=20), publish(learners, "anchor", 21)
-    got = CandidateEvaluator(acfg).score(current, anchor, [0.0, 2.0])
+    current = publish(learners, version=20)
+    got = CandidateEvaluator(acfg).score(candidates(learners, [0.0, 2.0]))
     student, teacher = load_model(acfg["student_path"]), load_model(acfg["teacher_path"])
     tok = load_tokenizer(acfg["student_path"])
     w = fetch_state_dict(current)
@@ -241,3 +248,37 @@ def test_run_stops_after_consecutive_non_finite_steps_with_its_checkpoint_intact
     client, runs = mlflow_run(tmp_path)
     assert runs[0].info.status == "FAILED"
     assert history(client, runs[0].info.run_id, "train/step_skipped") == [(s, float(s >= 5)) for s in range(1, 7)]
+
+
+def test_bf16_the_point_scored_is_the_point_applied(cluster, models, tmp_path):
+    """bf16 working weights with fp32 masters (the GPU default), two ZeRO-3 ranks, the paper's lr 1e-6:
+    the candidate an evaluator scores is formed from the fp32 masters and the anchor on the ranks, so
+    the model it holds is bit for bit the model a rollout worker holds after the learner jumps there,
+    and the masters moved by exactly c (W - A) in fp32. (At a724879 the evaluator extrapolated the
+    bf16 copies of W and A, and the scored and applied points differed by ~95% of the jump.)"""
+    cfg = load_config(SMOKE, model_overrides(models) + [f"run.output_dir={tmp_path}", "learner.dtype=bf16",
+                                                        "learner.lr=1e-6"])
+    acfg = actor_config(cfg)
+    learners = ActorGroup(Learner, 2, lambda r: (r, 2, acfg), {"num_cpus": 0.25})
+    try:
+        start_learners(learners)
+        ray.get(learners.call("set_anchor"))
+        opd_step(learners, acfg, 1)
+        before = ray.get(learners.call("partition_state"))
+        assert before[0]["working"][0].dtype == torch.bfloat16 and before[0]["master"][0].dtype == torch.float32
+        coef = coefficient(5)
+        evaluator, rollout = CandidateEvaluator(acfg), RolloutWorker(acfg)
+        evaluator.score([publish(learners, "candidate", -1, coef)])
+        ray.get(learners.call("extrapolate", coef))
+        rollout.sync(publish(learners, version=7))
+        scored, applied = dict(evaluator.model.named_parameters()), dict(rollout.model.named_parameters())
+        assert all(torch.equal(scored[k], applied[k]) for k in applied)
+        w0 = load_file(str(models / "student" / "model.safetensors"))
+        assert any(not torch.equal(applied[k], w0[k]) for k in w0), "the jump moved nothing"
+        after = ray.get(learners.call("partition_state"))
+        for b, a in zip(before, after):
+            for m0, anc, m1, w1 in zip(b["master"], b["anchor"], a["master"], a["working"]):
+                assert torch.equal(m1, extrapolate(m0, anc, coef)) and torch.equal(w1, m1.to(torch.bfloat16))
+    finally:
+        ray.get(learners.call("shutdown"))
+        learners.kill()

@@ -47,6 +47,15 @@ def check_matches_plan(plan, placements: dict[str, list[dict]]) -> None:
     assert len(seen) == plan.total_gpus
 
 
+def check_device_contract(actors) -> None:
+    """Each GPU actor asked for at least one device (its model lives on its GPU), and every index it
+    asked for is among its visible devices (a wrong one raises where it is asked: `actors.devices`)."""
+    for role, group in actors.groups().items():
+        for i, asked in enumerate(ray.get(group.call("device_requests"))):
+            assert asked, f"{role} {i} never chose a device: its model would stay on the CPU of a GPU node"
+            assert all(0 <= r["index"] < len(r["visible"]) for r in asked), (role, i, asked)
+
+
 def test_simulated_gpu_node_runs_the_1p5b_plan_with_2_rollout_workers_and_2_teachers(models, tmp_path, monkeypatch):
     from orchestrator.cli import start_local_ray
 
@@ -64,6 +73,10 @@ def test_simulated_gpu_node_runs_the_1p5b_plan_with_2_rollout_workers_and_2_teac
             check_matches_plan(plan, trainer.actors.placements())
             envs = ray.get(trainer.learner.call("rendezvous"))
             assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"] and {e["WORLD_SIZE"] for e in envs} == {"4"}
+            # the device contract: every rank's one GPU is its cuda:0 (LOCAL_RANK is the device DeepSpeed
+            # selects), and every index any GPU actor's code asked for exists among its devices
+            assert {e["LOCAL_RANK"] for e in envs} == {"0"}
+            check_device_contract(trainer.actors)
             assert {e["MASTER_ADDR"] for e in envs} == {"127.0.0.1"} and {e["DS_ACCELERATOR"] for e in envs} == {"cpu"}
             open_ports = listeners(tree(os.getpid()))
             exposed = [entry for entry in open_ports if not is_loopback(entry[2])]
@@ -115,9 +128,10 @@ def test_simulated_multi_node_placement_probes_follow_the_plan(four_nodes, fake_
     nodes = {p["node_id"] for p in placements["learner"]}
     assert [e["RANK"] for e in envs] == list(range(len(envs))) and {e["WORLD_SIZE"] for e in envs} == {len(envs)}
     assert len({e["MASTER_ADDR"] for e in envs}) == 1
-    for node in nodes:  # local ranks are 0..n-1 on every node
-        local = sorted(e["LOCAL_RANK"] for e in envs if e["node_id"] == node)
-        assert local == list(range(len(local)))
+    assert {e["LOCAL_RANK"] for e in envs} == {0}  # each rank's one GPU is its cuda:0
+    for node in nodes:  # ranks are numbered 0..n-1 on every node
+        index = sorted(e["NODE_INDEX"] for e in envs if e["node_id"] == node)
+        assert index == list(range(len(index))) and {e["LOCAL_WORLD_SIZE"] for e in envs if e["node_id"] == node} == {len(index)}
     if plan.scale == "32B":
         assert len(nodes) >= 2, "12 learner ranks cannot share one 8-GPU node"
         assert envs[0]["MASTER_ADDR"] != "127.0.0.1" or placements["learner"][0]["ip"] == "127.0.0.1"

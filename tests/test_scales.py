@@ -125,10 +125,13 @@ def test_nccl_rank_offsets_are_disjoint_at_tp2():
 def test_learner_env_from_placement():
     one = learner_env([{"node_id": "a", "ip": "10.0.0.1"}, {"node_id": "a", "ip": "10.0.0.1"}])
     assert [e["MASTER_ADDR"] for e in one] == ["127.0.0.1"] * 2  # a single node: loopback only
-    assert [e["LOCAL_RANK"] for e in one] == [0, 1] and {e["LOCAL_WORLD_SIZE"] for e in one} == {2}
+    # LOCAL_RANK is the CUDA device each rank selects: its one GPU is cuda:0 of its actor
+    assert [e["LOCAL_RANK"] for e in one] == [0, 0] and [e["NODE_INDEX"] for e in one] == [0, 1]
+    assert {e["LOCAL_WORLD_SIZE"] for e in one} == {2}
     two = learner_env([{"node_id": n, "ip": ip} for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"), ("a", "10.0.0.1"))])
     assert {e["MASTER_ADDR"] for e in two} == {"10.0.0.1"} and {e["WORLD_SIZE"] for e in two} == {3}
-    assert [e["RANK"] for e in two] == [0, 1, 2] and [e["LOCAL_RANK"] for e in two] == [0, 0, 1]
+    assert [e["RANK"] for e in two] == [0, 1, 2] and [e["LOCAL_RANK"] for e in two] == [0, 0, 0]
+    assert [e["NODE_INDEX"] for e in two] == [0, 0, 1]
     assert [e["LOCAL_WORLD_SIZE"] for e in two] == [2, 1, 2]
 
 
