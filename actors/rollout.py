@@ -101,7 +101,8 @@ class VllmRolloutWorker(VllmScoresCandidates, ScoresEvalSets, HoldsWeights, Plac
         self.tokenizer = load_tokenizer(cfg[self.model_key])
         self.task = task_of(cfg)
         self.llm = build_engine(cfg[self.model_key], cfg["rollout"], cfg["seed"] + index, cfg["vllm_cache_dir"],
-                                tensor_parallel=cfg["tp"].get(self.role, 1))
+                                max_model_len=cfg["max_model_len"][self.model_key], tensor_parallel=cfg["tp"].get(self.role, 1),
+                                max_logprobs=cfg["loss"]["teacher_topk"] or 0)
         self.version = 0
         write_pid(cfg, self.role, index)
 

@@ -44,8 +44,12 @@ def engine_env(cache_dir: str | Path) -> None:
 
 
 def build_engine(model_path: str | Path, rollout_cfg: dict[str, Any], seed: int, cache_dir: str | Path,
-                 max_model_len: int | None = None, tensor_parallel: int = 1):
+                 max_model_len: int | None = None, tensor_parallel: int = 1, max_logprobs: int = 20):
     """A `vllm.LLM` on a local checkpoint (prefix caching, the weight-sync extension).
+
+    `max_model_len`: the longest sequence it holds (prompt + response: the KV cache and CUDA graphs
+    are sized for it; None: the model's context). `max_logprobs`: the most log-probs a request may
+    ask for per position (vLLM refuses more than its default 20: a teacher's top-64 needs 64).
 
     CUDA (GPU scales): the checkpoint's dtype, `gpu_memory_utilization` of each GPU, CUDA graphs,
     tensor parallelism over the GPUs Ray gave this actor (worker processes on this node, `mp`
@@ -75,7 +79,7 @@ def build_engine(model_path: str | Path, rollout_cfg: dict[str, Any], seed: int,
                       kv_cache_memory_bytes=int(rollout_cfg["vllm_kv_cache_mb"]) * 2**20)
     return LLM(
         model=str(model_path), tokenizer=str(model_path), skip_tokenizer_init=True,
-        seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
+        seed=seed, max_model_len=max_model_len, max_logprobs=max(20, max_logprobs), enable_prefix_caching=True,
         logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION, disable_log_stats=True, **kwargs,
     )
 
@@ -140,21 +144,34 @@ def sample(llm, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, t
     return tokens, logps
 
 
-def score(llm, sequences: list[list[int]], first: list[int], topk: int | None = None) -> list[list[Any]]:
+def score(llm, sequences: list[list[int]], first: list[int], topk: int | None = None) -> list[dict[str, Any]]:
     """log p(x_j | x_<j) for j >= first[i] of every sequence, through prompt log-probs (`max_tokens=1`;
-    temperature 1.0: prompt log-probs are unscaled model log-probs). With `topk`, each entry is
-    (log p(x_j), [(token, log p) of the k most likely tokens at j])."""
+    temperature 1.0: prompt log-probs are unscaled model log-probs), in vLLM's flat form (a few flat
+    lists per request instead of one Python `Logprob` object per token and rank). Per sequence:
+    {"logp": [n]} and with `topk` {"topk_ids", "topk_logp": [n, k]}, n = len(seq) - first, as numpy.
+
+    Flat layout per position j: the entry of x_j itself (its rank may exceed k), then the k most
+    likely tokens by rank (x_j again among them when it is one)."""
+    import numpy as np
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=topk or 0, detokenize=False)
+    k = topk or 0
+    params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
     outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
-    if not topk:
-        return [[o.prompt_logprobs[j][seq[j]].logprob for j in range(f, len(seq))]
-                for o, seq, f in zip(outs, sequences, first)]
-    return [[(o.prompt_logprobs[j][seq[j]].logprob,
-              [(t, lp.logprob) for t, lp in o.prompt_logprobs[j].items() if lp.rank is not None and lp.rank <= topk])
-             for j in range(f, len(seq))] for o, seq, f in zip(outs, sequences, first)]
+    results = []
+    for o, seq, f in zip(outs, sequences, first):
+        flat = o.prompt_logprobs
+        start = np.asarray(flat.start_indices[f:len(seq)], dtype=np.int64)
+        ids, lps = np.asarray(flat.token_ids, dtype=np.int64), np.asarray(flat.logprobs, dtype=np.float32)
+        if len(start) and not np.array_equal(ids[start], np.asarray(seq[f:], dtype=np.int64)):
+            raise RuntimeError("vLLM prompt log-probs: the first entry of a position is not the prompt token")
+        out = {"logp": lps[start]}
+        if k:
+            rows = start[:, None] + 1 + np.arange(k)[None, :]  # the top-k follow the token's own entry
+            out["topk_ids"], out["topk_logp"] = ids[rows], lps[rows]
+        results.append(out)
+    return results
 
 
 def to_batch(prompts: list[list[int]], responses: list[list[int]], logps: list[list[float]] | None,
@@ -206,16 +223,12 @@ def score_batch(llm, batch: dict[str, Any], topk: int | None = None) -> dict[str
     if topk:
         ids_BRK = torch.zeros((*mask_BR.shape, topk), dtype=torch.long)
         top_BRK = torch.full((*mask_BR.shape, topk), -1e4)
-    for i, rows in enumerate(score(llm, sequences, first, topk)):
-        for j, row in enumerate(rows):
-            if topk:
-                lp, top = row
-                top = sorted(top, key=lambda tl: -tl[1])[:topk]
-                ids_BRK[i, j, : len(top)] = torch.tensor([t for t, _ in top])
-                top_BRK[i, j, : len(top)] = torch.tensor([v for _, v in top])
-            else:
-                lp = row
-            logp_BR[i, j] = lp
+    for i, row in enumerate(score(llm, sequences, first, topk)):
+        n = len(row["logp"])
+        logp_BR[i, :n] = torch.from_numpy(row["logp"])
+        if topk:
+            ids_BRK[i, :n] = torch.from_numpy(row["topk_ids"])
+            top_BRK[i, :n] = torch.from_numpy(row["topk_logp"])
     out["logp"] = logp_BR * mask_BR
     if topk:
         out["topk_ids"], out["topk_logp"] = ids_BRK, top_BRK

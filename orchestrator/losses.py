@@ -117,16 +117,22 @@ def _sft(spec: LossSpec, x: TokenBatch, logp_BRV: torch.Tensor, s_BR: torch.Tens
 
 
 def _topk_kl(logp_BRV: torch.Tensor, ids_BRK: torch.Tensor, t_BRK: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """KL over the teacher's top-k ids plus one tail bucket (see the module docstring)."""
-    s_BRK = logp_BRV.gather(-1, ids_BRK)
-    P = s_BRK.exp().sum(-1).clamp(max=1.0)
-    Q = t_BRK.exp().sum(-1).clamp(max=1.0)
+    """KL over the teacher's top-k ids plus one tail bucket (see the module docstring). A teacher id
+    past the student's vocabulary (a teacher with more embedding rows for the same tokenizer:
+    Qwen2.5-7B's 152,064 vs 1.5B's 151,936) is no bucket of its own: its teacher mass joins the tail."""
+    valid_BRK = ids_BRK < logp_BRV.shape[-1]
+    s_BRK = logp_BRV.gather(-1, torch.where(valid_BRK, ids_BRK, 0))
+    ps_BRK = torch.where(valid_BRK, s_BRK.exp(), 0.0)
+    pt_BRK = torch.where(valid_BRK, t_BRK.exp(), 0.0)
+    P = ps_BRK.sum(-1).clamp(max=1.0)
+    Q = pt_BRK.sum(-1).clamp(max=1.0)
     tail_s, tail_t = (1.0 - P).clamp_min(1e-12), (1.0 - Q).clamp_min(1e-12)
+    gap_BRK = torch.where(valid_BRK, s_BRK - t_BRK, 0.0)
     if reverse:
-        head = (s_BRK.exp() * (s_BRK - t_BRK)).sum(-1)
+        head = (ps_BRK * gap_BRK).sum(-1)
         tail = (1.0 - P) * (tail_s.log() - tail_t.log())
     else:
-        head = (t_BRK.exp() * (t_BRK - s_BRK)).sum(-1)
+        head = (pt_BRK * -gap_BRK).sum(-1)
         tail = (1.0 - Q) * (tail_t.log() - tail_s.log())
     return head + tail
 

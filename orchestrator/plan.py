@@ -243,6 +243,10 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
 
         check_paths(cfg, file)
         check_backends(cfg, plan, file)
+        check_models(cfg, file)
+    else:
+        check_context(cfg, file, {"models.student": (scale.student.name, scale.student.context),
+                                  "models.teacher": (scale.teacher.name, scale.teacher.context)})
     return plan
 
 
@@ -436,6 +440,85 @@ def auto_evaluators(free: float, per_evaluator: float, candidates: int) -> int:
     """min(5, candidates + 1, what the free resources allow), at least 1."""
     fit = int(free // per_evaluator + 1e-9) if per_evaluator > 0 else candidates + 1
     return max(1, min(5, candidates + 1, fit))
+
+
+def model_context(folder: Path) -> int | None:
+    """The model's context (max_position_embeddings in config.json), or None when it does not say."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    hf = json.loads(path.read_text())
+    return hf.get("max_position_embeddings") or hf.get("max_sequence_length") or None
+
+
+def longest_prompt(cfg: ExperimentConfig) -> int:
+    """Tokens of the longest prompt a run can see: the embedded addition task's `ABC+DEF=` (one token per
+    character), else `rollout.max_prompt_tokens` (longer file prompts are dropped before training)."""
+    from orchestrator.config import AdditionTask
+
+    if isinstance(cfg.task, AdditionTask):
+        return 2 * cfg.task.digits + 2
+    return cfg.rollout.max_prompt_tokens
+
+
+def check_context(cfg: ExperimentConfig, file, models: dict[str, tuple[str, int | None]]) -> None:
+    """Every model must hold the longest prompt plus `rollout.max_new_tokens` (vLLM refuses an engine
+    longer than its model's context; HF positions past it are extrapolated garbage)."""
+    need = longest_prompt(cfg) + cfg.rollout.max_new_tokens
+    for key, (name, context) in models.items():
+        if context and need > context:
+            raise ConfigError(file, "rollout.max_new_tokens", f"{key} ({name}) has a context of {context} tokens, "
+                              f"less than the longest prompt ({longest_prompt(cfg)}) + rollout.max_new_tokens "
+                              f"({cfg.rollout.max_new_tokens}) = {need}")
+
+
+def check_models(cfg: ExperimentConfig, file) -> None:
+    """Before launch, on the model folders: contexts (`check_context`), and one tokenizer for student
+    and teacher (the same token ids mean the same text; distilling across tokenizers is not supported,
+    and a teacher id past the student's vocabulary would index outside its logits). Vocabulary sizes
+    may differ (Qwen2.5-1.5B has 151,936 embedding rows, 7B 152,064, for the same tokenizer): top-k
+    losses fold teacher ids past the student's rows into the tail bucket; full-distribution losses
+    need equal sizes."""
+    student, teacher = cfg.model_paths
+    check_context(cfg, file, {"models.student": (str(student), model_context(student)),
+                              "models.teacher": (str(teacher), model_context(teacher))})
+    why = tokenizer_difference(student, teacher)
+    if why:
+        raise ConfigError(file, "models.teacher", f"{teacher} has a different tokenizer from the student {student} "
+                          f"({why}); on-policy distillation here needs one tokenizer")
+    sizes = [json.loads((p / "config.json").read_text()).get("vocab_size") for p in (student, teacher)]
+    if sizes[0] != sizes[1] and cfg.loss.type in ("full_reverse_kl", "forward_kl") and not cfg.loss.teacher_topk:
+        raise ConfigError(file, "loss.teacher_topk", f"student and teacher vocabularies differ in size ({sizes[0]} vs "
+                          f"{sizes[1]}): a full-distribution loss cannot compare them; set loss.teacher_topk (e.g. 64)")
+
+
+def tokenizer_difference(student: Path, teacher: Path) -> str | None:
+    """Why two checkpoints' tokenizers differ (vocabulary, special tokens, chat template), or None.
+    Identical tokenizer files are the same tokenizer without loading them."""
+    import hashlib
+
+    def digest(folder: Path) -> str | None:
+        files = [folder / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+        if not files[0].is_file():
+            return None
+        return hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()
+
+    if digest(student) is not None and digest(student) == digest(teacher):
+        return None
+    from orchestrator.modeling import load_tokenizer
+
+    try:
+        a, b = load_tokenizer(student), load_tokenizer(teacher)
+    except Exception as err:  # noqa: BLE001 - a checkpoint without a loadable tokenizer
+        return f"a tokenizer does not load: {err}"
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
+        return f"vocabularies differ ({len(va)} vs {len(vb)} tokens; e.g. {diff})"
+    for attr in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        if getattr(a, attr, None) != getattr(b, attr, None):
+            return f"{attr} {getattr(a, attr, None)} vs {getattr(b, attr, None)}"
+    return None
 
 
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

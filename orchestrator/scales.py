@@ -59,6 +59,8 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int = 151_936
+    context: int = 32_768
+    """max_position_embeddings: the longest prompt + response the model takes (Qwen2.5 32k, Qwen3 40k)."""
 
     def kv_bytes_per_token(self) -> float:
         return 2 * self.layers * self.kv_heads * self.head_dim * 2  # K and V, bf16
@@ -88,17 +90,17 @@ class Scale:
         return Path(os.environ.get("FORESIGHT_MODEL_ROOT", "/models")) / shape.name
 
 
-QWEN3_4B = ModelShape("Qwen3-4B", 4.0, 36, 2560, 8, 128)
-QWEN3_8B = ModelShape("Qwen3-8B", 8.2, 36, 4096, 8, 128)
-QWEN3_14B = ModelShape("Qwen3-14B", 14.8, 40, 5120, 8, 128)
-QWEN3_32B = ModelShape("Qwen3-32B", 32.8, 64, 5120, 8, 128)
+QWEN3_4B = ModelShape("Qwen3-4B", 4.0, 36, 2560, 8, 128, context=40_960)
+QWEN3_8B = ModelShape("Qwen3-8B", 8.2, 36, 4096, 8, 128, context=40_960)
+QWEN3_14B = ModelShape("Qwen3-14B", 14.8, 40, 5120, 8, 128, context=40_960)
+QWEN3_32B = ModelShape("Qwen3-32B", 32.8, 64, 5120, 8, 128, context=40_960)
 QWEN25_1_5B = ModelShape("Qwen2.5-1.5B-Instruct", 1.54, 28, 1536, 2, 128)
 QWEN25_7B = ModelShape("Qwen2.5-7B-Instruct", 7.6, 28, 3584, 4, 128, vocab=152_064)
 QWEN25_7B_MATH_RL = ModelShape("Qwen2.5-7B-RL", 7.6, 28, 3584, 4, 128, vocab=152_064)
-QWEN3_8B_RL = ModelShape("Qwen3-8B-RL", 8.2, 36, 4096, 8, 128)
-QWEN3_14B_RL = ModelShape("Qwen3-14B-RL", 14.8, 40, 5120, 8, 128)
-QWEN3_32B_RL = ModelShape("Qwen3-32B-RL", 32.8, 64, 5120, 8, 128)
-TINY = ModelShape("addition", 0.0005, 3, 96, 4, 24, 50)
+QWEN3_8B_RL = ModelShape("Qwen3-8B-RL", 8.2, 36, 4096, 8, 128, context=40_960)
+QWEN3_14B_RL = ModelShape("Qwen3-14B-RL", 14.8, 40, 5120, 8, 128, context=40_960)
+QWEN3_32B_RL = ModelShape("Qwen3-32B-RL", 32.8, 64, 5120, 8, 128, context=40_960)
+TINY = ModelShape("addition", 0.0005, 3, 96, 4, 24, 50, context=64)
 
 SCALES: dict[str, Scale] = {
     "tiny": Scale("tiny", TINY, TINY, 1, 1, 1, 1, 2, 2, gpu=False),

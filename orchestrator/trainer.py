@@ -91,9 +91,22 @@ def actor_config(cfg: ExperimentConfig, plan: ResolvedPlan | None = None, run_di
         "eval_sets": {name: es.model_dump(mode="json") for name, es in cfg.eval.sets.items()},
         "val_size": getattr(cfg.method, "val_size", 50),
         "val_score": getattr(cfg.method, "score", "accuracy"),
+        "max_model_len": {"student_path": sequence_budget(cfg, cfg.model_paths[0]),
+                          "teacher_path": sequence_budget(cfg, cfg.model_paths[1])},
         "pid_dir": str((run_dir or cfg.run_dir).resolve() / "actors"),
         "vllm_cache_dir": vllm_cache_dir(),
     }
+
+
+def sequence_budget(cfg: ExperimentConfig, model: Path) -> int:
+    """The longest sequence an engine of `model` must hold: rollout.max_prompt_tokens +
+    rollout.max_new_tokens, capped at the model's context (the plan refuses a task whose prompts and
+    responses do not fit it: `orchestrator.plan.check_context`)."""
+    from orchestrator.plan import model_context
+
+    want = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+    context = model_context(model)
+    return min(want, context) if context else want
 
 
 def vllm_cache_dir() -> str:

@@ -108,10 +108,14 @@ def method_sweep(models, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def fake_models(tmp_path_factory) -> Path:
-    """Folders that pass the path checks (a config.json), for validation tests that never load weights."""
+    """Folders that pass the path checks (a config.json and one tokenizer), for validation tests that
+    never load weights."""
+    from orchestrator.modeling import build_tokenizer
+
     root = tmp_path_factory.mktemp("fake_models")
     for role in ("student", "teacher"):
         (root / role).mkdir()
+        build_tokenizer().save_pretrained(root / role)
         (root / role / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
                                                              "num_attention_heads": 2}))
     return root

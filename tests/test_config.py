@@ -341,3 +341,35 @@ def test_exopd_at_lam_1_runs_vanilla_opds_step():
     lam125 = trainer("method.type=exopd", "method.lam=1.25")
     assert lam1._wanted_scores == vanilla._wanted_scores and lam1._loss_spec == vanilla._loss_spec
     assert lam125._wanted_scores["ref"] and lam125._loss_spec["lam"] == 1.25
+
+
+def test_models_must_hold_prompt_plus_response_and_share_one_tokenizer(tmp_path, models):
+    """Checked on the model folders before launch: a context shorter than the longest prompt +
+    rollout.max_new_tokens (vLLM would refuse the engine), and a teacher whose tokenizer differs."""
+    import json
+    import shutil
+
+    from orchestrator.modeling import build_tokenizer
+
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    shutil.copytree(models / "student", student)
+    shutil.copytree(models / "teacher", teacher)
+    overrides = [f"models.student={student}", f"models.teacher={teacher}", f"run.output_dir={tmp_path}"]
+    context = json.loads((student / "config.json").read_text())["max_position_embeddings"]
+    resolve(load_config(None, overrides + [f"rollout.max_new_tokens={context - 8}"]), "exp.yaml", cpus=8)  # 8 + 56 fits
+    with pytest.raises(ConfigError) as err:
+        resolve(load_config(None, overrides + [f"rollout.max_new_tokens={context - 7}"]), "exp.yaml", cpus=8)
+    assert err.value.key == "rollout.max_new_tokens" and f"context of {context} tokens" in err.value.reason
+    other = build_tokenizer()
+    other.add_tokens(["<think>"])
+    other.save_pretrained(teacher)
+    with pytest.raises(ConfigError) as err:
+        resolve(load_config(None, overrides), "exp.yaml", cpus=8)
+    assert err.value.key == "models.teacher" and "different tokenizer" in err.value.reason and "<think>" in err.value.reason
+
+
+def test_dry_run_checks_the_registry_context(fake_models):
+    cfg = load_config(ROOT / "experiments" / "paper_1p5b_math.yaml", ["rollout.max_new_tokens=40000"])
+    with pytest.raises(ConfigError) as err:
+        resolve(cfg, "paper.yaml", cluster=parse_cluster("1x8xH100-80GB"))
+    assert err.value.key == "rollout.max_new_tokens" and "Qwen2.5" in err.value.reason

@@ -188,3 +188,20 @@ def test_sft_loss_is_cross_entropy_on_samples():
     loss, _ = opd_loss("sft", example(importance_correction=False))
     s = [2.0 - lse([2, 0, 0]), 1.0 - lse([0, 1, 0])]
     assert math.isclose(loss.item(), -(s[0] + s[1]) / 2, rel_tol=1e-6)
+
+
+def test_topk_ids_past_the_student_vocabulary_join_the_tail():
+    """A teacher with more embedding rows (same tokenizer) may rank an id the student has no logit for:
+    it is folded into the tail bucket, by hand: student V = 3, teacher top-2 = {id 1, id 4 (past V)}."""
+    from orchestrator.losses import token_terms
+
+    s = torch.log_softmax(torch.tensor([[[1.0, 2.0, 0.5]]]), -1)
+    t_ids = torch.tensor([[[1, 4]]])
+    t_top = torch.log(torch.tensor([[[0.6, 0.1]]]))
+    x = TokenBatch(torch.tensor([[1]]), torch.ones(1, 1), t_top[..., 0], torch.zeros(1, 1), teacher_topk_ids_BRK=t_ids,
+                   teacher_topk_logp_BRK=t_top)
+    p1 = s[0, 0, 1].exp().item()
+    head, tail_s, tail_t = p1 * (math.log(p1) - math.log(0.6)), 1 - p1, 1 - 0.6  # id 4's 0.1 is in the tail
+    want = head + tail_s * (math.log(tail_s) - math.log(tail_t))
+    got = token_terms(LossSpec("full_reverse_kl"), s, x)[0].item()
+    assert math.isfinite(got) and math.isclose(got, want, rel_tol=1e-4), (got, want)

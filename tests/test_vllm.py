@@ -165,21 +165,24 @@ def test_two_vllm_rollout_parts_and_two_vllm_teachers_give_the_learner_the_same_
 
 
 def test_vllm_evaluator_scores_candidates_like_the_hf_evaluator(ray_local, acfg, hf):
-    """EffOPD candidates W + c (W - A), streamed tensor by tensor into a vLLM engine, score as the
-    HF evaluator scores them (greedy accuracy on D_v; vLLM and HF may differ on a rare argmax tie)."""
+    """EffOPD candidates W + c (W - A) (as the learner publishes them: one weight stream each),
+    streamed tensor by tensor into a vLLM engine, score as the HF evaluator scores them (greedy
+    accuracy on D_v; vLLM and HF may differ on a rare argmax tie)."""
     from actors.evaluator import CandidateEvaluator, VllmCandidateEvaluator
     from actors.weights import WeightsHandle
+    from orchestrator.extrapolation import extrapolate
 
     model, _, _ = hf
     anchor = {k: v.clone() for k, v in model.state_dict().items() if "rotary" not in k}
     gen = torch.Generator().manual_seed(1)
     current = {k: v + 0.003 * torch.randn(v.shape, generator=gen) for k, v in anchor.items()}
-    handles = WeightsHandle(1, [ray_local.put(current)]), WeightsHandle(2, [ray_local.put(anchor)])
     coefs = [0.0, 2.0, 6.0, 20.0]
+    handles = [WeightsHandle(-1, [ray_local.put({k: extrapolate(w, anchor[k], c) for k, w in current.items()})])
+               for c in coefs]
     evaluator = ray_local.remote(VllmCandidateEvaluator).options(num_cpus=0.25).remote(acfg, 0)
-    got = ray_local.get(evaluator.score.remote(*handles, coefs))
+    got = ray_local.get(evaluator.score.remote(handles))
     ray_local.kill(evaluator)
-    want = CandidateEvaluator(acfg).score(*handles, coefs)
+    want = CandidateEvaluator(acfg).score(handles)
     assert len(set(want)) > 1, f"the candidates should score differently: {want}"
     assert all(abs(a - b) <= 0.04 for a, b in zip(got, want)), (got, want)
 
