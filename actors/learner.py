@@ -167,6 +167,13 @@ class Learner(Placed):
         )
         return sum(p.ds_numel for p in self.engine.module.parameters())
 
+    def can_read(self, path: str, token: str) -> bool:
+        """Whether this rank sees the file `path` with content `token` (the shared-folder check)."""
+        try:
+            return Path(path).read_text() == token
+        except OSError:
+            return False
+
     def has_cuda(self) -> bool:
         return self.cuda
 

@@ -71,9 +71,15 @@ class RunConfig(_Strict):
     step); `epochs` walks seeded shuffles of the training split, one per epoch (the paper's
     dataloader). Both are functions of the step, so a resumed run continues at the same data position."""
     output_dir: Path = Field(Path("runs"), strict=False)
-    """Root for run folders (checkpoints, resolved config, final weights)."""
+    """Root for run folders (checkpoints, resolved config, final weights); `$VAR` and `~` are expanded.
+    A trial on more than one node needs an absolute path that every node mounts (checked before launch)."""
     scale: str = "tiny"
     """Scale from the registry (`orchestrator/scales.py`): tiny (CPU), 1.5B, 4B, 7B, 8B, 14B, 32B."""
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        return expand_path(value)
 
     @field_validator("scale")
     @classmethod

@@ -134,6 +134,36 @@ def start_learners(learner: ActorGroup) -> list[dict[str, Any]]:
     return envs
 
 
+class SharedDirError(RuntimeError):
+    """The run folder is not one folder on every node the learner ranks run on."""
+
+
+def check_shared_output(read, envs: list[dict[str, Any]], run_dir) -> None:
+    """When the ranks span nodes, each must read a marker the driver just wrote into the run folder
+    (ZeRO-3 shards, checkpoints and final weights are written there by every rank, and read back by
+    the driver on resume); raise SharedDirError naming the ranks that cannot. `read(path, token)`
+    returns, per rank, whether it read `token` from `path` (`Learner.can_read` on every rank)."""
+    import uuid
+    from pathlib import Path
+
+    if len({e["node_id"] for e in envs}) < 2:
+        return
+    token = uuid.uuid4().hex
+    marker = Path(run_dir).resolve() / f".shared-{token}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(token)
+    try:
+        seen = read(str(marker), token)
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [rank for rank, ok in enumerate(seen) if not ok]
+    if blind:
+        raise SharedDirError(f"run.output_dir: learner rank(s) {blind} cannot read {marker}, which the driver wrote: "
+                             "the ranks write ZeRO-3 shards, checkpoints and the final weights into the run folder and "
+                             "the driver resumes from it, so it must be one folder every node mounts (e.g. NFS); set "
+                             "run.output_dir to an absolute path there")
+
+
 def learner_env(places: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each rank's distributed environment from the actual placement (rank order = bundle order).
 

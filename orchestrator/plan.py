@@ -343,6 +343,7 @@ def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster:
         raise ConfigError(file, "run.scale", f"{scale.name} on {cluster}: " + "; ".join(errors))
     plan.nodes = nodes or []
     plan.concurrent = concurrent_trials(gpus_each, cluster)
+    _check_shared_output(cfg, plan, file)
     if isinstance(cfg.method, EffOPD):  # the other evaluator mode, for comparison
         if cfg.method.evaluators == "dedicated":
             lean = [r.gpus for r in plan.roles if r.role != "evaluator" for _ in range(r.actors)]
@@ -354,6 +355,22 @@ def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster:
     plan.weight_sync = "nccl" if wanted == "nccl" or (wanted == "auto" and counts["rollout"][2] == "vllm") else "object_store"
     if cluster.gpu_type:
         plan.cost = _cost(cfg, scale, plan, cluster)
+
+
+def _check_shared_output(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
+    """A trial on more than one node needs `run.output_dir` to be one folder every node mounts: learner
+    ranks write their ZeRO-3 shards and the final weights there, and the driver commits and resumes
+    from it. A relative path resolves on each node (under each node's copy of the job's working dir):
+    refused before launch (noted in a dry run); at launch every rank must read a marker the driver
+    wrote there (`orchestrator.placement.check_shared_output`)."""
+    if len(set(plan.nodes)) < 2 or cfg.run.output_dir.is_absolute():
+        return
+    why = (f"this plan spans {len(set(plan.nodes))} nodes and run.output_dir '{cfg.run.output_dir}' is relative: "
+           "set an absolute path on a file system every node mounts (shards, checkpoints and final weights go there)")
+    if plan.dry_run:
+        plan.notes.append(why)
+    else:
+        raise ConfigError(file, "run.output_dir", why)
 
 
 def _cost(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec) -> StepCost:

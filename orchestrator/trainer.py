@@ -43,7 +43,7 @@ from orchestrator.faults import fires
 from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION
 from orchestrator.monitor import GeometryMonitor
 from orchestrator.pipeline import Launched, RolloutPipeline
-from orchestrator.placement import TrialActors, nccl_layout, start_learners
+from orchestrator.placement import TrialActors, check_shared_output, nccl_layout, start_learners
 from orchestrator.plan import ResolvedPlan
 from orchestrator.progress import ProgressFile
 from orchestrator.task import build_task, eval_examples
@@ -191,7 +191,8 @@ class OPDTrainer:
         self.actors = TrialActors.launch(self.plan, acfg, restarts, pg=self.pg)
         self.rollout, self.teacher, self.learner = self.actors.rollout, self.actors.teacher, self.actors.learner
         self.evaluators = self.actors.evaluators
-        start_learners(self.learner)
+        envs = start_learners(self.learner)
+        check_shared_output(lambda path, token: ray.get(self.learner.call("can_read", path, token)), envs, self.run_dir)
         log.info("actors up and ZeRO-3 learner ready in %.1f s", time.perf_counter() - t0)
         self._version = 0
         self.learner_restarts = 0

@@ -182,3 +182,42 @@ def test_gpu_hours_count_the_named_evaluation_sets(tmp_path):
     assert "eval_sets" not in plain.cost.seconds and sets.cost.seconds["eval_sets"] == pytest.approx(want)
     assert sets.reserved_gpu_hours > plain.reserved_gpu_hours
     assert any("eval.sets.gone" in n and "not in the GPU-hours" in n for n in sets.notes)
+
+
+def test_multi_node_output_dir_is_absolute_and_shared(tmp_path, fake_models):
+    """A trial spanning nodes needs one run folder all nodes mount: a relative run.output_dir is refused
+    before launch (noted in a dry run), and at launch every learner rank must read the driver's marker."""
+    from pathlib import Path
+
+    from orchestrator.placement import SharedDirError, check_shared_output
+    from orchestrator.scales import parse_cluster
+
+    models = [f"models.student={fake_models / 'student'}", f"models.teacher={fake_models / 'teacher'}"]
+    cfg = load_config(None, models + ["run.scale=32B", "run.output_dir=runs"])
+    plan = resolve(cfg, "exp.yaml", cluster=parse_cluster("4x8xH100-80GB"))
+    assert len(set(plan.nodes)) > 1 and any("run.output_dir 'runs' is relative" in n for n in plan.notes)
+    with pytest.raises(ConfigError) as err:  # the same plan on a live 4-node cluster
+        plan_live(cfg)
+    assert err.value.key == "run.output_dir"
+    plan_live(load_config(None, models + ["run.scale=32B", f"run.output_dir={tmp_path}"]))  # absolute: fine
+
+    def read(path, token):  # rank 1 sits on a node that does not mount the folder
+        return [Path(path).read_text() == token, False]
+
+    envs = [{"node_id": "a"}, {"node_id": "b"}]
+    with pytest.raises(SharedDirError, match=r"learner rank\(s\) \[1\] cannot read"):
+        check_shared_output(read, envs, tmp_path)
+    check_shared_output(lambda path, token: [Path(path).read_text() == token] * 2, envs, tmp_path)
+    assert not list(tmp_path.glob(".shared-*"))  # the marker is removed either way
+
+
+def plan_live(cfg):
+    """`resolve` as `foresight run` calls it on a live cluster of four 8-GPU nodes (no Ray needed)."""
+    from unittest import mock
+
+    from orchestrator import plan as plan_mod
+    from orchestrator.scales import ClusterSpec
+
+    with mock.patch.object(plan_mod, "live_cluster", return_value=ClusterSpec(4, 8, "H100", 80.0)), \
+            mock.patch.object(plan_mod, "check_backends"), mock.patch.object(plan_mod, "check_models"):
+        return plan_mod.resolve(cfg, "exp.yaml", resources={"CPU": 64.0, "GPU": 32.0})
