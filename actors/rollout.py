@@ -100,7 +100,9 @@ class VllmRolloutWorker(VllmScoresCandidates, ScoresEvalSets, HoldsWeights, Plac
         self.cfg, self.index = cfg, index
         self.tokenizer = load_tokenizer(cfg[self.model_key])
         self.task = task_of(cfg)
-        self.llm = build_engine(cfg[self.model_key], cfg["rollout"], cfg["seed"] + index, cfg["vllm_cache_dir"],
+        engine_cfg = {**cfg["rollout"], "gpu_memory_utilization": cfg.get("engine_util", {}).get(
+            self.role, cfg["rollout"]["gpu_memory_utilization"])}  # the plan's share for this role's GPUs
+        self.llm = build_engine(cfg[self.model_key], engine_cfg, cfg["seed"] + index, cfg["vllm_cache_dir"],
                                 max_model_len=cfg["max_model_len"][self.model_key], tensor_parallel=cfg["tp"].get(self.role, 1),
                                 max_logprobs=cfg["loss"]["teacher_topk"] or 0)
         self.version = 0

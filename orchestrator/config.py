@@ -206,8 +206,10 @@ class RolloutConfig(_Strict):
     """Response length cap (tokens)."""
     max_prompt_tokens: int = Field(2048, gt=0, le=MAX_TOKENS)
     """Prompt length budget (tokens); sizes the KV cache in GPU plans."""
-    gpu_memory_utilization: float = Field(0.6, gt=0, le=0.95)
-    """Share of a GPU a vLLM engine may take (GPU plans)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=0.95)
+    """Share of a GPU a vLLM engine may take (GPU plans; rollout, teacher and evaluator engines each have
+    GPUs of their own, so most of it: OpenRLHF's default is 0.95, verl colocates and uses 0.6). The plan
+    lowers it where a model sits beside the engine (ExOPD's reference on the teacher's GPUs)."""
     temperature: float = Field(1.0, gt=0, le=10.0)
     """Sampling temperature of the student (the papers use 1.0; above 10 sampling is uniform noise)."""
     source: Literal["student", "teacher"] = "student"

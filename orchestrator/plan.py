@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.config import ConfigError, EffOPD, ExperimentConfig
-from orchestrator.scales import (GPU_TYPES, SCALES, ClusterSpec, Scale, StepCost, Workload, concurrent_trials,
-                                 decode_seconds, engine_mem_gb, first_fit, learner_mem_gb, step_cost)
+from orchestrator.scales import (FRAGMENTATION, GB, GPU_RESERVE_GB, GPU_TYPES, SCALES, ClusterSpec, Scale, StepCost,
+                                 Workload, concurrent_trials, decode_seconds, engine_mem_gb, first_fit, learner_host_terms,
+                                 learner_mem_gb, scorer_mem_terms, step_cost, usable_gb)
 from orchestrator.tracking import resolve_uri
 
 ROLES = ("rollout", "teacher", "learner", "evaluator")
@@ -77,6 +78,11 @@ class ResolvedPlan:
     """The learner's, resolved (the config's, else on for GPU scales)."""
     weight_sync: str = "object_store"
     """object_store | nccl (NCCL needs CUDA in the actors; the trainer falls back when `auto` finds none)."""
+    engine_util: dict[str, float] = field(default_factory=dict)
+    """vLLM `gpu_memory_utilization` per engine role (GPU plans): rollout.gpu_memory_utilization, lowered
+    where a model sits beside the engine on its GPUs (ExOPD's reference on the teacher's)."""
+    host_gb: list[float] = field(default_factory=list)
+    """GPU plans: predicted peak host memory per node (GB, node order), see `host_memory`."""
     notes: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ queries
@@ -151,12 +157,17 @@ class ResolvedPlan:
                     per_node.setdefault(self.nodes[i], []).append(f"{r.role}x{r.gpus}")
                     i += 1
             for node in sorted(per_node):
-                lines.append(f"  node {node}: {', '.join(per_node[node])}")
+                ram = f"  (host RAM ~{self.host_gb[node]:,.0f} GB)" if node < len(self.host_gb) else ""
+                lines.append(f"  node {node}: {', '.join(per_node[node])}{ram}")
+        if self.engine_util:
+            lines.append("  vLLM gpu_memory_utilization: " + ", ".join(f"{k} {v:g}" for k, v in self.engine_util.items()))
         if self.cost:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in self.cost.seconds.items())
             loop = (f"pipelined on {self.cost.overlap:.0%} of steps: max(rollout + teacher, learner + sync)"
                     if self.cost.overlap else "serial loop")
             lines.append(f"  per step ({loop}): {self.cost.step_seconds:.1f} s ({parts})")
+            lines.append(f"  learner: {self.cost.padding:.3f} computed tokens per real token (micro-batches packed by "
+                         "length and trimmed to their own width)")
             lines.append(f"  {self.steps} steps: ~{self.reserved_gpu_hours:,.0f} reserved GPU-hours "
                          f"({self.total_gpus} GPUs x wall time); ideal FLOPs ~{self.ideal_gpu_hours:,.0f} GPU-hours")
         elif self.gpu:
@@ -300,37 +311,70 @@ def _cpu_roles(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
                           f"but the Ray cluster has {plan.available_cpus:g}")
 
 
+def _role_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, role: str, n: int, tp: int,
+                 backend: str) -> tuple[float, float]:
+    """(GB per GPU, GB of it outside a vLLM engine's `gpu_memory_utilization`) for one actor of `role`."""
+    rc, T = cfg.rollout, cfg.learner.max_tokens_per_gpu
+    seq_len = rc.max_prompt_tokens + rc.max_new_tokens
+    shape = scale.teacher if role == "teacher" else scale.student
+    if role == "learner":
+        extrapolates = cfg.method.type in ("effopd", "fixed_extrapolation")
+        return learner_mem_gb(scale.student, n, T, extrapolates, checkpointing=plan.gradient_checkpointing), 0.0
+    if backend == "vllm":
+        engine = engine_mem_gb(shape, tp, seq_len)
+    elif role == "teacher":
+        engine = sum(scorer_mem_terms(shape, tokens=T, chunk=cfg.learner.logit_chunk_tokens).values()) / GB
+    else:  # HF generate on one GPU: the batch's share, every sampled step's logits
+        batch = -(-rc.batch_prompts * rc.samples_per_prompt // max(n, 1)) if role == "rollout" else getattr(cfg.method, "val_size", 50)
+        engine = engine_mem_gb(shape, 1, seq_len, batch=batch, sampled=rc.max_new_tokens)
+    extra = 0.0
+    if role == "teacher" and cfg.method.type == "exopd":  # pi_ref beside the teacher, split over its GPUs
+        extra += sum(scorer_mem_terms(scale.student, tokens=T, chunk=cfg.learner.logit_chunk_tokens, shards=tp).values()) / GB
+    if role in ("evaluator", "rollout") and backend == "hf" and getattr(cfg.method, "score", "") == "teacher_kl":
+        extra += sum(scorer_mem_terms(scale.teacher, tokens=T, chunk=cfg.learner.logit_chunk_tokens).values()) / GB
+    return engine + extra, extra if backend == "vllm" else 0.0
+
+
 def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec, file) -> None:
     counts = _counts(cfg, scale)
-    seq_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
-    extrapolates = cfg.method.type in ("effopd", "fixed_extrapolation")
-    mem = {
-        "rollout": engine_mem_gb(scale.student, counts["rollout"][1], seq_len),
-        "teacher": engine_mem_gb(scale.teacher, counts["teacher"][1], seq_len),
-        "learner": learner_mem_gb(scale.student, counts["learner"][0], cfg.learner.max_tokens_per_gpu, extrapolates,
-                                  checkpointing=plan.gradient_checkpointing),
-    }
     cpus = {"rollout": cfg.rollout.num_cpus, "teacher": cfg.teacher.num_cpus, "learner": cfg.learner.num_cpus_per_rank}
+    outside: dict[str, float] = {}
     for role, (n, tp, backend) in counts.items():
         gpus = 1 if role == "learner" else tp
-        plan.roles.append(RoleSpec(role, n, cpus[role], gpus, tp, backend, mem[role], ROLE_NOTES[(role, backend)]))
+        mem, outside[role] = _role_memory(cfg, scale, plan, role, n, tp, backend)
+        plan.roles.append(RoleSpec(role, n, cpus[role], gpus, tp, backend, mem, ROLE_NOTES[(role, backend)]))
     if isinstance(cfg.method, EffOPD) and cfg.method.evaluators == "dedicated":
         etp = scale.evaluator_tp
         spare = cluster.gpus - plan.total_gpus
         n = cfg.method.num_evaluators or auto_evaluators(spare, etp, len(cfg.method.coefficients()))
-        plan.roles.append(RoleSpec("evaluator", n, cfg.method.evaluator_cpus, etp, etp, counts["rollout"][2],
-                                   engine_mem_gb(scale.student, etp, seq_len),
+        mem, outside["evaluator"] = _role_memory(cfg, scale, plan, "evaluator", n, etp, counts["rollout"][2])
+        plan.roles.append(RoleSpec("evaluator", n, cfg.method.evaluator_cpus, etp, etp, counts["rollout"][2], mem,
                                    f"EffOPD candidate scoring, {len(cfg.method.coefficients())} candidates"))
     plan.cluster = cluster
     errors = []
-    engine_cap = cfg.rollout.gpu_memory_utilization * cluster.gpu_mem_gb
+    usable = usable_gb(cluster.gpu_mem_gb)
     for r in plan.roles:
         if r.gpus > cluster.gpus_per_node:
             errors.append(f"{r.role}: tensor parallel {r.gpus} > {cluster.gpus_per_node} GPUs per node")
-        cap = cluster.gpu_mem_gb if r.role == "learner" else engine_cap
-        if cluster.gpu_mem_gb and r.mem_gb > cap:
-            model = scale.teacher.name if r.role == "teacher" else scale.student.name
-            errors.append(f"{r.role}: needs {r.mem_gb:.1f} GB per GPU, {cap:.1f} GB available ({model}, TP {r.tp})")
+        if r.backend == "hf" and r.tp > 1:
+            errors.append(f"{r.role}: backend hf runs on one GPU; tensor parallel {r.tp} needs backend vllm")
+        if not cluster.gpu_mem_gb:
+            continue
+        model = scale.teacher.name if r.role == "teacher" else scale.student.name
+        if r.backend == "vllm":  # the engine within its share; what sits beside it within the rest
+            util = min(cfg.rollout.gpu_memory_utilization, (usable - outside.get(r.role, 0.0)) / cluster.gpu_mem_gb)
+            plan.engine_util[r.role] = round(util, 3)
+            if r.mem_gb - outside.get(r.role, 0.0) > util * cluster.gpu_mem_gb:
+                errors.append(f"{r.role}: its engine needs {r.mem_gb - outside.get(r.role, 0.0):.1f} GB per GPU, "
+                              f"{util * cluster.gpu_mem_gb:.1f} GB available at gpu_memory_utilization {util:.2f} "
+                              f"({model}, TP {r.tp})")
+            elif util < cfg.rollout.gpu_memory_utilization:
+                plan.notes.append(f"{r.role}: vLLM gpu_memory_utilization {util:.2f} (of {cfg.rollout.gpu_memory_utilization}) "
+                                  f"leaves {outside[r.role]:.1f} GB per GPU for ExOPD's reference model beside it")
+        elif r.mem_gb > usable:
+            errors.append(f"{r.role}: needs {r.mem_gb:.1f} GB per GPU, {usable:.1f} GB usable of {cluster.gpu_mem_gb:g} "
+                          f"({model}, TP {r.tp}, backend {r.backend}; {FRAGMENTATION:.0%} fragmentation and "
+                          f"{GPU_RESERVE_GB:g} GB of CUDA/NCCL context kept free)")
     if not cluster.gpu_mem_gb:
         plan.notes.append("GPU memory unknown on this cluster: memory per GPU not checked")
     gpus_each = [r.gpus for r in plan.roles for _ in range(r.actors)]
@@ -344,6 +388,7 @@ def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster:
     plan.nodes = nodes or []
     plan.concurrent = concurrent_trials(gpus_each, cluster)
     _check_shared_output(cfg, plan, file)
+    plan.host_gb = host_memory(cfg, scale, plan)
     if isinstance(cfg.method, EffOPD):  # the other evaluator mode, for comparison
         if cfg.method.evaluators == "dedicated":
             lean = [r.gpus for r in plan.roles if r.role != "evaluator" for _ in range(r.actors)]
@@ -355,6 +400,33 @@ def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster:
     plan.weight_sync = "nccl" if wanted == "nccl" or (wanted == "auto" and counts["rollout"][2] == "vllm") else "object_store"
     if cluster.gpu_type:
         plan.cost = _cost(cfg, scale, plan, cluster)
+
+
+def host_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan) -> list[float]:
+    """Peak host GB per node: every actor's process, each learner rank's loading (it reads only the rows
+    of its own partitions: `actors/shards.py`), and on learner rank 0's node its publishing bucket and
+    the object store's weights: each published version (object-store weight sync or the weights the
+    evaluators and the final save read) and, in an EffOPD search, one candidate per evaluator at a time."""
+    from orchestrator.scales import DTYPE_BYTES, HOST_PROCESS_GB
+
+    if not plan.nodes:
+        return []
+    host = [0.0] * (max(plan.nodes) + 1)
+    model = DTYPE_BYTES["bf16"] * scale.student.params_b
+    i = 0
+    for r in plan.roles:
+        for k in range(r.actors):
+            node = plan.nodes[i]
+            if r.role == "learner":
+                host[node] += sum(learner_host_terms(scale.student, r.actors, bucket_mb=cfg.learner.sync_bucket_mb,
+                                                     rank0=k == 0).values()) / GB
+                if k == 0:
+                    pool = plan.num_evaluators or plan.role("rollout").actors
+                    host[node] += model * (1 + (pool if isinstance(cfg.method, EffOPD) else 0))
+            else:
+                host[node] += HOST_PROCESS_GB["engine"]
+            i += 1
+    return [round(h, 1) for h in host]
 
 
 def _check_shared_output(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
@@ -385,7 +457,8 @@ def _cost(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: Clus
     cost = step_cost(scale, cluster.gpu_type, rollout=(r.actors, r.tp), teacher=(t.actors, t.tp),
                      learner_ranks=plan.role("learner").actors, evaluators=(ev.actors, ev.tp) if ev else (0, 1),
                      work=work, steps=cfg.run.steps, eval_every=cfg.eval.every, eval_work=eval_work,
-                     search_candidates=search, val_work=val, overlap=pipeline_overlap(cfg))
+                     search_candidates=search, val_work=val, overlap=pipeline_overlap(cfg),
+                     max_tokens=cfg.learner.max_tokens_per_gpu)
     sequences = eval_set_sequences(cfg, plan.notes)
     if sequences:
         sets = Workload(sequences, rc.max_prompt_tokens // 4, rc.max_new_tokens)

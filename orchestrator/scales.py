@@ -12,10 +12,10 @@ on CPU), T = the learner's tokens per micro-batch per GPU (`learner.max_tokens_p
 22,000), s = min(Psi / N, 1e9) (DeepSpeed's optimizer sub-group). Measured on CPU (fp32) by
 `benchmarks/memory_model.py`: within 25% per role, `benchmarks/results/memory_model.json`.
 - learner, DeepSpeed ZeRO-3 with fp32 master weights and Adam (the peak of three phases):
-  states  (2w + 12) Psi / N: working weights and gradient partitions (w each; DeepSpeed accumulates
-          gradients in the working dtype), fp32 master (4), Adam m and v (8): 16 Psi / N in bf16, 20 in
-          fp32; + 4 Psi / N for the EffOPD anchor (fp32, partition-local); + the reduce bucket,
-          w min(5e8, Psi) (DeepSpeed's `reduce_bucket_size`, 1 GB in bf16).
+  states  (w + 16) Psi / N: working weight partitions (w), gradient partitions (4: micro-batch
+          gradients accumulate in fp32, `grad_accum_dtype`), fp32 master (4), Adam m and v (8): 18 Psi / N
+          in bf16, 20 in fp32; + 4 Psi / N for the EffOPD anchor (fp32, partition-local); + the reduce
+          bucket, w min(5e8, Psi) (DeepSpeed's `reduce_bucket_size`, 1 GB in bf16).
   + the larger of
   backward  gathered parameters, w min(Psi, 1e9) (ZeRO-3 keeps them from forward to backward, up to
             `stage3_max_live_parameters`; at N = 1 a gathered parameter is its partition: w V h, the
@@ -28,12 +28,19 @@ on CPU), T = the learner's tokens per micro-batch per GPU (`learner.max_tokens_p
             and its gradient; `learner.logit_chunk_tokens`, default 2048).
   optimizer step  4 s (the fp32 gradient of one sub-group) + max(w s if w < 4 (its bf16 flat copy),
             8 s for torch AdamW on CPU (two fp32 temporaries); fused Adam on GPU has none).
-  setup   max(w Psi (the loaded model, on the GPU before ZeRO-3 partitions it), (2w + 8) Psi / N
-          (working, gradient, master partitions and the first fp32 gradient buffer)).
+  setup   max(w V h (the largest module, built whole under `zero.Init` before it is partitioned; each
+          rank then loads only its partitions from the checkpoint), (w + 8) Psi / N + 4 s (working,
+          gradient, master partitions and the first fp32 gradient buffer)).
+  On the host (`learner_host_terms`): the process, its partitions while they are loaded (w Psi / N)
+  and one tensor's rows at a time; rank 0 also one weight bucket while publishing.
 - vLLM engine (rollout, teacher scoring, evaluator): 2 Psi / TP weights + KV cache for at least one
   full sequence: S * 2 * L * kv_heads * head_dim * 2 / TP, within `gpu_memory_utilization` of the GPU.
-  HF rollout worker (CPU): 4 Psi + KV of the batch (fp32) + 4 B R V 4 (HF `generate` keeps every
-  sampled step's logits; stacked, divided by the temperature, log-softmaxed).
+  HF rollout worker (on its GPU in bf16, or the CPU in fp32): w Psi + KV of the batch + B R V 4 (HF
+  `generate` keeps every sampled step's fp32 logits; the log-probs are taken one step at a time).
+- HF scoring (teacher, ExOPD's reference beside it, `teacher_kl`): w Psi + one micro-batch's forward
+  without grad (T (h + I) w, the widest layer's activations, + T h w hidden states) + the logits chunk
+  (min(chunk, T) V 12: logits, log-softmax, top-k). The reference on a vLLM teacher's GPUs is split
+  over them (weights / TP) and sits outside the engine's `gpu_memory_utilization`.
 - HF evaluator (CPU): 4 Psi + 4 buckets (W and A of two buckets overlap while streaming; a bucket is
   at most `sync_bucket_mb` + the largest tensor) + 2 x the largest tensor (W + c (W - A)) + greedy
   decoding of D_v.
@@ -109,7 +116,7 @@ SCALES: dict[str, Scale] = {
     "7B": Scale("7B", QWEN25_7B, QWEN25_7B_MATH_RL, 2, 1, 1, 1, 4, 1),
     "8B": Scale("8B", QWEN3_8B, QWEN3_8B_RL, 2, 1, 1, 1, 4, 1),
     "14B": Scale("14B", QWEN3_14B, QWEN3_14B_RL, 2, 2, 1, 2, 8, 2, 2),
-    "32B": Scale("32B", QWEN3_32B, QWEN3_32B_RL, 2, 4, 1, 4, 12, 1, 4),
+    "32B": Scale("32B", QWEN3_32B, QWEN3_32B_RL, 2, 4, 1, 4, 16, 1, 4),
 }
 
 
@@ -196,6 +203,17 @@ def parse_cluster(spec: str) -> ClusterSpec:
 
 
 # ----------------------------------------------------------------------------- memory
+GPU_RESERVE_GB = 1.5
+"""Per GPU, outside what the formulas count: the CUDA context (~0.5 GB) and NCCL's buffers and streams."""
+FRAGMENTATION = 0.05
+"""Share of a GPU the caching allocator loses to fragmentation at the peak."""
+
+
+def usable_gb(gpu_mem_gb: float) -> float:
+    """What a process may plan to use of a GPU: its memory less fragmentation and the CUDA/NCCL reserve."""
+    return gpu_mem_gb * (1 - FRAGMENTATION) - GPU_RESERVE_GB
+
+
 LOGIT_CHUNK = 2048
 """Tokens per logits chunk on the learner (the chunked log-prob / loss computation)."""
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -248,14 +266,29 @@ def learner_mem_phases(shape: ModelShape, ranks: int, tokens_per_gpu: int, ancho
     else:
         backward = {"activations": shape.layers * layer, "gathered": gathered, "logits": logits}
     return {
-        "states": {"weights": w * part, "grads": w * part, "master": 4 * part, "adam": 8 * part,
+        "states": {"weights": w * part, "grads": 4 * part, "master": 4 * part, "adam": 8 * part,
                    "anchor": 4 * part if anchor else 0.0, "reduce_bucket": w * min(DS_REDUCE_BUCKET, psi)},
         "backward": backward,
         "optimizer_step": {"master_grad": 4 * sub,
                            "temporaries": max(w * sub if w < 4 else 0.0, 0.0 if cuda else 8 * sub)},
-        "load": {"full_model": w * psi},
-        "partition": {"weights": w * part, "grads": w * part, "master": 4 * part, "master_grad": 4 * sub},
+        "load": {"largest_module": w * shape.vocab * shape.hidden},
+        "partition": {"weights": w * part, "grads": 4 * part, "master": 4 * part, "master_grad": 4 * sub},
     }
+
+
+HOST_PROCESS_GB = {"learner": 3.0, "engine": 4.0}
+"""Host memory of one process before any model: torch, CUDA, NCCL and DeepSpeed (learner) or vLLM (engine)."""
+
+
+def learner_host_terms(shape: ModelShape, ranks: int, *, bucket_mb: float, dtype: str = "bf16",
+                       rank0: bool = False) -> dict[str, float]:
+    """Host bytes of one learner rank (formulas in the module docstring): the process, the rows of one
+    tensor covering its partition while loading, and on rank 0 one weight bucket while publishing."""
+    w = DTYPE_BYTES[dtype]
+    terms = {"process": HOST_PROCESS_GB["learner"] * GB, "loading": w * shape.vocab * shape.hidden / ranks}
+    if rank0:
+        terms["bucket"] = bucket_mb * 2**20 + w * shape.vocab * shape.hidden
+    return terms
 
 
 def peak_bytes(phases: dict[str, dict[str, float]]) -> float:
@@ -278,8 +311,18 @@ def engine_mem_terms(shape: ModelShape, tp: int, seq_len: int, *, batch: int = 1
     terms = {"weights": w * shape.params_b * 1e9 / tp,
              "kv": batch * seq_len * shape.kv_bytes_per_token() * w / 2 / tp}
     if sampled:
-        terms["sampled_logits"] = 4 * batch * sampled * shape.vocab * 4
+        terms["sampled_logits"] = batch * sampled * shape.vocab * 4
     return terms
+
+
+def scorer_mem_terms(shape: ModelShape, *, tokens: int, chunk: int = LOGIT_CHUNK, dtype: str = "bf16",
+                     shards: int = 1) -> dict[str, float]:
+    """Bytes of an HF model scoring without grad (teacher, ExOPD's reference): its weights (split over
+    `shards` GPUs), one micro-batch of `tokens` through the widest layer, and one logits chunk."""
+    w = DTYPE_BYTES[dtype]
+    return {"weights": w * shape.params_b * 1e9 / shards,
+            "activations": tokens * (2 * shape.hidden + intermediate_size(shape)) * w,
+            "logits": min(chunk, tokens) * shape.vocab * 12}
 
 
 def engine_mem_gb(shape: ModelShape, tp: int, seq_len: int, **kw) -> float:
@@ -338,12 +381,25 @@ class Workload:
         return self.sequences * (self.prompt_len + self.fill * self.response_len)
 
 
+def learner_padding(work: Workload, ranks: int, max_tokens: int) -> float:
+    """Tokens the learner computes per real token. Each rank packs its rows into micro-batches by length
+    and trims each to its own width (`actors/batching.py`): with response lengths spread over [0, R]
+    and n micro-batches per rank, a micro-batch spans ~R / n of that range, so a row carries ~R / (2n)
+    padding: 1 + R / (2 n (prompt + fill R)). (Untrimmed, every row would cost prompt + R.)"""
+    real = work.prompt_len + work.fill * work.response_len
+    rows = max(1, math.ceil(work.sequences / max(ranks, 1)))
+    n = max(1, math.ceil(rows * real / max(max_tokens, 1)))
+    return 1.0 + work.response_len / (2 * n * real) if n < rows else (work.prompt_len + work.response_len) / real
+
+
 @dataclass
 class StepCost:
     """Seconds per OPD step by phase (serial loop) and the FLOPs behind them."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     flops: float = 0.0
+    padding: float = 1.0
+    """Learner tokens computed per real token (`learner_padding`), already in `seconds["learner"]`."""
     overlap: float = 0.0
     """Share of steps whose rollout + teacher half runs while the learner trains the step before
     (`pipeline.max_staleness >= 1`: every step except those after a pipeline barrier; 0: serial)."""
@@ -382,7 +438,8 @@ def decode_seconds(shape: ModelShape, gpu: GpuType, engines: int, tp: int, work:
 
 def step_cost(scale: Scale, gpu: GpuType, *, rollout: tuple[int, int], teacher: tuple[int, int], learner_ranks: int,
               evaluators: tuple[int, int], work: Workload, steps: int, eval_every: int, eval_work: Workload,
-              search_candidates: int = 0, val_work: Workload | None = None, overlap: float = 0.0) -> StepCost:
+              search_candidates: int = 0, val_work: Workload | None = None, overlap: float = 0.0,
+              max_tokens: int = 22_000) -> StepCost:
     """Serial wall time of one step (rollout -> teacher -> learner -> sync, plus searches and evaluations
     amortized over the run) on the roles' own GPUs; (engines, TP) pairs for the engine roles.
 
@@ -390,10 +447,10 @@ def step_cost(scale: Scale, gpu: GpuType, *, rollout: tuple[int, int], teacher: 
     (forward, backward, recompute with gradient checkpointing)."""
     ps, pt = scale.student.params_b * 1e9, scale.teacher.params_b * 1e9
     gen_tokens = work.sequences * work.fill * work.response_len
-    cost = StepCost(overlap=overlap)
+    cost = StepCost(overlap=overlap, padding=learner_padding(work, learner_ranks, max_tokens))
     cost.seconds["rollout"] = decode_seconds(scale.student, gpu, rollout[0], rollout[1], work)
     cost.seconds["teacher"] = 2 * pt * work.tokens / (teacher[0] * teacher[1] * MFU_PREFILL * gpu.peak_flops)
-    cost.seconds["learner"] = 8 * ps * work.tokens / (learner_ranks * MFU_TRAIN * gpu.peak_flops)
+    cost.seconds["learner"] = 8 * ps * work.tokens * cost.padding / (learner_ranks * MFU_TRAIN * gpu.peak_flops)
     cost.seconds["sync"] = 2 * ps / NCCL_BYTES_PER_S
     cost.seconds["eval"] = decode_seconds(scale.student, gpu, rollout[0], rollout[1], eval_work) / max(eval_every, 1)
     cost.flops = 2 * ps * gen_tokens + 2 * pt * work.tokens + 8 * ps * work.tokens

@@ -80,6 +80,7 @@ def actor_config(cfg: ExperimentConfig, plan: ResolvedPlan | None = None, run_di
     tensor-parallel size from the plan)."""
     return {
         "tp": {r.role: r.tp for r in plan.roles} if plan is not None else {},
+        "engine_util": dict(plan.engine_util) if plan is not None else {},
         "seed": cfg.run.seed,
         "student_path": str(cfg.model_paths[0].resolve()),
         "teacher_path": str(cfg.model_paths[1].resolve()),
