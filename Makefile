@@ -4,6 +4,7 @@
 #   make test   install and run the whole test suite (unit + end-to-end)
 # Quick loop while working: make test-unit   (skips the slow end-to-end tests)
 #                           make test-vllm   (only the vLLM backend tests)
+# Real shapes on CPU:       make test-scale  (151,936-token vocabulary, 0.5B-shaped models; .ci/run runs it too)
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -21,7 +22,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONWARNINGS := ignore
 
-.PHONY: install models demo test test-unit test-vllm bench gpu-check gpu-wheels clean
+.PHONY: install models demo test test-unit test-vllm test-scale bench gpu-check gpu-wheels clean
 
 # torch is pinned in the same pip command as everything else (a CPU build on local disk);
 # an unpinned torch would pull a multi-GB CUDA build.
@@ -48,10 +49,13 @@ demo: models
 	@$(PY) benchmarks/summary.py --lr 1e-05
 
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -m "not scale"
 
 test-unit: install
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e and not scale"
+
+test-scale: install
+	$(PY) -m pytest -q --durations=10 -s -m scale
 
 test-vllm: install
 	$(PY) -m pytest -q -m vllm

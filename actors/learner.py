@@ -323,9 +323,12 @@ class Learner(Placed):
         The hook sees each rank's local (pre-reduction) gradient; projection is linear, so the
         averaged gradient is projected too. Returns the number of hooked matrices.
         """
-        import ray
+        if isinstance(bases_ref, list):  # [ObjectRef], put once by the driver
+            import ray
 
-        bases = ray.get(bases_ref[0]) if isinstance(bases_ref, list) else bases_ref
+            bases = ray.get(bases_ref[0])
+        else:
+            bases = bases_ref
         hooked = 0
         for name, p in self.engine.module.named_parameters():
             v = bases.get(name)
@@ -400,11 +403,24 @@ class Learner(Placed):
         MB; None on other ranks. Rollout workers and evaluators `ray.get` the buckets; the
         driver passes the same refs to all of them (put once, not per worker).
         """
+        return self._as(which, coef, lambda: self._put_full(bucket_mb))
+
+    def gathered_state(self, which: str = "current", coef: float = 0.0) -> dict[str, torch.Tensor] | None:
+        """The full weights as `publish_weights` would publish them, as a dict on rank 0 (None elsewhere),
+        without the object store (the device check runs without Ray); every rank must call."""
+        def collect():
+            full = dict(self._gathered(self.cfg["learner"]["sync_bucket_mb"]))
+            return full if self.rank == 0 else None
+
+        return self._as(which, coef, collect)
+
+    def _as(self, which: str, coef: float, fn):
+        """fn() on the current weights, the `anchor`, or the `candidate` W + coef (W - anchor)."""
         if which == "anchor":
-            return self._with_working(lambda i, lo, hi: self.anchor[i][lo:hi], lambda: self._put_full(bucket_mb))
+            return self._with_working(lambda i, lo, hi: self.anchor[i][lo:hi], fn)
         if which == "candidate":
-            return self._with_working(self._candidate(coef), lambda: self._put_full(bucket_mb))
-        return self._put_full(bucket_mb)
+            return self._with_working(self._candidate(coef), fn)
+        return fn()
 
     # ------------------------------------------------------------------ GPU: NCCL to vLLM engines
     def nccl_endpoint(self) -> tuple[str, int]:
@@ -493,6 +509,12 @@ class Learner(Placed):
             for lo, hi in _slices(m.numel()):
                 m.data[lo:hi].copy_(values(i, lo, hi))
             w.data.copy_(m.data)
+
+    def zero_layout(self) -> dict[str, int]:
+        """How ZeRO-3 holds this rank's parameters: `persistent` (kept gathered, DeepSpeed's persistence
+        threshold) and `partitioned` tensors (diagnostics)."""
+        persistent = len(self.engine.optimizer.persistent_parameters)
+        return {"persistent": persistent, "partitioned": sum(1 for _ in self.engine.module.parameters()) - persistent}
 
     def full_masters(self) -> dict[str, torch.Tensor] | None:
         """The full fp32 master weights on rank 0 (None elsewhere); every rank must call (one gather

@@ -34,6 +34,7 @@ def build_partitioned(path: str | Path, ds_config: dict[str, Any], dtype: torch.
     # functions would also index the empty placeholders of partitioned parameters)
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
         model = model_class._from_config(config, dtype=dtype)
+    model.tie_weights()  # `init_weights` ties them, and no_init_weights skipped it (tied embeddings: one parameter)
     for buf in model.buffers():  # zero.Init places parameters only (rotary frequencies are buffers)
         buf.data = buf.data.to(device)
     load_partitions(model, path)
@@ -84,13 +85,17 @@ def load_partitions(model: torch.nn.Module, path: str | Path) -> int:
     from safetensors import safe_open
 
     files = checkpoint_files(path)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied weight has several names
+        names.setdefault(id(p), []).append(name)
     handles: dict[Path, Any] = {}
     try:
         loaded = 0
-        for name, p in model.named_parameters():  # tied weights appear once
-            file = files.get(name)
-            if file is None:
-                raise KeyError(f"{path}: checkpoint has no tensor '{name}'")
+        for p_name, p in model.named_parameters():  # tied weights appear once
+            name = next((n for n in names[id(p)] if n in files), None)
+            if name is None:
+                raise KeyError(f"{path}: checkpoint has no tensor '{p_name}' (nor any name tied to it)")
+            file = files[name]
             if file not in handles:
                 handles[file] = safe_open(str(file), framework="pt").__enter__()
             view = handles[file].get_slice(name)

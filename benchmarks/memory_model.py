@@ -2,6 +2,7 @@
 that dtype path (`orchestrator/scales.py`), on a 64M-parameter Qwen2-architecture model on CPU.
 
     python benchmarks/memory_model.py [--steps 2] [--batch 128] [--learners 1,1c,2]
+    python benchmarks/memory_model.py --shape real      # the `real_shape` section (also run by make test-scale)
 
 Model: a Qwen2 config (hidden 512, 8 layers, 8 heads of 64, 2 KV heads, intermediate 2048, vocabulary
 padded to 32768 so the logits terms are real; the character tokenizer uses ids < 53), random init,
@@ -17,6 +18,13 @@ same for a baseline actor of the same type after its imports with nothing loaded
 MALLOC_MMAP_THRESHOLD_=65536 so the peak follows live tensors; the first learner group is run again
 under glibc's defaults to show what the allocator adds (`allocator_check`).
 
+`--shape real`: the same measurement at Qwen2.5-0.5B's shapes (`orchestrator/real_shape.py`: vocabulary
+151,936, hidden 896, tied embeddings, 2 layers; 166M parameters) along the GPU's learner path: two
+ZeRO-3 ranks in bf16 with fp32 masters, the model built partitioned and loaded shard by shard (the
+setup peak is each rank's), then the EffOPD anchor; the HF rollout worker; ExOPD's reference scorer
+(the initial student scoring a batch micro-batched with chunked logits); the HF evaluator scoring
+candidates the learner formed. Written as the `real_shape` section of the same file.
+
 Writes benchmarks/results/memory_model.json (machine, settings, model sha256, per role predicted GB
 by phase, measured GB, ratio) and logs it to MLflow (experiment `benchmarks`).
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -46,8 +55,9 @@ from actors.evaluator import CandidateEvaluator  # noqa: E402
 from actors.group import ACTOR_ENV, ActorGroup  # noqa: E402
 from actors.learner import Learner  # noqa: E402
 from actors.rollout import RolloutWorker  # noqa: E402
+from actors.teacher import TeacherScorer  # noqa: E402
 from actors.weights import WeightsHandle  # noqa: E402
-from orchestrator.scales import (GB, ModelShape, engine_mem_terms, evaluator_mem_terms,  # noqa: E402
+from orchestrator.scales import (GB, ModelShape, conversion_bytes, engine_mem_terms, evaluator_mem_terms,  # noqa: E402
                                  learner_mem_phases, peak_bytes)
 from step_overhead import save_result  # noqa: E402
 
@@ -103,6 +113,10 @@ class ProbedEvaluator(Probe, CandidateEvaluator):
     pass
 
 
+class ProbedScorer(Probe, TeacherScorer):
+    """An HF scorer of the model at `teacher_path` (the reference role: the initial student)."""
+
+
 class BareWorker(Probe, RolloutWorker):
     """Baseline of the rollout worker and the evaluator (the same actor type): its imports, tokenizer
     and task, no model."""
@@ -113,7 +127,7 @@ class BareWorker(Probe, RolloutWorker):
 
         import actors.rollout
 
-        actors.rollout.load_model = lambda path: None  # this actor's process only
+        actors.rollout.load_model = lambda *args, **kwargs: None  # this actor's process only
         super().__init__(cfg, index)
 
 
@@ -191,8 +205,12 @@ def learner_row(shape: ModelShape, base: dict, setup: list, after: list, spec: t
             "raw": {"base": base, "ranks_after_setup": setup, "ranks": after}}
 
 
-def role_row(pred_terms: dict[str, float], peak: dict, base: dict) -> dict[str, Any]:
-    return {"predicted": sum(pred_terms.values()), "phases": {"peak": pred_terms},
+def role_row(pred_terms: dict[str, float], peak: dict, base: dict, load: float = 0.0) -> dict[str, Any]:
+    """A role's row; `load` > 0: the model's load peaks apart (its weights + a converted tensor)."""
+    phases = {"peak": pred_terms}
+    if load:
+        phases["load"] = {"weights": pred_terms["weights"], "conversion": load}
+    return {"predicted": max(sum(t.values()) for t in phases.values()), "phases": phases,
             "measured": model_share(peak, base), "raw": {"base": base, "peak": peak}}
 
 
@@ -206,9 +224,14 @@ def main() -> int:
                              "bf16 with fp32 masters, the GPU path's states); the last also takes the EffOPD anchor "
                              "and one more step")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_model.json"))
+    parser.add_argument("--shape", choices=["64m", "real"], default="64m",
+                        help="64m: the Qwen2 64M model (the file's top level); real: Qwen2.5-0.5B's shapes (its "
+                             "`real_shape` section)")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the JSON only (the test-scale check)")
     args = parser.parse_args()
+    if args.shape == "real":
+        return measure_real(args)
     t_start = time.perf_counter()
-    from actors.teacher import TeacherScorer
     from orchestrator.cli import start_local_ray
     from orchestrator.extrapolation import coefficient
     from orchestrator.trainer import batch_indices
@@ -260,15 +283,14 @@ def main() -> int:
         name = f"{name}_anchor"
         rows[name] = learner_row(shape, lbase, setup, after, spec, B, width, R, anchor=True)
         bucket_mb = acfg["learner"]["sync_bucket_mb"]
-        current = WeightsHandle(1, ray.get(group.call("publish_weights", bucket_mb))[0])
-        anchor = WeightsHandle(2, ray.get(group.call("publish_weights", bucket_mb, "anchor"))[0])
+        coefs = [0.0, coefficient(1), coefficient(2)]
+        handles = [WeightsHandle(-1, ray.get(group.call("publish_weights", bucket_mb, "candidate", c))[0]) for c in coefs]
         print(f"{name}: anchor, 1 step, weight sync in {time.perf_counter() - t0:.0f} s", flush=True)
 
-        # 3. evaluator (HF): 3 candidates W + c (W - A) streamed from the learner's buckets
+        # 3. evaluator (HF): 3 candidates W + c (W - A) formed by the learner, streamed from its buckets
         t0 = time.perf_counter()
-        coefs = [0.0, coefficient(1), coefficient(2)]
         ev = ActorGroup(ProbedEvaluator, 1, lambda i: (acfg,), options(True))
-        ray.get(ev.actors[0].score.remote(current, anchor, coefs))
+        ray.get(ev.actors[0].score.remote(handles))
         peak = ray.get(ev.actors[0].memory.remote())
         ev.kill()
         ray.get(group.call("shutdown"))  # the learner owns the weight buckets: it goes after the evaluator
@@ -321,8 +343,127 @@ def main() -> int:
         "run_time_s": time.perf_counter() - t_start,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    if "real_shape" in previous:
+        result["real_shape"] = previous["real_shape"]
     save_result(result, args.out, "memory_model")
     print(f"max |ratio - 1| {result['max_abs_error']:.2f}; {result['run_time_s']:.0f} s; wrote {args.out}")
+    return 0
+
+
+def measure_real(args: argparse.Namespace) -> int:
+    """The `real_shape` section: each role at Qwen2.5-0.5B's shapes, along the GPU's learner path."""
+    from orchestrator.cli import start_local_ray
+    from orchestrator.extrapolation import coefficient
+    from orchestrator.real_shape import QWEN25_05B, build
+    from orchestrator.scales import scorer_mem_terms
+    from orchestrator.trainer import batch_indices
+
+    t_start = time.perf_counter()
+    start_local_ray(num_cpus=2, logging_level="ERROR")
+    rows: dict[str, dict] = {}
+    batch_prompts, max_new, ws = 8, 8, 2
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        record = build(tmp, teacher_layers=2)
+        folder = tmp / "student"
+        params, layers = record["student"]["params"], record["student"]["layers"]
+        shape = ModelShape("qwen2.5-0.5b-shaped", params / 1e9, layers, QWEN25_05B["hidden_size"],
+                           QWEN25_05B["num_key_value_heads"], QWEN25_05B["head_dim"], QWEN25_05B["vocab_size"],
+                           intermediate=QWEN25_05B["intermediate_size"])
+        print(f"model: Qwen2.5-0.5B-shaped, {layers} layers, {params / 1e6:.1f}M parameters", flush=True)
+        acfg = actor_cfg(folder, tmp / "run", batch_prompts, max_new, ws=ws, dtype="bf16")
+
+        # rollout worker and the reference scorer, against a baseline of the same actor kind with no model
+        bare = ActorGroup(BareWorker, 1, lambda i: (acfg,), options(True))
+        base = ray.get(bare.actors[0].memory.remote())
+        bare.kill()
+        t0 = time.perf_counter()
+        rollout = ActorGroup(ProbedRollout, 1, lambda i: (acfg,), options(True))
+        batch = ray.get(rollout.actors[0].generate.remote(1, batch_indices(1, 20000, batch_prompts, 0), None))
+        peak = ray.get(rollout.actors[0].memory.remote())
+        rollout.kill()
+        B, width = batch["input_ids"].shape
+        R = batch["response"].shape[1]
+        convert = conversion_bytes(shape, "fp32", "bf16")  # fp32 models on CPU from the bf16 checkpoint
+        rows["rollout"] = role_row(engine_mem_terms(shape, 1, width, batch=B, dtype="fp32", sampled=R), peak, base, convert)
+        print(f"rollout: {B} x {R} sampled tokens in {time.perf_counter() - t0:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        scorer = ActorGroup(ProbedScorer, 1, lambda i: ({**acfg, "teacher_path": str(folder)},), options(True))
+        scores = ray.get(scorer.actors[0].score.remote(batch))
+        peak = ray.get(scorer.actors[0].memory.remote())
+        scorer.kill()
+        rows["reference"] = role_row(scorer_mem_terms(shape, tokens=B * width, chunk=acfg["learner"]["logit_chunk_tokens"],
+                                                      dtype="fp32"), peak, base, convert)
+        print(f"reference: scored {B} x {width} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
+
+        # the learner: two bf16 ranks built partitioned, loaded shard by shard; then the anchor and a step
+        t0 = time.perf_counter()
+        parts = [[ray.put(batch), ray.put(scores), B]]
+        probe = ActorGroup(ProbedLearner, 1, lambda r: (r, 1, acfg), options(True))
+        lbase = ray.get(probe.actors[0].imports_only.remote())
+        probe.kill()
+        spec = (ws, False, "bf16")
+        group, setup, after = measure_learner(acfg, ws, parts, args.steps, True, keep=True)
+        rows["learner_ws2_bf16"] = learner_row(shape, lbase, setup, after, spec, B, width, R)
+        ray.get(group.call("set_anchor"))
+        ray.get(group.call("train_step", parts, SPEC, args.steps + 1))
+        after = ray.get(group.call("memory"))
+        rows["learner_ws2_bf16_anchor"] = learner_row(shape, lbase, setup, after, spec, B, width, R, anchor=True)
+        setup_row = learner_row(shape, lbase, setup, setup, spec, B, width, R)
+        print(f"learner: {ws} bf16 ranks, {args.steps + 1} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+
+        # the evaluator: candidates the learner formed (bf16 buckets), loaded into an fp32 HF model
+        t0 = time.perf_counter()
+        bucket_mb = acfg["learner"]["sync_bucket_mb"]
+        coefs = [0.0, coefficient(1)]
+        handles = [WeightsHandle(-1, ray.get(group.call("publish_weights", bucket_mb, "candidate", c))[0]) for c in coefs]
+        ev = ActorGroup(ProbedEvaluator, 1, lambda i: (acfg,), options(True))
+        ray.get(ev.actors[0].score.remote(handles))
+        peak = ray.get(ev.actors[0].memory.remote())
+        ev.kill()
+        ray.get(group.call("shutdown"))
+        group.kill()
+        rows["evaluator"] = role_row(evaluator_mem_terms(shape, bucket_mb=bucket_mb, batch=acfg["val_size"], seq_len=width,
+                                                         bucket_dtype="bf16"), peak, base, convert)
+        print(f"evaluator: {len(coefs)} candidates in {time.perf_counter() - t0:.0f} s", flush=True)
+    ray.shutdown()
+
+    roles = {name: summary(r) for name, r in rows.items()}
+    for name, r in roles.items():
+        print(f"{name:24s} predicted {r['predicted_gb']:6.3f} GB  measured {r['measured_gb']:6.3f} GB  "
+              f"ratio {r['ratio']:5.2f}", flush=True)
+    setup_peak = max(m["VmHWM"] for m in setup)
+    section = {
+        "roles": roles,
+        "max_abs_error": max(abs(r["ratio"] - 1) for r in roles.values()),
+        "learner_setup": {"measured_gb": (setup_peak - lbase["VmHWM"]) / GB,
+                          "predicted_load_gb": sum(setup_row["phases"]["load"].values()) / GB,
+                          "predicted_partition_gb": sum(setup_row["phases"]["partition"].values()) / GB,
+                          "full_model_bf16_gb": 2 * params / GB,
+                          "note": "each rank's peak after building the model partitioned and loading its shards; "
+                                  "loading the whole model per rank first (before) would hold the full bf16 model"},
+        "settings": {"model": {"architecture": "Qwen2ForCausalLM", **QWEN25_05B, "num_hidden_layers": layers,
+                               "params": params, "sha256": record["student"]["sha256"], "checkpoint_dtype": "bfloat16"},
+                     "batch_sequences": B, "width_tokens": width, "sampled_tokens": R, "steps": args.steps + 1,
+                     "learner": {"world_size": ws, "dtype": "bf16", "fp32_masters": True, "grad_accum_dtype": "fp32",
+                                 "sharded_load": True},
+                     "logit_chunk_tokens": acfg["learner"]["logit_chunk_tokens"], "sync_bucket_mb": bucket_mb,
+                     "evaluator_candidates": len(coefs), "val_size": acfg["val_size"], "actor_env": PINNED_MALLOC},
+        "target": "|measured / predicted - 1| <= 0.25 for every role",
+        "machine": machine(),
+        "run_time_s": time.perf_counter() - t_start,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "memory_model"}
+    result["real_shape"] = section
+    if args.no_mlflow:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    else:
+        save_result(result, out, "memory_model")
+    print(f"real shape: max |ratio - 1| {section['max_abs_error']:.2f}; {section['run_time_s']:.0f} s; wrote {out}")
     return 0
 
 

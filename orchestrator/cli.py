@@ -1,6 +1,6 @@
 """`foresight` command line (also `python -m orchestrator`).
 
-    foresight prepare [--workload addition|math_twin] [--out DIR] [--force]   build the embedded teacher + student
+    foresight prepare [--workload addition|math_twin|real_shape] [--out DIR] [--force]   build teacher + student
     foresight plan CONFIG [key=value ...] [--cluster SPEC]  validate, print resolved config + layout
     foresight run CONFIG [key=value ...] [--no-resume]     run (resumes from the last checkpoint)
     foresight geometry --base DIR --updated DIR [--final DIR] --out FILE.json   update geometry
@@ -38,6 +38,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from orchestrator.prepare import RECIPES, prepare
 
     out = Path(args.out or f"models/{args.workload}")
+    if args.workload == "real_shape":  # random weights at Qwen2.5-0.5B's shapes, for the CPU harness
+        from orchestrator.real_shape import build
+
+        record = build(out)
+        for role in ("student", "teacher"):
+            print(f"{role}: {record[role]['params']:,} params, {record[role]['layers']} layers -> {record[role]['path']}")
+        return 0
     meta = prepare(out, recipe=RECIPES[args.recipe], force=args.force, workload=args.workload)
     print(f"teacher: test accuracy {meta['teacher']['test_accuracy']:.3f} ({meta['teacher']['params']} params) -> {meta['teacher']['path']}")
     print(f"student: test accuracy {meta['student']['test_accuracy']:.3f} ({meta['student']['params']} params) -> {meta['student']['path']}")
@@ -315,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foresight", description="On-policy distillation and EffOPD on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="build the embedded teacher and student models (SFT, seeded)")
-    p.add_argument("--workload", choices=["addition", "math_twin"], default="addition",
+    p.add_argument("--workload", choices=["addition", "math_twin", "real_shape"], default="addition",
                    help="addition: the demo's task (Llama, character tokenizer); math_twin: the paper's workload "
-                        "at CPU size (verl parquet, BPE tokenizer + chat template, math-verify, Qwen2)")
+                        "at CPU size (verl parquet, BPE tokenizer + chat template, math-verify, Qwen2); real_shape: "
+                        "random Qwen2.5-0.5B-shaped models (151,936-token vocabulary, 2 layers) for the CPU harness")
     p.add_argument("--out", default=None, help="output folder (default: models/<workload>)")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.add_argument("--recipe", choices=["default", "quick"], default="default",

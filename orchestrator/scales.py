@@ -41,9 +41,10 @@ on CPU), T = the learner's tokens per micro-batch per GPU (`learner.max_tokens_p
   without grad (T (h + I) w, the widest layer's activations, + T h w hidden states) + the logits chunk
   (min(chunk, T) V 12: logits, log-softmax, top-k). The reference on a vLLM teacher's GPUs is split
   over them (weights / TP) and sits outside the engine's `gpu_memory_utilization`.
-- HF evaluator (CPU): 4 Psi + 4 buckets (W and A of two buckets overlap while streaming; a bucket is
-  at most `sync_bucket_mb` + the largest tensor) + 2 x the largest tensor (W + c (W - A)) + greedy
-  decoding of D_v.
+- HF evaluator (CPU): 4 Psi + one bucket of the candidate the learner formed (a bucket is at most
+  `sync_bucket_mb` + the largest tensor) + greedy decoding of D_v.
+- An HF model loaded in a dtype other than its checkpoint's (fp32 on CPU from a bf16 checkpoint) peaks
+  at load: its weights + the largest tensor as read (`conversion_bytes`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class ModelShape:
     vocab: int = 151_936
     context: int = 32_768
     """max_position_embeddings: the longest prompt + response the model takes (Qwen2.5 32k, Qwen3 40k)."""
+    intermediate: float | None = None
+    """MLP width when known (None: estimated from the parameter count, `intermediate_size`)."""
 
     def kv_bytes_per_token(self) -> float:
         return 2 * self.layers * self.kv_heads * self.head_dim * 2  # K and V, bf16
@@ -227,7 +230,10 @@ DS_MAX_LIVE = 1e9
 
 def intermediate_size(shape: ModelShape) -> float:
     """MLP width I estimated from the parameter count: Psi = 2 V h + L (2 h^2 + 2 h kv d + 3 h I)
-    (SwiGLU, untied embeddings, q/o projections h x h; a tied model's I comes out ~20% low)."""
+    (SwiGLU, untied embeddings, q/o projections h x h; a tied model's I comes out ~20% low), unless
+    the shape names it."""
+    if shape.intermediate is not None:
+        return shape.intermediate
     per_layer = (shape.params_b * 1e9 - 2 * shape.vocab * shape.hidden) / shape.layers
     attn = 2 * shape.hidden ** 2 + 2 * shape.hidden * shape.kv_heads * shape.head_dim
     return max(per_layer - attn, 0.0) / (3 * shape.hidden)
@@ -315,6 +321,13 @@ def engine_mem_terms(shape: ModelShape, tp: int, seq_len: int, *, batch: int = 1
     return terms
 
 
+def conversion_bytes(shape: ModelShape, dtype: str, checkpoint_dtype: str) -> float:
+    """An HF model loaded in another dtype than its checkpoint's (fp32 on a CPU from a bf16 checkpoint)
+    converts one tensor at a time: the load's peak is its weights + the largest tensor as read (the
+    embedding, V h). 0 when the dtypes agree (the GPU path: bf16 from bf16)."""
+    return 0.0 if dtype == checkpoint_dtype else DTYPE_BYTES[checkpoint_dtype] * shape.vocab * shape.hidden
+
+
 def scorer_mem_terms(shape: ModelShape, *, tokens: int, chunk: int = LOGIT_CHUNK, dtype: str = "bf16",
                      shards: int = 1) -> dict[str, float]:
     """Bytes of an HF model scoring without grad (teacher, ExOPD's reference): its weights (split over
@@ -330,12 +343,15 @@ def engine_mem_gb(shape: ModelShape, tp: int, seq_len: int, **kw) -> float:
 
 
 def evaluator_mem_terms(shape: ModelShape, *, bucket_mb: float, batch: int, seq_len: int,
-                        dtype: str = "fp32") -> dict[str, float]:
-    """Bytes of an HF evaluator scoring candidates W + c (W - A) streamed bucket by bucket (GPU
-    evaluators are vLLM engines: `engine_mem_terms`)."""
-    w, largest = DTYPE_BYTES[dtype], 4 * shape.vocab * shape.hidden
+                        dtype: str = "fp32", bucket_dtype: str = "fp32") -> dict[str, float]:
+    """Bytes of an HF evaluator loading a candidate (formed on the learner) bucket by bucket and scoring
+    it (GPU evaluators are vLLM engines: `engine_mem_terms`): its model, two buckets (the one being
+    copied and the next being fetched; a bucket is at most `sync_bucket_mb` + its last tensor, in the
+    learner's working dtype; the next is fetched after the last tensor of this one is copied), greedy
+    decoding of D_v."""
+    w, largest = DTYPE_BYTES[dtype], DTYPE_BYTES[bucket_dtype] * shape.vocab * shape.hidden
     bucket = bucket_mb * 2**20 + largest  # a bucket closes once it reaches bucket_mb
-    return {"weights": w * shape.params_b * 1e9, "buckets": 4 * bucket, "candidate_tensor": 2 * largest,
+    return {"weights": w * shape.params_b * 1e9, "bucket": bucket,
             "kv": batch * seq_len * shape.kv_bytes_per_token() * w / 2, "logits": 2 * batch * shape.vocab * 4}
 
 

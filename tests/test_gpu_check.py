@@ -23,3 +23,7 @@ def test_gpu_check_cpu_smoke_runs_without_ray_vllm_or_mlflow():
                           env={**TEST_ENV, "PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"micro_batches": 2' in proc.stdout and '"loss_tokens"' in proc.stdout
+    # placed as rank 1 of a node (its one GPU is its device 0), the EffOPD identity, projection, HF top-64
+    assert '"placed_as": {"LOCAL_RANK": 0, "NODE_INDEX": 1' in proc.stdout
+    assert '"scored_equals_applied": true, "masters_exact": true' in proc.stdout
+    assert '"grad_projection": {"hooked": 2, "skipped": 0.0' in proc.stdout and '"topk": [4, 8, 64]' in proc.stdout
