@@ -60,13 +60,19 @@ def scoring_budget(cfg: dict[str, Any]) -> dict[str, int]:
 
 def reference_logp(actor: Any, batch: dict[str, Any]) -> torch.Tensor:
     """log pi_ref(y_t) of the sampled tokens under the frozen initial student, [B, R] masked: an HF
-    model loaded on first use on the actor's device in the run's dtype (bf16 on GPUs, beside the
-    teacher engine: the plan counts it), scored micro-batched with chunked logits."""
+    model loaded on first use on the actor's GPUs in the run's dtype (bf16; its layers split over a TP
+    teacher's GPUs, beside the teacher engine: the plan counts it), scored micro-batched with chunked
+    logits."""
     from actors import devices
 
     if getattr(actor, "reference", None) is None:
-        dev = devices.device(0, f"{type(actor).__name__} reference")
-        actor.reference = load_model(actor.cfg["student_path"], devices.compute_dtype(dev), dev)
+        who = f"{type(actor).__name__} reference"
+        dev = devices.device(0, who)
+        gpus = torch.cuda.device_count()
+        for i in range(gpus):  # a TP teacher's GPUs: the reference's layers are split over all of them
+            devices.check(i, who)
+        actor.reference = load_model(actor.cfg["student_path"], devices.compute_dtype(dev),
+                                     "balanced" if gpus > 1 else dev)
     return score_responses(actor.reference, batch, **scoring_budget(actor.cfg))["logp"]
 
 

@@ -98,10 +98,14 @@ def init_model(arch: TinyArch, tokenizer, seed: int, family: str = "llama"):
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """Load a local HF checkpoint (fp32 on the CPU unless told), eval mode. Never touches the network."""
+    """Load a local HF checkpoint (fp32 on the CPU unless told), eval mode. Never touches the network.
+    `device="balanced"`: layers split over every visible GPU (accelerate's device map)."""
     quiet_hf()
     from transformers import AutoModelForCausalLM
 
+    if device == "balanced":
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                    device_map="balanced").eval()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     return model.to(device).eval()
 
