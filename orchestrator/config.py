@@ -513,7 +513,11 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
 def _load_yaml(text: str, file: str | Path, base_path: str = "") -> Any:
     """Parse one YAML document; duplicate mapping keys and syntax errors raise ConfigError.
     Returns None for a document without content (nothing, only comments, or `null`)."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # the reader refuses control characters here already
+    except yaml.YAMLError as err:
+        raise ConfigError(file, "<file>", f"invalid YAML: {getattr(err, 'reason', None) or err} (binary or control "
+                          "characters)") from None
     try:
         node = loader.get_single_node()
         if node is None:

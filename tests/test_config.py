@@ -154,6 +154,7 @@ def refused(call) -> ConfigError:
     ("# all defaults, please\n\n", "<root>", "empty file"),
     ("null\n", "<root>", "empty file"),
     ("run:\n  steps: 3\n---\nrun:\n  steps: 4\n", "line", "invalid YAML"),
+    ("run:\n  name: x\x00\x01\n", "<file>", "binary or control characters"),  # exited 1 with a traceback
     # coercions that change meaning
     ("run:\n  steps: true\n", "run.steps", "valid integer (got True)"),
     ("run:\n  steps: 10.5\n", "run.steps", "valid integer"),

@@ -62,6 +62,7 @@ def peak_rss(root, out) -> tuple[int, dict]:
 
 
 @pytest.mark.e2e
+@pytest.mark.scale  # a real-size (2 GiB) checkpoint: make test-scale
 def test_geometry_streams_a_multi_gb_checkpoint_in_bounded_memory(tmp_path):
     write_checkpoints(tmp_path / "small", n_matrices=1, per_shard=1, shape=(64, 64))
     write_checkpoints(tmp_path / "one", n_matrices=1, per_shard=1)

@@ -2,7 +2,7 @@
 gradient checkpointing, world size, or how many rollout workers and teacher scorers produced it.
 
 Three ZeRO-3 learner groups (real Ray actors, gloo; fp32, and again in bf16 with fp32 masters, the
-GPU path) start from the same student and take two optimizer steps on the same samples
+GPU path, in `make test-scale`) start from the same student and take two optimizer steps on the same samples
 (full_reverse_kl, so the teacher's full distributions travel):
   A  world size 1, one micro-batch, logits for the whole batch at once (the one-shot reference)
   B  world size 1, micro-batches of 3 rows, logit chunks of 8 tokens, gradient checkpointing
@@ -62,7 +62,7 @@ def widen(batch: dict, extra_prompt: int, extra_response: int) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=["fp32", "bf16"])
+@pytest.fixture(scope="module", params=["fp32", pytest.param("bf16", marks=pytest.mark.scale)])
 def groups(request, models, tmp_path_factory):
     start_local_ray(num_cpus=2, logging_level="ERROR")
     base = load_config(ROOT / "experiments" / "smoke.yaml",
