@@ -53,7 +53,8 @@ def micro_batches(prompts: list[int], responses: list[int], max_tokens: int) -> 
     its own width (longest prompt + longest response in it: the learner trims each micro-batch to
     that, as verl's remove-padding and OpenRLHF's packing avoid computing on padding). Rows are taken
     longest first and a micro-batch grows while it fits (at least one row each), so rows of similar
-    length share one. Returns the row indices of each micro-batch."""
+    length share one. Returns the row indices of each micro-batch, in batch order within it (a batch
+    that fits one micro-batch is computed exactly as laid out)."""
     order = sorted(range(len(prompts)), key=lambda i: (-(prompts[i] + responses[i]), i))
     out: list[list[int]] = []
     current: list[int] = []
@@ -65,7 +66,7 @@ def micro_batches(prompts: list[int], responses: list[int], max_tokens: int) -> 
             current, wp, wr = [], prompts[i], max(responses[i], 1)
         current.append(i)
         width_p, width_r = wp, wr
-    return out + ([current] if current else [])
+    return [sorted(mb) for mb in out + ([current] if current else [])]  # batch order within a micro-batch
 
 
 def trimmed(batch: dict[str, Any], x: TokenBatch, rows: list[int]) -> tuple[dict[str, Any], TokenBatch]:

@@ -86,7 +86,12 @@ def init_model(arch: TinyArch, tokenizer, seed: int, family: str = "llama"):
     from transformers import AutoModelForCausalLM
 
     cfg = arch.hf_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, family)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return seeded_init_(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), seed)
+
+
+def seeded_init_(model, seed: int):
+    """In place: every weight matrix and embedding N(0, 0.02^2), every norm weight 1, every bias 0, from
+    one generator seeded with `seed`, in parameter-name order. Returns the model."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):

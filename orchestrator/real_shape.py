@@ -46,16 +46,11 @@ def build_model(folder: Path, *, layers: int, seed: int, tokenizer) -> dict:
     seeded generator in parameter-name order; saved in bf16 with the tokenizer. Returns its record."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    from orchestrator.modeling import seeded_init_
+
     cfg = Qwen2Config(**QWEN25_05B, num_hidden_layers=layers, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, use_sliding_window=False)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.dim() == 1:
-                p.fill_(1.0) if "norm" in name else p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    model = seeded_init_(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), seed)
     model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
