@@ -312,10 +312,7 @@ def main() -> int:
         print(f"{learner_name(spec)} under default malloc in {time.perf_counter() - t0:.0f} s", flush=True)
     ray.shutdown()
 
-    roles = {name: summary(r) for name, r in rows.items()}
-    for name, r in roles.items():
-        print(f"{name:24s} predicted {r['predicted_gb']:6.3f} GB  measured {r['measured_gb']:6.3f} GB  "
-              f"ratio {r['ratio']:5.2f}", flush=True)
+    roles = summaries(rows)
     default = summary(check)
     print(f"default malloc: {learner_name(configs[0])} measured {default['measured_gb']:.3f} GB, "
           f"ratio {default['ratio']:.2f}", flush=True)
@@ -429,10 +426,7 @@ def measure_real(args: argparse.Namespace) -> int:
         print(f"evaluator: {len(coefs)} candidates in {time.perf_counter() - t0:.0f} s", flush=True)
     ray.shutdown()
 
-    roles = {name: summary(r) for name, r in rows.items()}
-    for name, r in roles.items():
-        print(f"{name:24s} predicted {r['predicted_gb']:6.3f} GB  measured {r['measured_gb']:6.3f} GB  "
-              f"ratio {r['ratio']:5.2f}", flush=True)
+    roles = summaries(rows)
     setup_peak = max(m["VmHWM"] for m in setup)
     section = {
         "roles": roles,
@@ -470,6 +464,15 @@ def measure_real(args: argparse.Namespace) -> int:
 def learner_name(spec: tuple[int, bool, str]) -> str:
     ws, ckpt, dtype = spec
     return f"learner_ws{ws}" + ("_ckpt" if ckpt else "") + ("_bf16" if dtype == "bf16" else "")
+
+
+def summaries(rows: dict[str, dict]) -> dict[str, dict]:
+    """Every role's summary, printed as a table."""
+    roles = {name: summary(r) for name, r in rows.items()}
+    for name, r in roles.items():
+        print(f"{name:24s} predicted {r['predicted_gb']:6.3f} GB  measured {r['measured_gb']:6.3f} GB  "
+              f"ratio {r['ratio']:5.2f}", flush=True)
+    return roles
 
 
 def summary(row: dict[str, Any]) -> dict[str, Any]:
