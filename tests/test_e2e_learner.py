@@ -39,12 +39,13 @@ MAX_TOL = 2e-4
 """max |W - W_A|: a tenth of one step's update (2e-3); measured up to 2.2e-5 (B) and 5.9e-5 (C, the
 same with world size 1: the layout, not the ranks). Adam ignores a constant factor on the gradient,
 so the loss normalisation is checked on the reported global gradient norm and loss (rel 1e-4)."""
-BF16_TOL = {"rel": 6e-2, "max": float("inf"), "grad_norm": 1e-2, "loss": 1e-3}
+BF16_TOL = {"rel": 6e-2, "max": float("inf"), "grad_norm": 1e-2, "loss": 1e-2}
 """bf16 compute with fp32 masters and fp32 gradient accumulation: bf16 rounding flips the sign of
 near-zero gradient entries, which Adam turns into full-size updates of those entries, so the weights
 agree only in the whole (measured rel 3.1e-2) and not entry by entry (max |diff| reaches 2e-3, the
 most two AdamW steps at lr 1e-3 can move an entry: that bound is not checked). A dropped row (1 of
-24) moves the summed loss by ~4% (checked at 1e-3), a wrong normalisation the gradient norm."""
+24) moves the summed loss by ~4% (checked at 1e-2: step 2's loss comes from weights that already differ,
+measured up to 0.3%), a wrong normalisation the gradient norm."""
 SPEC = {"kind": "full_reverse_kl", "lam": 1.0, "rlvr_mix": 1.0, "importance_correction": True,
         "importance_threshold": 5.0}
 
