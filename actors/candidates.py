@@ -69,5 +69,18 @@ class VllmScoresCandidates(ScoresCandidates):
     """vLLM actors: greedy accuracy on D_v through the engine."""
 
     def validation_score(self) -> float:
-        out = self.greedy([e.prompt for e in self.val])
-        return self.rewards(out, self.val) / max(len(self.val), 1)
+        total, n = self._greedy_rewards(range(len(self.val)))
+        return total / max(n, 1)
+
+    def score_received(self, meta: list, indices: list[int]) -> tuple[float, int]:
+        """GPU (NCCL): receive one candidate from learner rank 0 (runs alongside `Learner.nccl_send` on
+        this engine's group), then (sum of greedy rewards, count) over this engine's share of D_v,
+        `indices` (the trainer splits D_v across the pool: every engine holds the same candidate)."""
+        self.nccl_receive(meta, -1)  # holds a candidate now: the next sync reloads whatever it is given
+        return self._greedy_rewards(indices)
+
+    def _greedy_rewards(self, indices) -> tuple[float, int]:
+        examples = [self.val[i] for i in indices if i < len(self.val)]
+        if not examples:
+            return 0.0, 0
+        return self.rewards(self.greedy([e.prompt for e in examples]), examples), len(examples)

@@ -18,6 +18,8 @@ class CandidateEvaluator(RolloutWorker):
 
 
 class VllmCandidateEvaluator(VllmRolloutWorker):
-    """vLLM backend: each candidate is streamed into a safetensors file and reloaded in place."""
+    """vLLM backend. GPU (NCCL weight sync): candidates arrive by broadcast from learner rank 0 on the
+    `evaluator` group (`score_received`). Object store (CPU, simulated GPU): each candidate is streamed
+    into the engine (in-process weight loader; a local safetensors file for TP > 1)."""
 
     role = "evaluator"

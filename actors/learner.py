@@ -93,6 +93,7 @@ class Learner(Placed):
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         torch.set_num_threads(1)
         self.engine, self.anchor, self._listen = None, None, None
+        self.senders: dict[str, Any] = {}  # rank 0: NCCL weight-transfer groups by name (GPU, vLLM engines)
         self.cuda = torch.cuda.is_available()
         # the one GPU Ray made visible to this rank is cuda:0 (checked against CUDA_VISIBLE_DEVICES)
         self.device = devices.device(0, f"learner rank {rank}")
@@ -431,20 +432,34 @@ class Learner(Placed):
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def nccl_open(self, address: str, port: int, world_size: int, bucket_bytes: int) -> list | None:
-        """Rank 0 joins the weight-transfer group as its sender (blocks until every engine joins);
-        returns the update's metadata (name, dtype, full shape), in send order."""
+    def nccl_open(self, address: str, port: int, world_size: int, bucket_bytes: int,
+                  group: str = "rollout") -> list | None:
+        """Rank 0 joins weight-transfer `group` as its sender (blocks until every engine joins);
+        returns the update's metadata (name, dtype, full shape), in send order. Groups: `rollout`
+        (every rollout engine) and `evaluator` (every dedicated evaluator engine): an engine is in
+        one group (vLLM keeps one weight-transfer engine per worker)."""
         if self.rank != 0:
             return None
         from actors.vllm_nccl import TrainerSender
 
-        self.sender = TrainerSender(address, port, world_size, bucket_bytes)
+        self.senders[group] = TrainerSender(address, port, world_size, bucket_bytes)
+        return self.nccl_meta()
+
+    def nccl_meta(self) -> list:
+        """(name, dtype, full shape) of every weight in the order `nccl_send` sends them."""
+        from actors.vllm_nccl import TrainerSender
+
         return TrainerSender.meta([item for bucket in self._buckets(self.cfg["learner"]["sync_bucket_mb"])
                                    for item in bucket])
 
-    def nccl_send(self) -> None:
-        """Every rank gathers the same buckets (ZeRO-3 collectives); rank 0 broadcasts each
-        gathered tensor to the engines (vLLM packs them into `bucket_bytes` buffers)."""
+    def nccl_send(self, group: str = "rollout", which: str = "current", coef: float = 0.0) -> None:
+        """Every rank gathers the same buckets (ZeRO-3 collectives); rank 0 broadcasts each gathered
+        tensor on `group` (vLLM packs them into `bucket_bytes` buffers). `which`/`coef` as in
+        `publish_weights`: an EffOPD candidate is formed on the fp32 master partitions and sent once,
+        in the working dtype, straight from the gather (no object store, no file)."""
+        return self._as(which, coef, lambda: self._nccl_send(self.senders[group] if self.rank == 0 else None))
+
+    def _nccl_send(self, sender) -> None:
         import deepspeed
 
         self._release_gathered()
@@ -455,8 +470,8 @@ class Learner(Placed):
                     for name, p in bucket:
                         yield name, p.detach().clone()  # the gather buffer is released on exit
 
-        if self.rank == 0:
-            self.sender.send(gathered())
+        if sender is not None:
+            sender.send(gathered())
         else:
             for _ in gathered():
                 pass
@@ -548,6 +563,9 @@ class Learner(Placed):
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        for sender in self.senders.values():
+            sender.close()
+        self.senders = {}
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -124,11 +124,15 @@ class VllmRolloutWorker(VllmScoresCandidates, ScoresEvalSets, HoldsWeights, Plac
         from actors.vllm_nccl import engine_init
 
         engine_init(self.llm, address, port, rank_offset, world_size, bucket_bytes=bucket_bytes)
+        self.nccl_joined = True
 
     def nccl_receive(self, meta: list, version: int) -> None:
         """GPU: receive the learner's broadcast of weights `version` (runs alongside `Learner.nccl_send`)."""
         from actors.vllm_nccl import engine_receive
 
+        if not getattr(self, "nccl_joined", False):
+            raise RuntimeError(f"{self.role} {self.index} was restarted and is not in the NCCL weight-transfer "
+                               "group (a group cannot be rejoined); resume the run instead")
         engine_receive(self.llm, meta)
         self.version = version
 

@@ -515,7 +515,8 @@ class OPDTrainer:
         else:
             self._version += 1
             self.weights = WeightsHandle(self._version, [])
-            ray.get(self.learner.call("nccl_send") + self.rollout.call("nccl_receive", self._nccl_meta, self._version))
+            # the engines' refs first: one that cannot receive (restarted) fails the get instead of a wait on the send
+            ray.get(self.rollout.call("nccl_receive", self._nccl_meta, self._version) + self.learner.call("nccl_send"))
         self._version_step[self.weights.version] = self._weights_step
 
     def _stored(self) -> WeightsHandle:
@@ -538,15 +539,28 @@ class OPDTrainer:
         return False
 
     def _open_nccl(self) -> None:
-        """One NCCL group: learner rank 0 (rank 0, the sender) and every worker of every engine
-        (engine i's TP workers after all earlier engines' workers). Both sides must join at once."""
+        """NCCL groups, each with learner rank 0 as rank 0 (the sender) and every worker of every engine
+        in it (engine i's TP workers after all earlier engines' workers): `rollout`, and `evaluator`
+        when the EffOPD pool is dedicated vLLM evaluators (an engine can be in one group only)."""
+        self._nccl_meta = self._open_group("rollout", self.rollout, self.plan.role("rollout").tp)
+        if self._scores_over_nccl and self.evaluators is not None:
+            self._open_group("evaluator", self.evaluators, self.plan.role("evaluator").tp)
+
+    def _open_group(self, name: str, engines: ActorGroup, tp: int) -> list:
+        """Both sides of one group join at once; returns the update's metadata."""
         address, port = ray.get(self.learner.actors[0].nccl_endpoint.remote())
-        tp = self.plan.role("rollout").tp
-        offsets, world = nccl_layout([tp] * len(self.rollout))
+        offsets, world = nccl_layout([tp] * len(engines))
         bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
-        refs = self.learner.call("nccl_open", address, port, world, bucket)
-        refs += [a.nccl_join.remote(address, port, off, world, bucket) for off, a in zip(offsets, self.rollout.actors)]
-        self._nccl_meta = ray.get(refs)[0]
+        refs = self.learner.call("nccl_open", address, port, world, bucket, name)
+        refs += [a.nccl_join.remote(address, port, off, world, bucket) for off, a in zip(offsets, engines.actors)]
+        return ray.get(refs)[0]
+
+    @property
+    def _scores_over_nccl(self) -> bool:
+        """EffOPD candidates reach the pool over NCCL when weights reach the engines that way and the
+        pool is vLLM engines (the borrowed rollout engines, or dedicated vLLM evaluators)."""
+        pool = self.plan.role("evaluator") or self.plan.role("rollout")
+        return self._nccl and pool.backend == "vllm"
 
     def _publish(self) -> WeightsHandle:
         """Learner rank 0 puts the full weights once; a fresh version number."""
@@ -626,16 +640,28 @@ class OPDTrainer:
         return out
 
     def _score_candidates(self, coefs: list[float]) -> list[float]:
-        """V(W_t + c (W_t - anchor)) for each c, in order. The learner forms each candidate on its fp32
-        master partitions and publishes it once in the working dtype (c = 0: the current weights);
-        the pool (evaluators, or the borrowed rollout engines) scores one candidate per actor at a
-        time, in rounds of the pool's size, so at most that many candidates are in the object store."""
+        """V(W_t + c (W_t - anchor)) for each c, in order; the learner forms each candidate on its fp32
+        master partitions (c = 0: the current weights) and sends it once, in the working dtype.
+        Object store: the pool (evaluators, or the borrowed rollout engines) scores one candidate per
+        actor at a time, in rounds of the pool's size, so at most that many candidates are in the
+        object store. NCCL (GPU): rank 0 broadcasts one candidate at a time to the whole pool, and
+        each engine scores its share of D_v: V = (sum of the shares' rewards) / |D_v|."""
         pool = self.evaluators if self.evaluators is not None else self.rollout
+        if self._scores_over_nccl:
+            return [self._score_broadcast(pool, c) for c in coefs]
         scores: list[float] = []
         for lo in range(0, len(coefs), len(pool)):
             handles = [self._stored() if c == 0.0 else self._candidate(c) for c in coefs[lo:lo + len(pool)]]
             scores += [s for r in ray.get([a.score.remote([h]) for a, h in zip(pool.actors, handles)]) for s in r]
         return scores
+
+    def _score_broadcast(self, pool: ActorGroup, coef: float) -> float:
+        group = "evaluator" if pool is self.evaluators else "rollout"
+        which = "candidate" if coef else "current"
+        shares = split(list(range(self.cfg.method.val_size)), len(pool))
+        received = [a.score_received.remote(self._nccl_meta, share) for a, share in zip(pool.actors, shares)]
+        parts = ray.get(received + self.learner.call("nccl_send", group, which, coef))[:len(received)]
+        return sum(total for total, _ in parts) / max(sum(n for _, n in parts), 1)
 
     def _candidate(self, coef: float) -> WeightsHandle:
         refs = self._on_learners("publish_weights", self.cfg.learner.sync_bucket_mb, "candidate", coef)

@@ -88,6 +88,84 @@ def test_jump_is_exact_on_every_rank_without_gather(cluster, models):
     assert sum(a.numel() for a in before[0]["anchor"]) < 0.6 * total
 
 
+def record_nccl(learners, group: str) -> None:
+    """Rank 0's sender for `group` records what it would broadcast (CPU stand-in for vLLM's NCCL
+    producer; the producer itself is checked against vLLM in tests/test_vllm_nccl_api.py)."""
+    class Recording:
+        def __init__(self) -> None:
+            self.sent: list[dict[str, torch.Tensor]] = []
+
+        def send(self, named) -> None:
+            self.sent.append({name: t.clone() for name, t in named})
+
+        def close(self) -> None:
+            pass
+
+    ray.get(learners.actors[0].__ray_call__.remote(lambda self: self.senders.__setitem__(group, Recording())))
+
+
+def nccl_sent(learners, group: str) -> list[dict[str, torch.Tensor]]:
+    return ray.get(learners.actors[0].__ray_call__.remote(lambda self: self.senders[group].sent))
+
+
+def test_nccl_send_of_a_candidate_is_what_the_object_store_path_publishes(cluster):
+    """GPU path with the NCCL transport recorded: a candidate sent on the evaluator group is the
+    published candidate bit for bit, in the order, dtypes and shapes of the group's metadata, and
+    the ranks hold W_t again afterwards."""
+    learners = cluster["learners"]
+    record_nccl(learners, "evaluator")
+    current = fetch_state_dict(publish(learners, version=40))
+    coef = coefficient(3)
+    ray.get(learners.call("nccl_send", "evaluator", "candidate", coef))
+    ray.get(learners.call("nccl_send", "evaluator", "current"))
+    [candidate, again] = nccl_sent(learners, "evaluator")
+    meta = ray.get(learners.actors[0].nccl_meta.remote())
+    assert [(k, str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in candidate.items()] == meta
+    published = fetch_state_dict(publish(learners, "candidate", 41, coef))
+    assert published.keys() == candidate.keys() and all(torch.equal(candidate[k], published[k]) for k in published)
+    assert any(not torch.equal(candidate[k], current[k]) for k in current)
+    assert all(torch.equal(again[k], current[k]) for k in current)
+    assert all(torch.equal(v, current[k]) for k, v in fetch_state_dict(publish(learners, version=42)).items())
+
+
+def test_trainer_scores_over_nccl_by_sharing_d_v_across_the_pool(cluster):
+    """The trainer's NCCL branch (GPU, vLLM pool), transport recorded and engines faked (no CUDA, no
+    vLLM here): one broadcast per candidate, in order; every engine gets a disjoint share of D_v and
+    V = (sum of the shares' rewards) / |D_v|."""
+    from types import SimpleNamespace
+
+    from orchestrator.trainer import OPDTrainer
+
+    class Engine:
+        """Greedy reward of D_v example i under candidate j (the j-th receive) is ((i + j) % 3 == 0)."""
+        def __init__(self) -> None:
+            self.received = 0
+
+        def score_received(self, meta, share):
+            assert meta, "no metadata"
+            self.received += 1
+            return float(sum((i + self.received - 1) % 3 == 0 for i in share)), len(share)
+
+    learners = cluster["learners"]
+    record_nccl(learners, "evaluator")
+    trainer = OPDTrainer.__new__(OPDTrainer)
+    trainer.cfg, trainer._nccl, trainer.learner = SimpleNamespace(method=SimpleNamespace(val_size=10)), True, learners
+    trainer.plan = SimpleNamespace(role=lambda name: SimpleNamespace(backend="vllm"))
+    trainer._nccl_meta = ray.get(learners.actors[0].nccl_meta.remote())
+    trainer.evaluators = ActorGroup(Engine, 3, lambda i: (), {"num_cpus": 0.1})
+    coefs = [0.0, coefficient(1), coefficient(2)]
+    try:
+        scores = trainer._score_candidates(coefs)
+    finally:
+        trainer.evaluators.kill()
+    n = trainer.cfg.method.val_size
+    assert scores == [sum((i + j) % 3 == 0 for i in range(n)) / n for j in range(len(coefs))]
+    sent = nccl_sent(learners, "evaluator")
+    assert len(sent) == 3
+    published = [fetch_state_dict(publish(learners, "current" if c == 0 else "candidate", 50 + j, c)) for j, c in enumerate(coefs)]
+    assert all(torch.equal(s[k], p[k]) for s, p in zip(sent, published) for k in p)
+
+
 def test_anchor_is_the_accepted_point_after_accepted_and_rejected_searches(cluster):
     """After a search the next direction starts from where the search left the weights: the jumped
     point when a candidate was accepted, W_t itself when none was."""

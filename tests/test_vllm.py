@@ -167,10 +167,28 @@ def test_two_vllm_rollout_parts_and_two_vllm_teachers_give_the_learner_the_same_
 def test_vllm_evaluator_scores_candidates_like_the_hf_evaluator(ray_local, acfg, hf):
     """EffOPD candidates W + c (W - A) (as the learner publishes them: one weight stream each),
     streamed tensor by tensor into a vLLM engine, score as the HF evaluator scores them (greedy
-    accuracy on D_v; vLLM and HF may differ on a rare argmax tie)."""
+    accuracy on D_v; vLLM and HF may differ on a rare argmax tie). The GPU path's scoring of a
+    candidate received over NCCL in shares of D_v (`score_received`) adds up to the same V, and an
+    engine that never joined the group (restarted) says so."""
+    from ray.exceptions import RayTaskError
+
     from actors.evaluator import CandidateEvaluator, VllmCandidateEvaluator
+    from actors.vllm_nccl import TrainerSender
     from actors.weights import WeightsHandle
     from orchestrator.extrapolation import extrapolate
+
+    def receive_by_loading(self, named: list) -> None:
+        """Inside an engine actor: `engine_receive` loads `named` (checked against the update's metadata)
+        instead of receiving it over NCCL, and the actor counts as having joined the group."""
+        import actors.vllm_nccl as nccl
+        from actors.vllm_engine import load_stream
+
+        def receive(llm, meta):
+            assert meta == nccl.TrainerSender.meta(named)
+            load_stream(llm, iter(named), self.cfg["vllm_cache_dir"], 1)
+
+        nccl.engine_receive = receive
+        self.nccl_joined = True
 
     model, _, _ = hf
     anchor = {k: v.clone() for k, v in model.state_dict().items() if "rotary" not in k}
@@ -181,6 +199,16 @@ def test_vllm_evaluator_scores_candidates_like_the_hf_evaluator(ray_local, acfg,
                for c in coefs]
     evaluator = ray_local.remote(VllmCandidateEvaluator).options(num_cpus=0.25).remote(acfg, 0)
     got = ray_local.get(evaluator.score.remote(handles))
+    # GPU path (NCCL, transport stood in for by a local load): D_v in two shares scores the same
+    named = list(ray_local.get(handles[1].refs[0]).items())
+    meta = TrainerSender.meta(named)
+    with pytest.raises(RayTaskError, match="restarted and is not in the NCCL"):
+        ray_local.get(evaluator.score_received.remote(meta, [0]))
+    ray_local.get(evaluator.__ray_call__.remote(receive_by_loading, named))
+    n = acfg["val_size"]
+    shares = [ray_local.get(evaluator.score_received.remote(meta, part)) for part in (range(n // 3), range(n // 3, n))]
+    assert [c for _, c in shares] == [n // 3, n - n // 3]
+    assert abs(sum(t for t, _ in shares) / n - got[1]) <= 0.04, (shares, got)
     ray_local.kill(evaluator)
     want = CandidateEvaluator(acfg).score(handles)
     assert len(set(want)) > 1, f"the candidates should score differently: {want}"
