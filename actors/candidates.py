@@ -49,7 +49,7 @@ class HfScoresCandidates(ScoresCandidates):
     def validation_score(self) -> float:
         if self.cfg.get("val_score") == "teacher_kl":
             return self._teacher_kl()
-        return greedy_accuracy(self.model, self.tokenizer, self.val, self.task.reward, self.cfg["rollout"]["max_new_tokens"])
+        return greedy_accuracy(self.model, self.tokenizer, self.val, self.task.rewards, self.cfg["rollout"]["max_new_tokens"])
 
     @torch.no_grad()
     def _teacher_kl(self) -> float:

@@ -39,18 +39,18 @@ class ScoresEvalSets:
             self._eval_sets = eval_sets_of(self.cfg)
         spec, data = self.cfg["eval_sets"][name], self._eval_sets[name]
         examples = [data[i] for i in indices]
-        reward = self.task.reward
+        rewards = self.task.rewards
         out: dict[str, float] = {"count": float(len(examples))}
         if not examples:
             return out
         if spec["greedy"]:
             texts = self.complete([e.prompt for e in examples], 0.0, None)
-            out["accuracy"] = float(sum(reward(t, e.answer) for t, e in zip(texts, examples)))
+            out["accuracy"] = float(sum(rewards(texts, [e.answer for e in examples])))
         if spec["k"]:
             k = spec["k"]
             texts = self.complete([e.prompt for e in examples for _ in range(k)], spec["temperature"],
                                   eval_seed(self.cfg["seed"], name, step, indices[0]))
-            correct = [reward(t, examples[i // k].answer) for i, t in enumerate(texts)]
+            correct = rewards(texts, [examples[i // k].answer for i in range(len(texts))])
             per_prompt = [correct[i * k:(i + 1) * k] for i in range(len(examples))]
             out[f"mean_at_{k}"] = float(sum(sum(c) / k for c in per_prompt))
             out[f"pass_at_{k}"] = float(sum(max(c) for c in per_prompt))

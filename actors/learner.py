@@ -25,7 +25,7 @@ import torch
 
 from actors.group import Placed
 from actors.batching import fetch_rows
-from orchestrator.faults import fires
+from orchestrator.faults import fires, once
 from orchestrator.extrapolation import extrapolate
 from orchestrator.modeling import quiet_hf
 
@@ -131,6 +131,8 @@ class Learner(Placed):
 
         import torch.distributed as dist
 
+        if fires("learner_dies_in_setup", self.rank) and once("learner_dies_in_setup", self.cfg.get("pid_dir")):
+            os._exit(1)  # test hook: this rank dies before the rendezvous completes
         from actors import devices
         from actors.shards import build_partitioned, checkpoint_numel
 

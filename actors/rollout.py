@@ -49,7 +49,7 @@ class RolloutWorker(HfScoresCandidates, ScoresEvalSets, HoldsWeights, Placed):
         self.sync(handle)
         data = self.task.test if split == "test" else self.task.train
         examples = [data[i] for i in indices]
-        acc = greedy_accuracy(self.model, self.tokenizer, examples, self.task.reward, self.cfg["rollout"]["max_new_tokens"])
+        acc = greedy_accuracy(self.model, self.tokenizer, examples, self.task.rewards, self.cfg["rollout"]["max_new_tokens"])
         return acc * len(examples), len(examples)
 
     def complete(self, prompts: list[str], temperature: float, seed: int | None, batch_size: int = 512) -> list[str]:
@@ -73,7 +73,7 @@ def sample_batch(model, tokenizer, task, cfg: dict[str, Any], step: int, indices
     batch = generate(model, tokenizer, [e.prompt for e in examples], rc["max_new_tokens"],
                      greedy=False, temperature=rc["temperature"], seed=sample_seed(cfg, step, index))
     texts = decode_responses(tokenizer, batch["response"], batch["response_mask"])
-    batch["rewards"] = torch.tensor([task.reward(t, e.answer) for t, e in zip(texts, examples)])
+    batch["rewards"] = torch.tensor(task.rewards(texts, [e.answer for e in examples]))
     return batch
 
 
@@ -117,7 +117,7 @@ class VllmRolloutWorker(VllmScoresCandidates, ScoresEvalSets, HoldsWeights, Plac
     def rewards(self, out: dict[str, Any], examples) -> float:
         """Sum of the task rewards of a batch's decoded responses."""
         texts = decode_responses(self.tokenizer, out["response"], out["response_mask"])
-        return float(sum(self.task.reward(t, e.answer) for t, e in zip(texts, examples)))
+        return float(sum(self.task.rewards(texts, [e.answer for e in examples])))
 
     def nccl_join(self, address: str, port: int, rank_offset: int, world_size: int, bucket_bytes: int) -> None:
         """GPU: join learner rank 0's weight-transfer group (`actors/vllm_nccl.py`)."""
@@ -151,7 +151,7 @@ class VllmRolloutWorker(VllmScoresCandidates, ScoresEvalSets, HoldsWeights, Plac
                                temperature=rc["temperature"], seeds=[base + i for i in range(len(prompts))])
         batch = to_batch(prompts, tokens, logps, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         texts = decode_responses(self.tokenizer, batch["response"], batch["response_mask"])
-        batch["rewards"] = torch.tensor([self.task.reward(t, e.answer) for t, e in zip(texts, examples)])
+        batch["rewards"] = torch.tensor(self.task.rewards(texts, [e.answer for e in examples]))
         return batch
 
     def greedy(self, prompts: list[str]) -> dict[str, Any]:

@@ -282,7 +282,7 @@ def cmd_intervene(args: argparse.Namespace) -> int:
         else:
             state = fn(w0, wf)
         model.load_state_dict(state, strict=False)
-        acc = greedy_accuracy(model, tok, examples, task.reward, cfg.rollout.max_new_tokens)
+        acc = greedy_accuracy(model, tok, examples, task.rewards, cfg.rollout.max_new_tokens)
         rows.append({"value": v, "accuracy": acc})
         tracker.log(i, {f"{args.kind}/value": v, f"{args.kind}/accuracy": acc})
         print(f"{args.kind} {v:g}: accuracy {acc:.3f}")

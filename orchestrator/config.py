@@ -126,6 +126,34 @@ class AdditionTask(_Strict):
         return self
 
 
+class SandboxConfig(_Strict):
+    """Where model-written code runs (`python_tests` and `code_io` rewards; `orchestrator/sandbox.py`).
+
+    Isolation, strongest first: `bwrap` (bubblewrap: read-only system, a private folder, no network,
+    its own PID namespace), `uid` (root without bubblewrap: an unused uid of its own, killed and
+    cleaned up by uid), `none` (environment, session and limits only). `auto` takes the strongest
+    this machine allows and says in the log and the MLflow tag `sandbox/isolation` when it is not bwrap."""
+
+    isolation: Literal["auto", "bwrap", "uid", "none"] = "auto"
+    """The isolation to use; a named one that this machine cannot provide is an error before launch."""
+    require_isolation: bool = False
+    """Refuse to run code rewards without file-system and network isolation (bwrap)."""
+    timeout_s: float = Field(10.0, gt=0, le=3600)
+    """Wall-clock limit of one completion's whole check (every case)."""
+    cpu_s: int = Field(10, gt=0, le=3600)
+    """CPU seconds (RLIMIT_CPU)."""
+    memory_mb: int = Field(2048, ge=64, le=2**20)
+    """Address space (RLIMIT_AS)."""
+    file_mb: int = Field(16, ge=1, le=2**20)
+    """Largest file the program may write (RLIMIT_FSIZE)."""
+    processes: int = Field(16, ge=1, le=4096)
+    """Processes and threads (RLIMIT_NPROC; with a uid of its own: bwrap and uid isolation)."""
+    output_kb: int = Field(1024, ge=1, le=2**20)
+    """The most the harness's report is read (a longer one fails the completion)."""
+    parallel: int | None = Field(None, ge=1, le=256)
+    """Completions checked at once; None: the CPUs Ray gave the actor (at least 1), or this machine's outside Ray."""
+
+
 class JsonlTask(_Strict):
     """Local prompt/answer files (`.jsonl` or `.parquet`) in one of the layouts users bring:
 
@@ -162,6 +190,8 @@ class JsonlTask(_Strict):
     filter_overlong_prompts: bool = True
     """Drop prompts longer than `rollout.max_prompt_tokens` (after the template) from both splits
     before training; the counts are logged to MLflow as `data/*` params."""
+    sandbox: SandboxConfig = SandboxConfig()
+    """Limits and isolation for model-written code (code rewards only)."""
 
     @field_validator("train_path", "test_path", mode="before")
     @classmethod
@@ -670,13 +700,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
-    """Model folders and data files must exist locally (nothing is ever downloaded)."""
+    """Model folders and data files must exist locally (nothing is ever downloaded); the columns are
+    checked on the first record (a config error naming the key), then every record (`check_data`)."""
     for key, folder in zip(("models.student", "models.teacher"), cfg.model_paths):
         if not (folder / "config.json").is_file():
             hint = " (run `foresight prepare` to build the embedded models)" if "models/addition" in str(folder) else ""
             raise ConfigError(file, key, f"no HF checkpoint (config.json) at {folder}{hint}")
     if isinstance(cfg.task, JsonlTask):
-        from orchestrator.task import first_record, lookup
+        from orchestrator.records import first_record, lookup
 
         files = [("task.train_path", cfg.task.train_path), ("task.test_path", cfg.task.test_path)]
         files += [(f"eval.sets.{name}.path", es.path) for name, es in cfg.eval.sets.items()]
@@ -685,16 +716,16 @@ def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
                 unset = re.findall(r"\$\{?(\w+)", str(p))
                 hint = f" (is ${unset[0]} set?)" if unset else ""
                 raise ConfigError(file, key, f"no such file: {p}{hint}")
-            try:
-                row = first_record(p)
-            except ValueError as err:
-                raise ConfigError(file, key, str(err)) from None
+            row = first_record(p)
             for ckey, column in zip(("task.prompt_key", "task.answer_key"), cfg.task.columns):
                 try:
                     lookup(row, column)
                 except KeyError:
                     raise ConfigError(file, ckey, f"{p}: no column '{column}' (format {cfg.task.format}; "
                                       f"the first record has: {', '.join(sorted(row)) or 'nothing'})") from None
+        from orchestrator.records import check_data
+
+        check_data(cfg.task, files, cfg.model_paths[0], cfg.rollout.max_prompt_tokens)
 
 
 def flatten(cfg: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:

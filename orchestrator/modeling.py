@@ -254,14 +254,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, greed
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, examples, reward, max_new_tokens: int, batch_size: int = 512) -> float:
-    """Mean reward of greedy completions over `examples` (the papers' accuracy)."""
+def greedy_accuracy(model, tokenizer, examples, rewards, max_new_tokens: int, batch_size: int = 512) -> float:
+    """Mean reward of greedy completions over `examples` (the papers' accuracy); `rewards(completions,
+    answers)` is the task's batch reward (`Task.rewards`)."""
     total = 0.0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         out = generate(model, tokenizer, [e.prompt for e in chunk], max_new_tokens, greedy=True)
         texts = decode_responses(tokenizer, out["response"], out["response_mask"])
-        total += sum(reward(t, e.answer) for t, e in zip(texts, chunk))
+        total += sum(rewards(texts, [e.answer for e in chunk]))
     return total / max(len(examples), 1)
 
 

@@ -131,8 +131,18 @@ def start_learners(learner: ActorGroup) -> list[dict[str, Any]]:
     ZeRO-3 engine. Returns the ranks' environments."""
     envs = learner_env(ray.get(learner.call("placement")))
     port = ray.get(learner.actors[0].open_store.remote(envs[0]["MASTER_ADDR"]))
-    ray.get(learner.call_each("setup", [(env, port) for env in envs]))
+    get_all(learner.call_each("setup", [(env, port) for env in envs]))
     return envs
+
+
+def get_all(refs: list) -> list:
+    """ray.get of every ref, raising as soon as one fails: a dead rank leaves the others waiting in a
+    collective (or the rendezvous) until its timeout."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
 
 
 class SharedDirError(RuntimeError):

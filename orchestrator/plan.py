@@ -255,6 +255,7 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
         check_paths(cfg, file)
         check_backends(cfg, plan, file)
         check_models(cfg, file)
+        check_sandbox(cfg, file)
     else:
         check_context(cfg, file, {"models.student": (scale.student.name, scale.student.context),
                                   "models.teacher": (scale.teacher.name, scale.teacher.context)})
@@ -560,6 +561,16 @@ def check_context(cfg: ExperimentConfig, file, models: dict[str, tuple[str, int 
             raise ConfigError(file, "rollout.max_new_tokens", f"{key} ({name}) has a context of {context} tokens, "
                               f"less than the longest prompt ({longest_prompt(cfg)}) + rollout.max_new_tokens "
                               f"({cfg.rollout.max_new_tokens}) = {need}")
+
+
+def check_sandbox(cfg: ExperimentConfig, file) -> None:
+    """Code rewards: the sandbox isolation asked for (`task.sandbox`) must be available on this machine."""
+    from orchestrator.code_rewards import check_sandbox as why_not
+
+    why = why_not(cfg.task)
+    if why:
+        key = "task.sandbox.require_isolation" if cfg.task.sandbox.require_isolation else "task.sandbox.isolation"
+        raise ConfigError(file, key, why)
 
 
 def check_models(cfg: ExperimentConfig, file) -> None:

@@ -99,7 +99,7 @@ def train_sft(model, tokenizer, task: Task, *, lr: float, recipe: Recipe, max_ne
         warmup.step()
         if step % recipe.eval_every == 0:
             model.eval()
-            acc = greedy_accuracy(model, tokenizer, task.test[: recipe.stop_examples], task.reward, max_new_tokens)
+            acc = greedy_accuracy(model, tokenizer, task.test[: recipe.stop_examples], task.rewards, max_new_tokens)
             log.info("%s step %d loss %.3f test acc %.3f (%.0fs)", label, step, loss.item(), acc, time.time() - t0)
             if on_eval:
                 on_eval(step, acc)
@@ -189,7 +189,7 @@ def prepare(out_dir: Path, recipe: Recipe = Recipe(), force: bool = False, task_
         steps, acc = train_sft(model, tokenizer, task, lr=lr, recipe=recipe, max_new_tokens=wl.max_new_tokens,
                                stop=stop, label=role)
         model.eval()
-        acc = greedy_accuracy(model, tokenizer, task.test, task.reward, wl.max_new_tokens)
+        acc = greedy_accuracy(model, tokenizer, task.test, task.rewards, wl.max_new_tokens)
         path = out_dir / role
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)

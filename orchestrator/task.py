@@ -8,7 +8,7 @@ Registry (a plain dict) keyed by the config's `task.type`:
   a completion is correct when `math_verify.verify(parse(answer), parse(completion))` holds
   (`reward: math_verify`), on exact match (`exact`), or for code data when the answer's Python
   tests pass (`python_tests`: assert code; `code_io`: Eurus/APPS-style stdin/stdout or call cases
-  as JSON, the EffOPD paper's code data). Chat-message prompts are rendered once, here, with the student
+  as JSON, the EffOPD paper's code data), run in the sandbox (`orchestrator/code_rewards.py`). Chat-message prompts are rendered once, here, with the student
   tokenizer's chat template, so the HF and vLLM backends (which both encode the rendered string
   with that tokenizer, no special tokens added) see the same token ids.
 """
@@ -16,13 +16,13 @@ Registry (a plain dict) keyed by the config's `task.type`:
 from __future__ import annotations
 
 import functools
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.config import AdditionTask, JsonlTask
+from orchestrator.records import DataError, as_messages, iter_rows, record_fields
 
 TASK_SEED = 1234
 
@@ -42,6 +42,13 @@ class Task:
     reward: Callable[[str, str], float]
     dropped: dict[str, int] | None = None
     """Prompts removed per split by the overlong filter (None: no filter ran)."""
+
+    def rewards(self, completions: list[str], answers: list[str]) -> list[float]:
+        """`reward` of each (completion, answer); code rewards check a batch in parallel."""
+        many = getattr(self.reward, "many", None)
+        if many is not None:
+            return many(completions, answers)
+        return [self.reward(c, a) for c, a in zip(completions, answers)]
 
     def validation_set(self, size: int, seed: int) -> list[Example]:
         """D_v: `size` training examples drawn once with the run's seed (EffOPD)."""
@@ -99,90 +106,17 @@ def parsed_gold(answer: str, timeout: int) -> tuple:
     return tuple(parse(as_latex(answer), parsing_timeout=timeout))
 
 
-def completion_code(completion: str) -> str:
-    """The code of a completion: its last ```python (or bare ```) block, else the whole text."""
-    import re
-
-    blocks = re.findall(r"```(?:python)?\n(.*?)```", completion, flags=re.S)
-    return blocks[-1] if blocks else completion
+REWARDS: dict[str, Callable[[str, str], float]] = {"math_verify": math_verify_reward, "exact": exact_match}
+"""Rewards computed in this process; `python_tests` and `code_io` run in the sandbox (`reward_of`)."""
 
 
-def python_tests_reward(completion: str, tests: str, timeout: float = 10.0) -> float:
-    """1.0 when the completion's code (the last ```python block, else the whole text) passes `tests`.
+def reward_of(cfg: JsonlTask) -> Callable[[str, str], float]:
+    """The reward `cfg.reward` names; code rewards bound to `cfg.sandbox` (orchestrator/code_rewards.py)."""
+    if cfg.reward in REWARDS:
+        return REWARDS[cfg.reward]
+    from orchestrator.code_rewards import CodeReward
 
-    Runs `python -I` in a fresh temporary folder with a timeout; no network is needed or used.
-    """
-    import subprocess
-    import sys
-    import tempfile
-
-    code = completion_code(completion)
-    with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "check.py"
-        script.write_text(code + "\n\n" + tests + "\n")
-        try:
-            proc = subprocess.run([sys.executable, "-I", str(script)], cwd=tmp, capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return 0.0
-    return float(proc.returncode == 0)
-
-
-CODE_IO_HARNESS = r"""
-import contextlib, io, json, sys
-cases = json.load(open(sys.argv[1]))
-code = open(sys.argv[2]).read()
-fn = cases.get("fn_name")
-for given, want in zip(cases["inputs"], cases["outputs"]):
-    scope = {"__name__": "__main__"}
-    out = io.StringIO()
-    if fn:  # call-based: the inputs are the arguments, the output the return value
-        exec(code, scope)
-        target = scope[fn] if fn in scope else getattr(scope["Solution"](), fn)
-        got = target(*given) if isinstance(given, list) else target(given)
-        if got != want and [got] != want:
-            sys.exit(1)
-        continue
-    sys.stdin = io.StringIO(given if isinstance(given, str) else "\n".join(map(str, given)))
-    with contextlib.redirect_stdout(out):
-        exec(code, scope)
-    if out.getvalue().split() != str(want).split():
-        sys.exit(1)
-"""
-
-
-def code_io_reward(completion: str, tests: str, timeout: float = 10.0) -> float:
-    """1.0 when the completion's code passes every case of APPS-style tests, as Eurus-2-RL-Data (the
-    EffOPD paper's Eurus-RL-Code) stores them in `reward_model.ground_truth`: a JSON string
-    `{"inputs": [...], "outputs": [...]}` run as stdin -> stdout (compared token by token), or
-    with `"fn_name"` as calls `fn(*inputs[i]) == outputs[i]`. One `python -I` process runs every
-    case in a temporary folder, stopped after `timeout` seconds."""
-    import subprocess
-    import sys
-    import tempfile
-
-    try:
-        cases = json.loads(tests) if isinstance(tests, str) else tests
-        if not isinstance(cases, dict) or len(cases.get("inputs", [])) != len(cases.get("outputs", [])):
-            return 0.0
-    except json.JSONDecodeError:
-        return 0.0
-    code = completion_code(completion)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {"cases.json": json.dumps(cases), "solution.py": code, "harness.py": CODE_IO_HARNESS}
-        for name, text in files.items():
-            (Path(tmp) / name).write_text(text)
-        try:
-            proc = subprocess.run([sys.executable, "-I", "harness.py", "cases.json", "solution.py"], cwd=tmp,
-                                  capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return 0.0
-    return float(proc.returncode == 0)
-
-
-REWARDS: dict[str, Callable[[str, str], float]] = {
-    "math_verify": math_verify_reward, "exact": exact_match, "python_tests": python_tests_reward,
-    "code_io": code_io_reward,
-}
+    return CodeReward(cfg.reward, cfg.sandbox)
 
 
 def addition_pairs(digits: int, count: int, rng: random.Random, exclude: set[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -211,67 +145,6 @@ def build_addition(cfg: AdditionTask) -> Task:
     return Task(train=make(train_pairs), test=make(test_pairs), reward=exact_match)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Records of a `.jsonl` or `.parquet` file; errors name the file and line."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
-    return rows
-
-
-def first_record(path: Path) -> dict[str, Any]:
-    """The file's first record (read without loading the rest), for checking columns up front."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1):
-            rows = batch.to_pylist()
-            if rows:
-                return rows[0]
-        raise ValueError(f"{path}: no records")
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}: line {lineno}: a record must be a JSON object")
-                return row
-    raise ValueError(f"{path}: no records")
-
-
-def lookup(row: dict[str, Any], column: str) -> Any:
-    """`row[a][b]` for the dotted column `a.b`; KeyError when any part is missing."""
-    value: Any = row
-    for part in column.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise KeyError(column)
-        value = value[part]
-    return value
-
-
-def as_messages(value: Any, where: str) -> list[dict[str, str]] | None:
-    """A chat message list (`[{"role": ..., "content": ...}, ...]`, as verl stores prompts), or None
-    for a plain string; anything else is an error naming the record."""
-    if isinstance(value, str):
-        return None
-    if isinstance(value, (list, tuple)) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise ValueError(f"{where}: the prompt must be a string or a list of {{role, content}} messages, "
-                     f"got {type(value).__name__}")
-
-
 class PromptRenderer:
     """Prompts as the model sees them: message lists through the tokenizer's chat template
     (`apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)`);
@@ -290,15 +163,15 @@ class PromptRenderer:
             self._tok = load_tokenizer(self.student_path)
         return self._tok
 
-    def __call__(self, value: Any, where: str) -> str:
-        messages = as_messages(value, where)
+    def __call__(self, value: Any) -> str:
+        """`value` is a checked prompt (`records.record_fields`); ValueError when it needs a chat
+        template the student's tokenizer lacks."""
+        messages = as_messages(value)
         if messages is None and not self.cfg.chat_template:
             return value
-        if messages is not None and self.cfg.chat_template is False:
-            raise ValueError(f"{where}: a chat message list, but task.chat_template is false")
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
-            raise ValueError(f"{self.student_path}: the tokenizer has no chat template (needed for {where})")
+            raise ValueError(f"the prompt needs a chat template and the student's tokenizer ({self.student_path}) has none")
         return tok.apply_chat_template(messages or [{"role": "user", "content": value}], tokenize=False,
                                        add_generation_prompt=True, **self.cfg.chat_template_kwargs)
 
@@ -308,18 +181,17 @@ class PromptRenderer:
 
 
 def read_records(path: Path, cfg: JsonlTask, render: PromptRenderer) -> list[Example]:
-    """The file's examples in the configured layout; errors name the file, record and column."""
-    prompt_key, answer_key = cfg.columns
+    """The file's examples in the configured layout; a bad record is a `DataError` naming the file
+    and the record (the driver's `records.check_data` finds it first, before launch)."""
     out = []
-    for i, row in enumerate(read_rows(path), 1):
-        where = f"{path}: record {i}"
+    for where, row in iter_rows(path):
         try:
-            prompt, answer = lookup(row, prompt_key), lookup(row, answer_key)
-        except KeyError as err:
-            raise ValueError(f"{where}: no column '{err.args[0]}' (format {cfg.format})") from None
-        out.append(Example(prompt=render(prompt, where), answer=str(answer)))
+            prompt, answer = record_fields(row, cfg)
+            out.append(Example(prompt=render(prompt), answer=answer))
+        except ValueError as err:
+            raise DataError(path, where, str(err)) from None
     if not out:
-        raise ValueError(f"{path}: no records")
+        raise DataError(path, "records", "the file has none")
     return out
 
 
@@ -338,9 +210,10 @@ def build_jsonl(cfg: JsonlTask, student_path: str | Path | None = None, max_prom
         dropped = {"train": len(train) - len(kept_train), "test": len(test) - len(kept_test)}
         for split, kept, path in (("train", kept_train, cfg.train_path), ("test", kept_test, cfg.test_path)):
             if not kept:
-                raise ValueError(f"{path}: every prompt is longer than rollout.max_prompt_tokens = {max_prompt_tokens}")
+                raise DataError(path, "prompts", f"every prompt is longer than rollout.max_prompt_tokens = "
+                                f"{max_prompt_tokens} tokens (after the chat template): nothing to train on")
         train, test = kept_train, kept_test
-    return Task(train=train, test=test, reward=REWARDS[cfg.reward], dropped=dropped)
+    return Task(train=train, test=test, reward=reward_of(cfg), dropped=dropped)
 
 
 def eval_examples(cfg: JsonlTask, path: Path, student_path: str | Path | None = None,

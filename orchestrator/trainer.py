@@ -37,13 +37,14 @@ from actors.evalsets import mean_over
 from actors.group import ActorGroup, split
 from actors.weights import WeightsHandle, fetch_state_dict
 from orchestrator import checkpoint as ckpt
+from orchestrator.code_rewards import sandbox_tags
 from orchestrator.config import EffOPD, ExOPD, ExperimentConfig, FixedExtrapolation, flatten
 from orchestrator.extrapolation import Decision, accept, is_search_step
 from orchestrator.faults import fires
 from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION
 from orchestrator.monitor import GeometryMonitor
 from orchestrator.pipeline import Launched, RolloutPipeline
-from orchestrator.placement import TrialActors, check_shared_output, nccl_layout, start_learners
+from orchestrator.placement import TrialActors, check_shared_output, get_all, nccl_layout, start_learners
 from orchestrator.plan import ResolvedPlan
 from orchestrator.progress import ProgressFile
 from orchestrator.task import build_task, eval_examples
@@ -192,11 +193,11 @@ class OPDTrainer:
         self.actors = TrialActors.launch(self.plan, acfg, restarts, pg=self.pg)
         self.rollout, self.teacher, self.learner = self.actors.rollout, self.actors.teacher, self.actors.learner
         self.evaluators = self.actors.evaluators
-        envs = start_learners(self.learner)
+        self.learner_restarts = 0
+        envs = self._start_learners(acfg)
         check_shared_output(lambda path, token: ray.get(self.learner.call("can_read", path, token)), envs, self.run_dir)
         log.info("actors up and ZeRO-3 learner ready in %.1f s", time.perf_counter() - t0)
         self._version = 0
-        self.learner_restarts = 0
         self._restore_learner(tag)
         self._nccl = self._uses_nccl()
         if self._nccl:
@@ -247,26 +248,39 @@ class OPDTrainer:
     def _on_learners(self, method: str, *args: Any) -> list:
         """Call `method` on every learner rank; fail as soon as one rank fails (a dead rank leaves the
         others waiting in a collective)."""
-        return self._wait_learners(self.learner.call(method, *args))
+        return get_all(self.learner.call(method, *args))
 
-    @staticmethod
-    def _wait_learners(refs: list) -> list:
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)
-        return ray.get(refs)
+    def _start_learners(self, acfg: dict[str, Any]) -> list[dict[str, Any]]:
+        """Rendezvous and ZeRO-3 set-up of every rank. A rank that dies here is treated as one that dies
+        later: said, and the group recreated within `learner.max_restarts`, else LearnerLost."""
+        while True:
+            try:
+                return start_learners(self.learner)
+            except ray.exceptions.RayActorError as err:
+                dead = self._dead_ranks()
+                if self.learner_restarts >= self.cfg.learner.max_restarts:
+                    raise LearnerLost(f"learner rank(s) {dead} died during start-up (learner.max_restarts="
+                                      f"{self.cfg.learner.max_restarts} restarts used): {str(err).splitlines()[0]}; "
+                                      "see the actors' logs, then rerun the same command") from err
+                self.learner_restarts += 1
+                log.warning("learner rank(s) %s died during start-up; recreating the learner group (restart %d of %d)",
+                            dead, self.learner_restarts, self.cfg.learner.max_restarts)
+                self.learner = self.actors.replace_learners(acfg)
 
-    def _recover_learners(self, step: int, err: Exception) -> None:
-        """A learner rank died: say which, at which step and from which checkpoint the run continues;
-        recreate the learner group in the trial's placement group and restore it from the last
-        checkpoint (`learner.max_restarts` times), or stop with that message."""
+    def _dead_ranks(self) -> list[int]:
         dead = []
         for rank, actor in enumerate(self.learner.actors):
             try:
                 ray.get(actor.has_cuda.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - dead or wedged: either way the group is gone
                 dead.append(rank)
+        return dead
+
+    def _recover_learners(self, step: int, err: Exception) -> None:
+        """A learner rank died: say which, at which step and from which checkpoint the run continues;
+        recreate the learner group in the trial's placement group and restore it from the last
+        checkpoint (`learner.max_restarts` times), or stop with that message."""
+        dead = self._dead_ranks()
         if not dead:
             raise err
         tag = ckpt.latest_tag(self.run_dir)
@@ -304,7 +318,8 @@ class OPDTrainer:
             self.tracker.log_params({**flatten(cfg), **self.plan.params(), **self.data_params})
             self.tracker.log_text(self.plan.describe(), "plan.txt")
             self.tracker.set_tags({"method": cfg.method.type, "scale": cfg.run.scale, "seed": str(cfg.run.seed),
-                                   "loss": cfg.loss.type, "run_dir": str(self.run_dir.resolve())})
+                                   "loss": cfg.loss.type, "run_dir": str(self.run_dir.resolve()),
+                                   **sandbox_tags(cfg.task)})
             self.tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "resolved_config.yaml")
 
     def shutdown(self) -> None:
@@ -422,7 +437,7 @@ class OPDTrainer:
             with timer("teacher"):
                 ray.wait(batch.teacher_meta, num_returns=len(batch.teacher_meta))
             with timer("learner"):
-                stats = self._wait_learners(learner_refs)
+                stats = get_all(learner_refs)
             # 4. weight sync: learner -> rollout engines
             self._weights_step = step
             with timer("sync"):

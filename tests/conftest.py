@@ -113,9 +113,11 @@ def fake_models(tmp_path_factory) -> Path:
     from orchestrator.modeling import build_tokenizer
 
     root = tmp_path_factory.mktemp("fake_models")
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # chat-prompt data files render
     for role in ("student", "teacher"):
         (root / role).mkdir()
-        build_tokenizer().save_pretrained(root / role)
+        tokenizer.save_pretrained(root / role)
         (root / role / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
                                                              "num_attention_heads": 2}))
     return root

@@ -31,7 +31,7 @@ def test_shipped_models_are_what_their_recipe_record_says(models):
     task = build_task(AdditionTask())
     for role in ("teacher", "student"):
         assert sha256(models / role / "model.safetensors") == meta[role]["sha256"], role
-        acc = greedy_accuracy(load_model(models / role), load_tokenizer(models / role), task.test, task.reward, 5)
+        acc = greedy_accuracy(load_model(models / role), load_tokenizer(models / role), task.test, task.rewards, 5)
         assert acc == meta[role]["test_accuracy"], role
     assert meta["teacher"]["test_accuracy"] >= 0.95
     lo, hi = meta["recipe"]["student_band"]

@@ -59,7 +59,8 @@ def check_device_contract(actors) -> None:
 def test_simulated_gpu_node_runs_the_1p5b_plan_with_2_rollout_workers_and_2_teachers(models, tmp_path, monkeypatch):
     from orchestrator.cli import start_local_ray
 
-    monkeypatch.setenv("FORESIGHT_FAULTS", "nan_teacher:7")  # one corrupted step on the way (Ray's workers inherit it)
+    # one corrupted step on the way, and learner rank 2 dies in its first set-up (Ray's workers inherit the variable)
+    monkeypatch.setenv("FORESIGHT_FAULTS", "nan_teacher:7,learner_dies_in_setup:2")
     start_local_ray(num_cpus=4, num_gpus=8, logging_level="ERROR")
     try:
         cfg = load_config(SMOKE, run_overrides(models, tmp_path) + [
@@ -70,6 +71,7 @@ def test_simulated_gpu_node_runs_the_1p5b_plan_with_2_rollout_workers_and_2_teac
         trainer = OPDTrainer(cfg, plan, show_progress=False)
         trainer.start()
         try:
+            assert trainer.learner_restarts == 1  # the death in start-up was retried like a later one
             check_matches_plan(plan, trainer.actors.placements())
             envs = ray.get(trainer.learner.call("rendezvous"))
             assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"] and {e["WORLD_SIZE"] for e in envs} == {"4"}

@@ -38,7 +38,7 @@ def test_greedy_accuracy_and_near_greedy_samples_agree(worker):
 
     w, cfg = worker
     examples = w.task.test[:40]
-    want = greedy_accuracy(w.model, w.tokenizer, examples, w.task.reward, cfg.rollout.max_new_tokens)
+    want = greedy_accuracy(w.model, w.tokenizer, examples, w.task.rewards, cfg.rollout.max_new_tokens)
     got = w.eval_set("held", list(range(40)), None, 0)
     assert got["count"] == 40 and got["accuracy"] / 40 == pytest.approx(want)
     w.cfg["eval_sets"]["held"] = {**w.cfg["eval_sets"]["held"], "temperature": 1e-4}

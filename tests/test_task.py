@@ -42,39 +42,9 @@ def test_jsonl_and_parquet_loader(tmp_path):
     task = build_jsonl(JsonlTask(train_path=tmp_path / "train.jsonl", test_path=tmp_path / "test.parquet"))
     assert [e.answer for e in task.train] == ["2", "6"] and task.test == task.train
     assert task.reward("6", "6") == 1.0
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n{oops')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "answer": "1"}\n{oops')
     with pytest.raises(ValueError, match="bad.jsonl: line 2: invalid JSON"):
         build_jsonl(JsonlTask(train_path=tmp_path / "bad.jsonl", test_path=tmp_path / "test.parquet"))
-
-
-def test_code_io_reward_runs_eurus_style_cases():
-    """Eurus-2-RL-Data's code rows keep APPS-style cases as a JSON string: stdin -> stdout (compared
-    token by token) or, with fn_name, calls; a wrong program, a crash, a hang and malformed cases
-    all score 0."""
-    import json
-
-    from orchestrator.task import code_io_reward
-
-    stdio = json.dumps({"inputs": ["1 2\n", "10 -3\n"], "outputs": ["3\n", "7"]})
-    right = "Reading both numbers:\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
-    assert code_io_reward(right, stdio) == 1.0
-    assert code_io_reward(right.replace("a + b", "a - b"), stdio) == 0.0
-    assert code_io_reward("```python\nraise SystemExit(3)\n```", stdio) == 0.0
-    assert code_io_reward("while True: pass", stdio, timeout=1.0) == 0.0
-    assert code_io_reward(right, "not json") == 0.0 and code_io_reward(right, '{"inputs": [1], "outputs": []}') == 0.0
-    calls = json.dumps({"fn_name": "add", "inputs": [[1, 2], [5, 5]], "outputs": [3, 10]})
-    assert code_io_reward("```python\ndef add(a, b):\n    return a + b\n```", calls) == 1.0
-    assert code_io_reward("```python\nclass Solution:\n    def add(self, a, b):\n        return a + b\n```", calls) == 1.0
-    assert code_io_reward("```python\ndef add(a, b):\n    return a * b\n```", calls) == 0.0
-
-
-def test_python_tests_reward_runs_the_tests_in_a_subprocess():
-    from orchestrator.task import python_tests_reward
-
-    tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
-    assert python_tests_reward("Here you go:\n```python\ndef add(a, b):\n    return a + b\n```", tests) == 1.0
-    assert python_tests_reward("```python\ndef add(a, b):\n    return a - b\n```", tests) == 0.0
-    assert python_tests_reward("while True: pass", "", timeout=1.0) == 0.0
 
 
 @pytest.mark.parametrize("gold, right, wrong", [

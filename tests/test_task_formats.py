@@ -83,10 +83,10 @@ def test_message_lists_need_a_template_and_are_refused_when_templates_are_off(tm
     path = write(tmp_path / "v.parquet", [verl_row("Q?", "1", 0)])
     with pytest.raises(ValueError, match="record 1: a chat message list, but task.chat_template is false"):
         build_task(JsonlTask(train_path=path, test_path=path, format="verl", chat_template=False), student)
-    with pytest.raises(ValueError, match="the tokenizer has no chat template"):
+    with pytest.raises(ValueError, match="v.parquet: record 1: the prompt needs a chat template and the student's tokenizer"):
         build_task(JsonlTask(train_path=path, test_path=path, format="verl"), MODELS / "student")
     bad = write(tmp_path / "bad.jsonl", [{"prompt": [{"role": "user"}], "answer": "1"}])
-    with pytest.raises(ValueError, match="bad.jsonl: record 1: the prompt must be a string or a list of"):
+    with pytest.raises(ValueError, match="bad.jsonl: line 1: the prompt must be a string or a list of .* got a message without a string content"):
         build_task(JsonlTask(train_path=bad, test_path=bad), student)
 
 
@@ -106,9 +106,9 @@ def test_overlong_prompts_are_dropped_and_counted(tmp_path, student):
         build_task(cfg, student, max_prompt_tokens=1)
 
 
-def test_wrong_column_is_a_config_error_naming_file_and_column(tmp_path, monkeypatch):
+def test_wrong_column_is_a_config_error_naming_file_and_column(tmp_path, monkeypatch, student):
     path = write(tmp_path / "train.parquet", [verl_row("Q?", "1", 0)])
-    overrides = [f"models.student={MODELS / 'student'}", f"models.teacher={MODELS / 'teacher'}", "task.type=jsonl",
+    overrides = [f"models.student={student}", f"models.teacher={MODELS / 'teacher'}", "task.type=jsonl",
                  f"task.train_path={path}", f"task.test_path={path}", "task.format=verl"]
     check_paths(load_config(None, overrides), "x.yaml")  # the verl layout's columns are there
     with pytest.raises(ConfigError) as err:
