@@ -155,7 +155,7 @@ def build_model(folder: Path, seed: int = 0) -> tuple[ModelShape, str, int]:
 def actor_cfg(folder: Path, out: Path, batch: int, max_new: int, ws: int = 1, ckpt: bool = False,
               dtype: str = "fp32") -> dict[str, Any]:
     from orchestrator.config import load_config
-    from orchestrator.trainer import actor_config
+    from orchestrator.actor_spec import actor_config
 
     cfg = load_config(None, [f"models.student={folder}", f"models.teacher={folder}", f"run.output_dir={out}",
                              f"learner.world_size={ws}", f"learner.gradient_checkpointing={str(ckpt).lower()}",
@@ -234,7 +234,7 @@ def main() -> int:
     t_start = time.perf_counter()
     from orchestrator.cli import start_local_ray
     from orchestrator.extrapolation import coefficient
-    from orchestrator.trainer import batch_indices
+    from orchestrator.data_order import batch_indices
 
     configs = [(int(c.rstrip("bc")), "c" in c, "bf16" if "b" in c else "fp32") for c in args.learners.split(",")]
     start_local_ray(num_cpus=2, logging_level="ERROR")
@@ -354,7 +354,7 @@ def measure_real(args: argparse.Namespace) -> int:
     from orchestrator.extrapolation import coefficient
     from orchestrator.real_shape import QWEN25_05B, build
     from orchestrator.scales import scorer_mem_terms
-    from orchestrator.trainer import batch_indices
+    from orchestrator.data_order import batch_indices
 
     t_start = time.perf_counter()
     start_local_ray(num_cpus=2, logging_level="ERROR")

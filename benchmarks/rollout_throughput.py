@@ -126,7 +126,7 @@ def bench_size(size: str, path: Path, repeats: int, cache: Path) -> dict:
 
 def main() -> int:
     from step_overhead import save_result
-    from orchestrator.trainer import vllm_cache_dir
+    from orchestrator.actor_spec import vllm_cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)

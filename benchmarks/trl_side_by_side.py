@@ -228,7 +228,7 @@ def step_prompts(steps: int, batch: int, seed: int = 0) -> list[str]:
     """The prompts of steps 1..steps in order, as Foresight's driver draws them (`batch_indices`)."""
     from orchestrator.config import AdditionTask
     from orchestrator.task import build_addition
-    from orchestrator.trainer import batch_indices
+    from orchestrator.data_order import batch_indices
 
     train = build_addition(AdditionTask()).train
     return [train[i].prompt for step in range(1, steps + 1) for i in batch_indices(step, len(train), batch, seed)]

@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; resume with the same command", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a run that stopped on purpose says why, without a traceback
-        from orchestrator.placement import SharedDirError
-        from orchestrator.trainer import LearnerLost, NonFiniteSteps
+        from orchestrator.placement import LearnerLost, SharedDirError
+        from orchestrator.trainer import NonFiniteSteps
 
         if not isinstance(err, (LearnerLost, NonFiniteSteps, SharedDirError)):
             raise

@@ -77,6 +77,35 @@ class TrialActors:
                    learner=group("learner", lambda r: (r, ws, acfg)), evaluators=group("evaluator", lambda i: (acfg, i)),
                    pg=pg, owns_pg=owns, plan=plan, classes=classes)
 
+    def start_learner_group(self, acfg: dict[str, Any], max_restarts: int) -> tuple[list[dict[str, Any]], int]:
+        """Rendezvous and ZeRO-3 set-up of every rank (`start_learners`). A rank that dies here is
+        treated as one that dies later: said, and the group recreated, at most `max_restarts` times,
+        else LearnerLost. Returns (the ranks' environments, restarts used)."""
+        restarts = 0
+        while True:
+            try:
+                return start_learners(self.learner), restarts
+            except ray.exceptions.RayActorError as err:
+                dead = self.dead_learner_ranks()
+                if restarts >= max_restarts:
+                    raise LearnerLost(f"learner rank(s) {dead} died during start-up (learner.max_restarts="
+                                      f"{max_restarts} restarts used): {str(err).splitlines()[0]}; "
+                                      "see the actors' logs, then rerun the same command") from err
+                restarts += 1
+                log.warning("learner rank(s) %s died during start-up; recreating the learner group (restart %d of %d)",
+                            dead, restarts, max_restarts)
+                self.replace_learners(acfg)
+
+    def dead_learner_ranks(self) -> list[int]:
+        """Ranks that do not answer (dead or wedged: either way the group is gone)."""
+        dead = []
+        for rank, actor in enumerate(self.learner.actors):
+            try:
+                ray.get(actor.has_cuda.remote(), timeout=10)
+            except Exception:  # noqa: BLE001
+                dead.append(rank)
+        return dead
+
     def replace_learners(self, acfg: dict[str, Any]) -> ActorGroup:
         """Kill the learner ranks and create new ones in the same bundles (after a rank died)."""
         group = self.learner
@@ -143,6 +172,10 @@ def get_all(refs: list) -> list:
         ready, pending = ray.wait(pending, num_returns=1)
         ray.get(ready)
     return ray.get(refs)
+
+
+class LearnerLost(RuntimeError):
+    """A learner rank died and the run cannot recreate the group: the message says where to resume."""
 
 
 class SharedDirError(RuntimeError):

@@ -22,7 +22,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.config import ConfigError, EffOPD, ExperimentConfig
+from orchestrator.config import ConfigError, ExperimentConfig
+from orchestrator.methods import method_of
 from orchestrator.scales import (FRAGMENTATION, GB, GPU_RESERVE_GB, GPU_TYPES, SCALES, ClusterSpec, Scale, StepCost,
                                  Workload, concurrent_trials, decode_seconds, engine_mem_gb, first_fit, learner_host_terms,
                                  learner_mem_gb, scorer_mem_terms, step_cost, usable_gb)
@@ -298,11 +299,12 @@ def _cpu_roles(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
     for role, (n, tp, backend) in counts.items():
         note = ROLE_NOTES[(role, backend)] + (" (gloo)" if role == "learner" else "")
         plan.roles.append(RoleSpec(role, n, cpus[role], 0, tp, backend, note=note))
-    if isinstance(cfg.method, EffOPD) and cfg.method.evaluators == "dedicated":
+    method = method_of(cfg.method)
+    if method.evaluators == "dedicated":
         free = plan.available_cpus - plan.total_cpus
-        n = cfg.method.num_evaluators or auto_evaluators(free, cfg.method.evaluator_cpus, len(cfg.method.coefficients()))
-        plan.roles.append(RoleSpec("evaluator", n, cfg.method.evaluator_cpus, 0, 1, counts["rollout"][2],
-                                   note=f"EffOPD candidate scoring, {len(cfg.method.coefficients())} candidates"))
+        n = method.cfg.num_evaluators or auto_evaluators(free, method.cfg.evaluator_cpus, method.candidates)
+        plan.roles.append(RoleSpec("evaluator", n, method.cfg.evaluator_cpus, 0, 1, counts["rollout"][2],
+                                   note=f"EffOPD candidate scoring, {method.candidates} candidates"))
     ws = counts["learner"][0]
     if ws > plan.available_cpus:
         raise ConfigError(file, "learner.world_size", f"{ws} ranks but the Ray cluster has {plan.available_cpus:g} CPUs")
@@ -318,20 +320,20 @@ def _role_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, role: 
     rc, T = cfg.rollout, cfg.learner.max_tokens_per_gpu
     seq_len = rc.max_prompt_tokens + rc.max_new_tokens
     shape = scale.teacher if role == "teacher" else scale.student
+    method = method_of(cfg.method)
     if role == "learner":
-        extrapolates = cfg.method.type in ("effopd", "fixed_extrapolation")
-        return learner_mem_gb(scale.student, n, T, extrapolates, checkpointing=plan.gradient_checkpointing), 0.0
+        return learner_mem_gb(scale.student, n, T, method.extrapolates, checkpointing=plan.gradient_checkpointing), 0.0
     if backend == "vllm":
         engine = engine_mem_gb(shape, tp, seq_len)
     elif role == "teacher":
         engine = sum(scorer_mem_terms(shape, tokens=T, chunk=cfg.learner.logit_chunk_tokens).values()) / GB
     else:  # HF generate on one GPU: the batch's share, every sampled step's logits
-        batch = -(-rc.batch_prompts * rc.samples_per_prompt // max(n, 1)) if role == "rollout" else getattr(cfg.method, "val_size", 50)
+        batch = -(-rc.batch_prompts * rc.samples_per_prompt // max(n, 1)) if role == "rollout" else method.val_size
         engine = engine_mem_gb(shape, 1, seq_len, batch=batch, sampled=rc.max_new_tokens)
     extra = 0.0
-    if role == "teacher" and cfg.method.type == "exopd":  # pi_ref beside the teacher, split over its GPUs
+    if role == "teacher" and method.uses_reference:  # pi_ref beside the teacher, split over its GPUs
         extra += sum(scorer_mem_terms(scale.student, tokens=T, chunk=cfg.learner.logit_chunk_tokens, shards=tp).values()) / GB
-    if role in ("evaluator", "rollout") and backend == "hf" and getattr(cfg.method, "score", "") == "teacher_kl":
+    if role in ("evaluator", "rollout") and backend == "hf" and method.val_score == "teacher_kl":
         extra += sum(scorer_mem_terms(scale.teacher, tokens=T, chunk=cfg.learner.logit_chunk_tokens).values()) / GB
     return engine + extra, extra if backend == "vllm" else 0.0
 
@@ -344,13 +346,14 @@ def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster:
         gpus = 1 if role == "learner" else tp
         mem, outside[role] = _role_memory(cfg, scale, plan, role, n, tp, backend)
         plan.roles.append(RoleSpec(role, n, cpus[role], gpus, tp, backend, mem, ROLE_NOTES[(role, backend)]))
-    if isinstance(cfg.method, EffOPD) and cfg.method.evaluators == "dedicated":
+    method = method_of(cfg.method)
+    if method.evaluators == "dedicated":
         etp = scale.evaluator_tp
         spare = cluster.gpus - plan.total_gpus
-        n = cfg.method.num_evaluators or auto_evaluators(spare, etp, len(cfg.method.coefficients()))
+        n = method.cfg.num_evaluators or auto_evaluators(spare, etp, method.candidates)
         mem, outside["evaluator"] = _role_memory(cfg, scale, plan, "evaluator", n, etp, counts["rollout"][2])
-        plan.roles.append(RoleSpec("evaluator", n, cfg.method.evaluator_cpus, etp, etp, counts["rollout"][2], mem,
-                                   f"EffOPD candidate scoring, {len(cfg.method.coefficients())} candidates"))
+        plan.roles.append(RoleSpec("evaluator", n, method.cfg.evaluator_cpus, etp, etp, counts["rollout"][2], mem,
+                                   f"EffOPD candidate scoring, {method.candidates} candidates"))
     plan.cluster = cluster
     errors = []
     usable = usable_gb(cluster.gpu_mem_gb)
@@ -390,13 +393,12 @@ def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster:
     plan.concurrent = concurrent_trials(gpus_each, cluster)
     _check_shared_output(cfg, plan, file)
     plan.host_gb = host_memory(cfg, scale, plan)
-    if isinstance(cfg.method, EffOPD):  # the other evaluator mode, for comparison
-        if cfg.method.evaluators == "dedicated":
-            lean = [r.gpus for r in plan.roles if r.role != "evaluator" for _ in range(r.actors)]
-            plan.notes.append(f"method.evaluators=borrowed: {sum(lean)} GPUs per trial, {concurrent_trials(lean, cluster)} "
-                              "trial(s) at once (the rollout engines score the candidates while the loop waits)")
-        else:
-            plan.notes.append("method.evaluators=borrowed: the rollout engines score the candidates (no evaluator GPUs)")
+    if method.evaluators == "dedicated":  # the other evaluator mode, for comparison
+        lean = [r.gpus for r in plan.roles if r.role != "evaluator" for _ in range(r.actors)]
+        plan.notes.append(f"method.evaluators=borrowed: {sum(lean)} GPUs per trial, {concurrent_trials(lean, cluster)} "
+                          "trial(s) at once (the rollout engines score the candidates while the loop waits)")
+    elif method.evaluators == "borrowed":
+        plan.notes.append("method.evaluators=borrowed: the rollout engines score the candidates (no evaluator GPUs)")
     wanted = cfg.learner.weight_sync
     plan.weight_sync = "nccl" if wanted == "nccl" or (wanted == "auto" and counts["rollout"][2] == "vllm") else "object_store"
     if cluster.gpu_type:
@@ -423,7 +425,7 @@ def host_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan) -> list
                                                      rank0=k == 0).values()) / GB
                 if k == 0:
                     pool = plan.num_evaluators or plan.role("rollout").actors
-                    host[node] += model * (1 + (pool if isinstance(cfg.method, EffOPD) else 0))
+                    host[node] += model * (1 + (pool if method_of(cfg.method).candidates else 0))
             else:
                 host[node] += HOST_PROCESS_GB["engine"]
             i += 1
@@ -451,9 +453,9 @@ def _cost(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: Clus
     work = Workload(rc.batch_prompts * rc.samples_per_prompt, rc.max_prompt_tokens // 4, rc.max_new_tokens)
     eval_work = Workload(cfg.eval.num_examples or 512, rc.max_prompt_tokens // 4, rc.max_new_tokens)
     ev = plan.role("evaluator")
-    method = cfg.method
-    search = len(method.coefficients()) if isinstance(method, EffOPD) else 0
-    val = Workload(method.val_size, rc.max_prompt_tokens // 4, rc.max_new_tokens) if isinstance(method, EffOPD) else None
+    method = method_of(cfg.method)
+    search = method.candidates
+    val = Workload(method.val_size, rc.max_prompt_tokens // 4, rc.max_new_tokens) if search else None
     r, t = plan.role("rollout"), plan.role("teacher")
     cost = step_cost(scale, cluster.gpu_type, rollout=(r.actors, r.tp), teacher=(t.actors, t.tp),
                      learner_ranks=plan.role("learner").actors, evaluators=(ev.actors, ev.tp) if ev else (0, 1),
@@ -519,12 +521,7 @@ def _check_combinations(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None
         raise ConfigError(file, "loss.teacher_topk", f"loss.type={cfg.loss.type} with teacher.backend=vllm needs the "
                                                      "teacher's top-k log-probs (set loss.teacher_topk, e.g. 64; vLLM "
                                                      "does not return the full distribution)")
-    if cfg.method.type == "exopd" and cfg.loss.type != "pg_reverse_kl":
-        raise ConfigError(file, "loss.type", f"method.type=exopd extrapolates the policy-gradient advantage; "
-                                             f"loss.type={cfg.loss.type} has none (use pg_reverse_kl)")
-    if getattr(cfg.method, "score", "accuracy") == "teacher_kl" and rollout.backend == "vllm":
-        raise ConfigError(file, "method.score", "teacher_kl scores candidates with an HF teacher; vLLM "
-                                                "engines score accuracy (set rollout.backend=hf or method.score=accuracy)")
+    method_of(cfg.method).check(cfg, plan, file)
 
 
 def auto_evaluators(free: float, per_evaluator: float, candidates: int) -> int:

@@ -23,7 +23,6 @@ import functools
 import json
 import logging
 import os
-import random
 import signal
 import time
 from contextlib import contextmanager
@@ -37,91 +36,26 @@ from actors.evalsets import mean_over
 from actors.group import ActorGroup, split
 from actors.weights import WeightsHandle, fetch_state_dict
 from orchestrator import checkpoint as ckpt
+from orchestrator.actor_spec import actor_config
 from orchestrator.code_rewards import sandbox_tags
-from orchestrator.config import EffOPD, ExOPD, ExperimentConfig, FixedExtrapolation, flatten
-from orchestrator.extrapolation import Decision, accept, is_search_step
+from orchestrator.config import ExperimentConfig, flatten
+from orchestrator.controls import GradProjection
+from orchestrator.data_order import batch_indices
+from orchestrator.extrapolation import is_search_step
 from orchestrator.faults import fires
 from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION
+from orchestrator.methods import Method, method_of
 from orchestrator.monitor import GeometryMonitor
 from orchestrator.pipeline import Launched, RolloutPipeline
-from orchestrator.placement import TrialActors, check_shared_output, get_all, nccl_layout, start_learners
+from orchestrator.placement import LearnerLost, TrialActors, check_shared_output, get_all, start_learners
 from orchestrator.plan import ResolvedPlan
 from orchestrator.progress import ProgressFile
+from orchestrator.step_metrics import count_skip, staleness, train_metrics, utilization
 from orchestrator.task import build_task, eval_examples
 from orchestrator.tracking import MlflowLogger
+from orchestrator.weight_sync import WeightSync, open_sync
 
 log = logging.getLogger(__name__)
-
-
-def batch_indices(step: int, n_train: int, batch: int, seed: int, order: str = "sample") -> list[int]:
-    """Training prompts of step t (the data position is t). `sample`: a seeded draw without
-    replacement per step. `epochs`: positions (t-1)B .. tB-1 of the concatenated per-epoch shuffles,
-    epoch e's permutation seeded by (seed, e); a batch that crosses an epoch's end continues into
-    the next epoch's permutation."""
-    if order == "sample":
-        return random.Random(seed * 1_000_003 + step).sample(range(n_train), batch)
-    out: list[int] = []
-    pos = (step - 1) * batch
-    while len(out) < batch:
-        epoch, offset = divmod(pos, n_train)
-        take = min(batch - len(out), n_train - offset)
-        out += epoch_permutation(n_train, seed, epoch)[offset: offset + take]
-        pos += take
-    return out
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_permutation(n_train: int, seed: int, epoch: int) -> list[int]:
-    """The order of the training split in `epoch` (seeded by run.seed and the epoch)."""
-    return random.Random(f"{seed}/epoch/{epoch}").sample(range(n_train), n_train)
-
-
-def actor_config(cfg: ExperimentConfig, plan: ResolvedPlan | None = None, run_dir: Path | None = None) -> dict[str, Any]:
-    """The plain dict every actor receives (resolved paths, the sections it needs, each role's
-    tensor-parallel size from the plan)."""
-    return {
-        "tp": {r.role: r.tp for r in plan.roles} if plan is not None else {},
-        "engine_util": dict(plan.engine_util) if plan is not None else {},
-        "seed": cfg.run.seed,
-        "student_path": str(cfg.model_paths[0].resolve()),
-        "teacher_path": str(cfg.model_paths[1].resolve()),
-        "task_cfg": cfg.task,
-        "rollout": cfg.rollout.model_dump(),
-        "learner": {**cfg.learner.model_dump(), "gradient_checkpointing": plan.gradient_checkpointing if plan is not None
-                    else bool(cfg.learner.gradient_checkpointing)},
-        "loss": cfg.loss.model_dump(),
-        "eval_sets": {name: es.model_dump(mode="json") for name, es in cfg.eval.sets.items()},
-        "val_size": getattr(cfg.method, "val_size", 50),
-        "val_score": getattr(cfg.method, "score", "accuracy"),
-        "max_model_len": {"student_path": sequence_budget(cfg, cfg.model_paths[0]),
-                          "teacher_path": sequence_budget(cfg, cfg.model_paths[1])},
-        "pid_dir": str((run_dir or cfg.run_dir).resolve() / "actors"),
-        "vllm_cache_dir": vllm_cache_dir(),
-    }
-
-
-def sequence_budget(cfg: ExperimentConfig, model: Path) -> int:
-    """The longest sequence an engine of `model` must hold: rollout.max_prompt_tokens +
-    rollout.max_new_tokens, capped at the model's context (the plan refuses a task whose prompts and
-    responses do not fit it: `orchestrator.plan.check_context`)."""
-    from orchestrator.plan import model_context
-
-    want = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
-    context = model_context(model)
-    return min(want, context) if context else want
-
-
-def vllm_cache_dir() -> str:
-    """VLLM_CACHE_ROOT and TMPDIR of vLLM engines: $FORESIGHT_VLLM_CACHE, else the user's cache
-    (`$XDG_CACHE_HOME` or ~/.cache, then foresight/vllm; vLLM's own default is ~/.cache/vllm), shared
-    by runs and checkouts: vLLM caches there what it learns by inspecting a model architecture in a
-    subprocess (seconds per engine start in a fresh checkout otherwise)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return os.environ.get("FORESIGHT_VLLM_CACHE", str(Path(cache) / "foresight" / "vllm"))
-
-
-class LearnerLost(RuntimeError):
-    """A learner rank died and the run cannot recreate the group: the message says where to resume."""
 
 
 class NonFiniteSteps(RuntimeError):
@@ -156,13 +90,14 @@ class OPDTrainer:
     tracker: MlflowLogger
     monitor: GeometryMonitor | None
     state: ckpt.RunState
-    weights: WeightsHandle
-    """What rollout workers should hold: the learner's newest weights."""
+    sync: WeightSync
+    """How weights reach the engines (object store or NCCL; `orchestrator/weight_sync.py`)."""
 
     def __init__(self, cfg: ExperimentConfig, plan: ResolvedPlan, *, resume: bool = True, show_progress: bool = True,
                  parent_run_id: str | None = None, placement_group: Any = None) -> None:
         """`placement_group`: bundles in plan order (a Tune trial's group; see orchestrator/scheduler.py)."""
         self.cfg, self.plan, self.resume, self.show_progress = cfg, plan, resume, show_progress
+        self.projection = GradProjection(cfg, plan.run_dir)
         self.parent_run_id, self.pg = parent_run_id, placement_group
         self.final: dict[str, float] = {}
         self._stop: Exception | None = None
@@ -193,19 +128,16 @@ class OPDTrainer:
         self.actors = TrialActors.launch(self.plan, acfg, restarts, pg=self.pg)
         self.rollout, self.teacher, self.learner = self.actors.rollout, self.actors.teacher, self.actors.learner
         self.evaluators = self.actors.evaluators
-        self.learner_restarts = 0
-        envs = self._start_learners(acfg)
+        envs, self.learner_restarts = self.actors.start_learner_group(acfg, cfg.learner.max_restarts)
+        self.learner = self.actors.learner
         check_shared_output(lambda path, token: ray.get(self.learner.call("can_read", path, token)), envs, self.run_dir)
         log.info("actors up and ZeRO-3 learner ready in %.1f s", time.perf_counter() - t0)
-        self._version = 0
+        self.sync = open_sync(cfg, self.plan, self.actors)
         self._restore_learner(tag)
-        self._nccl = self._uses_nccl()
-        if self._nccl:
-            self._open_nccl()
         if tag:
             self._sync_rollout()
-            if cfg.learner.grad_project_rank and self.state.step >= self._project_step:
-                self.start_grad_projection_from_disk()
+            if self.projection.active_at(self.state.step):
+                self.projection.resume(self._on_learners)
         self.pipeline = RolloutPipeline(self._launch, cfg.pipeline.max_staleness, cfg.run.steps, self._barrier)
         if cfg.geometry.every:
             self.monitor = GeometryMonitor(self._initial_weights(), self.run_dir / "geometry", cfg.geometry.sim_k)
@@ -218,9 +150,14 @@ class OPDTrainer:
         topk = self.cfg.loss.teacher_topk if full else None
         return {"full": full and topk is None, "topk": topk, "ref": self._lam != 1.0}
 
+    @functools.cached_property
+    def method(self) -> Method:
+        """What the configured method changes in the loop (`orchestrator/methods.py`)."""
+        return method_of(self.cfg.method)
+
     @property
     def _lam(self) -> float:
-        return self.cfg.method.lam if isinstance(self.cfg.method, ExOPD) else 1.0
+        return self.method.lam
 
     @property
     def _loss_spec(self) -> dict[str, Any]:
@@ -229,8 +166,9 @@ class OPDTrainer:
                 "importance_correction": loss.importance_correction, "importance_threshold": loss.importance_threshold}
 
     @property
-    def _extrapolates(self) -> bool:
-        return isinstance(self.cfg.method, (EffOPD, FixedExtrapolation))
+    def weights(self) -> WeightsHandle:
+        """What rollout workers should hold: the learner's newest weights."""
+        return self.sync.weights
 
     def _restore_learner(self, tag: str | None) -> None:
         """Learner state from checkpoint `tag` (weights, optimizer, EffOPD anchor, RNG), or the anchor
@@ -240,7 +178,7 @@ class OPDTrainer:
             self._on_learners("load_checkpoint", str(ckpt.ckpt_root(self.run_dir)), tag)
         else:
             self._on_learners("set_anchor")
-        self.weights = WeightsHandle(self._version, [])
+        self.sync.restart()
         self._weights_step = self.state.step
         self._version_step = {0: 0}
         """Weights version -> the learner step that made it (W_0: 0), for the samples' staleness."""
@@ -250,43 +188,17 @@ class OPDTrainer:
         others waiting in a collective)."""
         return get_all(self.learner.call(method, *args))
 
-    def _start_learners(self, acfg: dict[str, Any]) -> list[dict[str, Any]]:
-        """Rendezvous and ZeRO-3 set-up of every rank. A rank that dies here is treated as one that dies
-        later: said, and the group recreated within `learner.max_restarts`, else LearnerLost."""
-        while True:
-            try:
-                return start_learners(self.learner)
-            except ray.exceptions.RayActorError as err:
-                dead = self._dead_ranks()
-                if self.learner_restarts >= self.cfg.learner.max_restarts:
-                    raise LearnerLost(f"learner rank(s) {dead} died during start-up (learner.max_restarts="
-                                      f"{self.cfg.learner.max_restarts} restarts used): {str(err).splitlines()[0]}; "
-                                      "see the actors' logs, then rerun the same command") from err
-                self.learner_restarts += 1
-                log.warning("learner rank(s) %s died during start-up; recreating the learner group (restart %d of %d)",
-                            dead, self.learner_restarts, self.cfg.learner.max_restarts)
-                self.learner = self.actors.replace_learners(acfg)
-
-    def _dead_ranks(self) -> list[int]:
-        dead = []
-        for rank, actor in enumerate(self.learner.actors):
-            try:
-                ray.get(actor.has_cuda.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - dead or wedged: either way the group is gone
-                dead.append(rank)
-        return dead
-
     def _recover_learners(self, step: int, err: Exception) -> None:
         """A learner rank died: say which, at which step and from which checkpoint the run continues;
         recreate the learner group in the trial's placement group and restore it from the last
         checkpoint (`learner.max_restarts` times), or stop with that message."""
-        dead = self._dead_ranks()
+        dead = self.actors.dead_learner_ranks()
         if not dead:
             raise err
         tag = ckpt.latest_tag(self.run_dir)
         where = f"checkpoint {tag}" if tag else "step 0 (no checkpoint yet)"
-        if self.learner_restarts >= self.cfg.learner.max_restarts or self._nccl:
-            why = "the NCCL weight-sync group cannot be rejoined" if self._nccl else \
+        if self.learner_restarts >= self.cfg.learner.max_restarts or not self.sync.rejoinable:
+            why = "the NCCL weight-sync group cannot be rejoined" if not self.sync.rejoinable else \
                 f"learner.max_restarts={self.cfg.learner.max_restarts} restarts used"
             raise LearnerLost(f"learner rank(s) {dead} died at step {step} ({why}); rerun the same command to "
                               f"continue from {where}") from err
@@ -396,33 +308,6 @@ class OPDTrainer:
 
         return Checkpoint(self.cfg.model_paths[0]).state_dict()
 
-    @property
-    def _project_step(self) -> int:
-        return max(1, round(self.cfg.learner.grad_project_at * self.cfg.run.steps))
-
-    def start_grad_projection(self) -> None:
-        """Basis V_K of each 2-D weight's update so far; learners project gradients onto it from now on.
-
-        The basis is saved to <run_dir>/projection_basis.pt, so a resumed run projects onto the same one.
-        """
-        import torch
-
-        from orchestrator.geometry import top_right_basis
-
-        w0, w = self._initial_weights(), fetch_state_dict(self._stored())
-        bases = {k: top_right_basis(w[k] - w0[k], self.cfg.learner.grad_project_rank) for k in w0 if w0[k].dim() == 2}
-        torch.save(bases, self.run_dir / "projection_basis.pt")
-        self._install_projection(bases)
-
-    def start_grad_projection_from_disk(self) -> None:
-        import torch
-
-        self._install_projection(torch.load(self.run_dir / "projection_basis.pt"))
-
-    def _install_projection(self, bases: dict) -> None:
-        hooked = self._on_learners("set_grad_projection", [ray.put(bases)])
-        log.info("rank-%d gradient projection on %d matrices", self.cfg.learner.grad_project_rank, hooked[0])
-
     def step_once(self, step: int) -> dict[str, float]:
         cfg, timer = self.cfg, Timer()
         with timer("step"):
@@ -442,14 +327,14 @@ class OPDTrainer:
             self._weights_step = step
             with timer("sync"):
                 self._sync_rollout()
-            metrics = self._train_metrics(stats)
+            metrics = train_metrics(stats)
             self._count_skip(step, metrics)
             # 5. extrapolation search at t = 2^n
-            if self._extrapolates and self.cfg.method.searches_at(step):
+            if self.method.searches_at(step):
                 with timer("search"):
                     metrics.update(self.search(step))
-            if cfg.learner.grad_project_rank and step == self._project_step:
-                self.start_grad_projection()
+            if self.projection.starts_at(step):
+                self.projection.start(self._initial_weights(), fetch_state_dict(self.sync.stored()), self._on_learners)
             # 6. periodic evaluation on the held-out test split (and the geometry monitor)
             if self._evaluates_at(step):
                 with timer("eval"):
@@ -457,9 +342,9 @@ class OPDTrainer:
                     metrics.update(self.evaluate_sets(step))
             if cfg.geometry.every and (step % cfg.geometry.every == 0 or step == cfg.run.steps):
                 with timer("geometry"):
-                    metrics.update(self.monitor.observe(step, fetch_state_dict(self._stored())))
+                    metrics.update(self.monitor.observe(step, fetch_state_dict(self.sync.stored())))
         self.state.step = step
-        return {**metrics, **timer.times, **self._utilization(batch, stats, timer.times)}
+        return {**metrics, **timer.times, **self._step_metrics(batch, stats, timer.times)}
 
     # ------------------------------------------------------------------ phases
     def _launch(self, step: int) -> Launched:
@@ -484,113 +369,29 @@ class OPDTrainer:
         """Steps after which something reads or replaces the weights outside a learner step (search,
         evaluation, gradient projection, checkpoint): the pipeline does not run past them."""
         cfg = self.cfg
-        return bool((self._extrapolates and cfg.method.searches_at(step)) or self._evaluates_at(step)
-                    or (cfg.learner.grad_project_rank and step == self._project_step)
+        return bool(self.method.searches_at(step) or self._evaluates_at(step)
+                    or self.projection.starts_at(step)
                     or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
 
-    def _utilization(self, batch: Launched, stats: list[dict[str, float]], times: dict[str, float]) -> dict[str, float]:
-        """Busy seconds of each role on this step's batch (`timing/<role>_busy`: the busiest actor),
-        its utilization (`util/<role>`: summed busy time / (actors x step wall time)), the critical
-        path (rollout + teacher of the slowest shard, then learner and sync; with pipelining the
-        producer half overlaps the learner: max of the two) and the batch's staleness."""
+    def _step_metrics(self, batch: Launched, stats: list[dict[str, float]], times: dict[str, float]) -> dict[str, float]:
+        """Busy time and utilization of each role, the critical path, the batch's staleness
+        (`orchestrator/step_metrics.py`)."""
         rmeta, tmeta = ray.get(batch.rollout_meta), ray.get(batch.teacher_meta)
-        scorers = len(self.teacher)
-        teacher_busy = [sum(m["busy_s"] for i, m in enumerate(tmeta) if i % scorers == j) for j in range(scorers)]
-        learner_busy = [s["busy_s"] for s in stats]
-        producer = max(r["busy_s"] + teacher_busy[i % scorers] for i, r in enumerate(rmeta))
-        consumer = max(learner_busy) + times["timing/sync"]
-        wall = max(times["timing/step"], 1e-9)
-        out = {"timing/rollout_busy": max(r["busy_s"] for r in rmeta), "timing/teacher_busy": max(teacher_busy),
-               "timing/learner_busy": max(learner_busy),
-               "timing/critical_path": max(producer, consumer) if self.cfg.pipeline.max_staleness else producer + consumer,
-               "util/rollout": sum(r["busy_s"] for r in rmeta) / (len(self.rollout) * wall),
-               "util/teacher": sum(teacher_busy) / (scorers * wall),
-               "util/learner": sum(learner_busy) / (len(learner_busy) * wall),
-               "pipeline/staleness": float(self._staleness(batch, rmeta))}
+        out = utilization(rmeta, tmeta, stats, times, len(self.rollout), len(self.teacher),
+                          pipelined=bool(self.cfg.pipeline.max_staleness))
+        # off-policy control (the teacher samples): no student weights to be stale
+        out["pipeline/staleness"] = float(staleness(batch.step, rmeta, self._version_step)
+                                          if self.cfg.rollout.source == "student" else 0)
         return out
 
-    def _staleness(self, batch: Launched, rmeta: list[dict[str, float]]) -> int:
-        """How many learner steps older than on-policy (W_{t-1}) the oldest sample of the batch is,
-        from the weights version each rollout worker reports having sampled with."""
-        if self.cfg.rollout.source != "student":
-            return 0  # off-policy control: the teacher samples
-        try:
-            return max((batch.step - 1) - self._version_step[int(m["version"])] for m in rmeta)
-        except KeyError as err:
-            raise RuntimeError(f"step {batch.step}: a rollout worker sampled with weights version {err.args[0]}, "
-                               "which the learner never published") from None
-
     def _sync_rollout(self) -> None:
-        """Step 4. Object store (default): learner rank 0 puts the weights once, in buckets; every
-        rollout worker loads the same refs when its next call carries the new handle (no round trip
-        of its own). NCCL (GPU, vLLM engines): rank 0 broadcasts to every engine worker; the
-        object-store copy is then made only when something else needs it."""
-        if not self._nccl:
-            self.weights = self._publish()
-        else:
-            self._version += 1
-            self.weights = WeightsHandle(self._version, [])
-            # the engines' refs first: one that cannot receive (restarted) fails the get instead of a wait on the send
-            ray.get(self.rollout.call("nccl_receive", self._nccl_meta, self._version) + self.learner.call("nccl_send"))
-        self._version_step[self.weights.version] = self._weights_step
-
-    def _stored(self) -> WeightsHandle:
-        """The current weights in the object store (for evaluators, the monitor, the final save)."""
-        if self.weights.version and not self.weights.refs:
-            refs = self._on_learners("publish_weights", self.cfg.learner.sync_bucket_mb, "current")
-            self.weights = WeightsHandle(self.weights.version, refs[0])
-        return self.weights
-
-    def _uses_nccl(self) -> bool:
-        """The plan's weight sync, if the learner really has CUDA: `auto` falls back to the object
-        store where torch sees no GPU (a simulated GPU cluster); an explicit `nccl` cannot."""
-        if self.plan.weight_sync != "nccl":
-            return False
-        if ray.get(self.learner.actors[0].has_cuda.remote()):
-            return True
-        if self.cfg.learner.weight_sync == "nccl":
-            raise RuntimeError("learner.weight_sync=nccl but the learner sees no CUDA device")
-        log.warning("weight sync: the plan uses NCCL but the learner sees no CUDA device; using the object store")
-        return False
-
-    def _open_nccl(self) -> None:
-        """NCCL groups, each with learner rank 0 as rank 0 (the sender) and every worker of every engine
-        in it (engine i's TP workers after all earlier engines' workers): `rollout`, and `evaluator`
-        when the EffOPD pool is dedicated vLLM evaluators (an engine can be in one group only)."""
-        self._nccl_meta = self._open_group("rollout", self.rollout, self.plan.role("rollout").tp)
-        if self._scores_over_nccl and self.evaluators is not None:
-            self._open_group("evaluator", self.evaluators, self.plan.role("evaluator").tp)
-
-    def _open_group(self, name: str, engines: ActorGroup, tp: int) -> list:
-        """Both sides of one group join at once; returns the update's metadata."""
-        address, port = ray.get(self.learner.actors[0].nccl_endpoint.remote())
-        offsets, world = nccl_layout([tp] * len(engines))
-        bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
-        refs = self.learner.call("nccl_open", address, port, world, bucket, name)
-        refs += [a.nccl_join.remote(address, port, off, world, bucket) for off, a in zip(offsets, engines.actors)]
-        return ray.get(refs)[0]
-
-    @property
-    def _scores_over_nccl(self) -> bool:
-        """EffOPD candidates reach the pool over NCCL when weights reach the engines that way and the
-        pool is vLLM engines (the borrowed rollout engines, or dedicated vLLM evaluators)."""
-        pool = self.plan.role("evaluator") or self.plan.role("rollout")
-        return self._nccl and pool.backend == "vllm"
-
-    def _publish(self) -> WeightsHandle:
-        """Learner rank 0 puts the full weights once; a fresh version number."""
-        refs = self._on_learners("publish_weights", self.cfg.learner.sync_bucket_mb)
-        self._version += 1
-        return WeightsHandle(self._version, refs[0])
+        """Step 4: the learner's weights to the rollout engines as a new version (`orchestrator/weight_sync.py`)."""
+        self._version_step[self.sync.push().version] = self._weights_step
 
     def _count_skip(self, step: int, metrics: dict[str, float]) -> None:
         """Count non-finite (skipped) steps; after `learner.max_skipped_steps` in a row the run stops
         (raised by the loop once the step's metrics are logged)."""
-        skipped = metrics["train/step_skipped"] > 0
-        self.state.skipped_steps += int(skipped)
-        self.state.consecutive_skips = self.state.consecutive_skips + 1 if skipped else 0
-        metrics["train/skipped_steps"] = float(self.state.skipped_steps)
-        if skipped:
+        if count_skip(self.state, metrics):
             log.warning("step %d: non-finite loss or gradient, the optimizer step was skipped on every rank", step)
         if self.state.consecutive_skips >= self.cfg.learner.max_skipped_steps:
             tag = ckpt.latest_tag(self.run_dir)
@@ -599,24 +400,6 @@ class OPDTrainer:
                 f"skipped (learner.max_skipped_steps={self.cfg.learner.max_skipped_steps}); the run stops. "
                 + (f"Its last checkpoint ({tag}) is intact: fix the cause and rerun the same command to resume."
                    if tag else "No checkpoint was written yet."))
-
-    def _train_metrics(self, stats: list[dict[str, float]]) -> dict[str, float]:
-        total = {k: sum(s[k] for s in stats) for k in stats[0]}
-        n = max(total["tokens"], 1.0)
-        return {
-            "train/loss": total["loss_sum"] / n,
-            "train/reverse_kl": total["reverse_kl_sum"] / n,
-            "train/is_ratio": total["is_ratio_sum"] / n,
-            "train/is_clipped_frac": total["is_clipped_sum"] / n,
-            "train/rollout_logp_abs_diff": total["logp_diff_sum"] / n,
-            "train/grad_norm": stats[0]["grad_norm"],
-            "train/reward": total["reward_sum"] / max(total["sequences"], 1.0),
-            "train/response_tokens": n,
-            "train/step_skipped": stats[0]["skipped"],
-            "learner/padded_tokens": total["padded_tokens"],
-            "learner/real_tokens": total["real_tokens"],
-            "learner/padding_share": 1.0 - total["real_tokens"] / max(total["padded_tokens"], 1.0),
-        }
 
     def evaluate(self) -> float:
         parts = split(self.test_indices, len(self.rollout))
@@ -633,54 +416,21 @@ class OPDTrainer:
         return metrics
 
     def search(self, step: int) -> dict[str, float]:
-        """EffOPD (validate candidates, accept by the sequential rule) or fixed extrapolation."""
-        method = self.cfg.method
-        coefs = [0.0] + method.coefficients()
-        if isinstance(method, FixedExtrapolation):
-            k, base, scores = method.k, float("nan"), [float("nan")] * method.k
-        else:
-            base, *scores = self._score_candidates(coefs)
-            k = accept(base, scores, method.comparison)
-        if k > 0:
-            self._on_learners("extrapolate", coefs[k])
-        if k > 0 or self.evaluators is None and not isinstance(method, FixedExtrapolation):
+        """Step 5: the method decides where to jump (EffOPD: candidates scored on D_v, the accept rule);
+        the ranks jump on their fp32 masters, the engines follow, the anchor moves to the accepted point."""
+        d = self.method.decide(step, self.sync.score)
+        if d.accepted_k > 0:
+            self._on_learners("extrapolate", d.accepted_coef)
+        if d.accepted_k > 0 or (self.method.candidates and self.evaluators is None):
             self._sync_rollout()  # the accepted weights (borrowed engines hold a candidate until then)
         self._on_learners("set_anchor")
-        decision = Decision(step, base, scores, k, getattr(method, "comparison", "fixed"), coefs[k])
-        self.state.decisions.append(decision.to_dict())
-        log.info("step %d: %s accepted k=%d (base %.3f, scores %s)", step, method.type, k, base,
-                 ", ".join(f"{s:.3f}" for s in scores))
-        out = {"effopd/base_score": base, "effopd/accepted_k": float(k), "effopd/accepted_coef": coefs[k]}
-        out.update({f"effopd/score_k{i}": s for i, s in enumerate(scores, start=1)})
+        self.state.decisions.append(d.to_dict())
+        log.info("step %d: %s accepted k=%d (base %.3f, scores %s)", step, self.method.type, d.accepted_k,
+                 d.base_score, ", ".join(f"{s:.3f}" for s in d.scores))
+        out = {"effopd/base_score": d.base_score, "effopd/accepted_k": float(d.accepted_k),
+               "effopd/accepted_coef": d.accepted_coef}
+        out.update({f"effopd/score_k{i}": s for i, s in enumerate(d.scores, start=1)})
         return out
-
-    def _score_candidates(self, coefs: list[float]) -> list[float]:
-        """V(W_t + c (W_t - anchor)) for each c, in order; the learner forms each candidate on its fp32
-        master partitions (c = 0: the current weights) and sends it once, in the working dtype.
-        Object store: the pool (evaluators, or the borrowed rollout engines) scores one candidate per
-        actor at a time, in rounds of the pool's size, so at most that many candidates are in the
-        object store. NCCL (GPU): rank 0 broadcasts one candidate at a time to the whole pool, and
-        each engine scores its share of D_v: V = (sum of the shares' rewards) / |D_v|."""
-        pool = self.evaluators if self.evaluators is not None else self.rollout
-        if self._scores_over_nccl:
-            return [self._score_broadcast(pool, c) for c in coefs]
-        scores: list[float] = []
-        for lo in range(0, len(coefs), len(pool)):
-            handles = [self._stored() if c == 0.0 else self._candidate(c) for c in coefs[lo:lo + len(pool)]]
-            scores += [s for r in ray.get([a.score.remote([h]) for a, h in zip(pool.actors, handles)]) for s in r]
-        return scores
-
-    def _score_broadcast(self, pool: ActorGroup, coef: float) -> float:
-        group = "evaluator" if pool is self.evaluators else "rollout"
-        which = "candidate" if coef else "current"
-        shares = split(list(range(self.cfg.method.val_size)), len(pool))
-        received = [a.score_received.remote(self._nccl_meta, share) for a, share in zip(pool.actors, shares)]
-        parts = ray.get(received + self.learner.call("nccl_send", group, which, coef))[:len(received)]
-        return sum(total for total, _ in parts) / max(sum(n for _, n in parts), 1)
-
-    def _candidate(self, coef: float) -> WeightsHandle:
-        refs = self._on_learners("publish_weights", self.cfg.learner.sync_bucket_mb, "candidate", coef)
-        return WeightsHandle(-1, refs[0])
 
     def save(self, step: int) -> None:
         tag = ckpt.tag_for(step)

@@ -25,7 +25,8 @@ from orchestrator.cli import start_local_ray
 from orchestrator.config import load_config
 from orchestrator.extrapolation import accept, coefficient, extrapolate
 from orchestrator.placement import start_learners
-from orchestrator.trainer import actor_config, batch_indices
+from orchestrator.actor_spec import actor_config
+from orchestrator.data_order import batch_indices
 
 pytestmark = pytest.mark.e2e
 SPEC = {"kind": "full_reverse_kl", "lam": 1.0, "rlvr_mix": 1.0, "importance_correction": True,
@@ -128,13 +129,13 @@ def test_nccl_send_of_a_candidate_is_what_the_object_store_path_publishes(cluste
     assert all(torch.equal(v, current[k]) for k, v in fetch_state_dict(publish(learners, version=42)).items())
 
 
-def test_trainer_scores_over_nccl_by_sharing_d_v_across_the_pool(cluster):
-    """The trainer's NCCL branch (GPU, vLLM pool), transport recorded and engines faked (no CUDA, no
+def test_nccl_sync_scores_by_sharing_d_v_across_the_pool(cluster):
+    """The NCCL transport's scoring (GPU, vLLM pool), transport recorded and engines faked (no CUDA, no
     vLLM here): one broadcast per candidate, in order; every engine gets a disjoint share of D_v and
     V = (sum of the shares' rewards) / |D_v|."""
     from types import SimpleNamespace
 
-    from orchestrator.trainer import OPDTrainer
+    from orchestrator.weight_sync import NcclSync
 
     class Engine:
         """Greedy reward of D_v example i under candidate j (the j-th receive) is ((i + j) % 3 == 0)."""
@@ -148,17 +149,17 @@ def test_trainer_scores_over_nccl_by_sharing_d_v_across_the_pool(cluster):
 
     learners = cluster["learners"]
     record_nccl(learners, "evaluator")
-    trainer = OPDTrainer.__new__(OPDTrainer)
-    trainer.cfg, trainer._nccl, trainer.learner = SimpleNamespace(method=SimpleNamespace(val_size=10)), True, learners
-    trainer.plan = SimpleNamespace(role=lambda name: SimpleNamespace(backend="vllm"))
-    trainer._nccl_meta = ray.get(learners.actors[0].nccl_meta.remote())
-    trainer.evaluators = ActorGroup(Engine, 3, lambda i: (), {"num_cpus": 0.1})
+    evaluators = ActorGroup(Engine, 3, lambda i: (), {"num_cpus": 0.1})
+    cfg = SimpleNamespace(method=SimpleNamespace(val_size=10), learner=SimpleNamespace(sync_bucket_mb=64.0))
+    plan = SimpleNamespace(role=lambda name: SimpleNamespace(backend="vllm"))
+    sync = NcclSync(cfg, plan, SimpleNamespace(learner=learners, evaluators=evaluators, rollout=None))
+    sync.meta = ray.get(learners.actors[0].nccl_meta.remote())
     coefs = [0.0, coefficient(1), coefficient(2)]
     try:
-        scores = trainer._score_candidates(coefs)
+        scores = sync.score(coefs)
     finally:
-        trainer.evaluators.kill()
-    n = trainer.cfg.method.val_size
+        evaluators.kill()
+    n = cfg.method.val_size
     assert scores == [sum((i + j) % 3 == 0 for i in range(n)) / n for j in range(len(coefs))]
     sent = nccl_sent(learners, "evaluator")
     assert len(sent) == 3

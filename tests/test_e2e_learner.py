@@ -30,7 +30,8 @@ from orchestrator.cli import start_local_ray
 from orchestrator.config import load_config
 from orchestrator.modeling import slice_batch
 from orchestrator.placement import start_learners
-from orchestrator.trainer import actor_config, batch_indices
+from orchestrator.actor_spec import actor_config
+from orchestrator.data_order import batch_indices
 
 pytestmark = pytest.mark.e2e
 REL_TOL = 1e-3

@@ -24,7 +24,7 @@ def overrides(tmp_path: Path, k: int = 4, temperature: float = 1.0) -> list[str]
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     from actors.rollout import RolloutWorker
-    from orchestrator.trainer import actor_config
+    from orchestrator.actor_spec import actor_config
 
     tmp = tmp_path_factory.mktemp("evalsets")
     cfg = load_config(None, overrides(tmp) + [f"run.output_dir={tmp}"])

@@ -92,7 +92,7 @@ def test_bf16_effopd_identity_with_persistent_parameters_at_real_shape(real_mode
     from orchestrator.config import load_config
     from orchestrator.extrapolation import extrapolate
     from orchestrator.placement import start_learners
-    from orchestrator.trainer import actor_config
+    from orchestrator.actor_spec import actor_config
 
     cfg = load_config(None, [f"models.student={real_models / 'student'}", f"models.teacher={real_models / 'teacher'}",
                              f"run.output_dir={tmp_path}", "learner.dtype=bf16", "learner.lr=1e-3"])

@@ -131,7 +131,7 @@ def test_epochs_visit_every_prompt_once_per_epoch_in_seeded_order():
     """`run.data_order: epochs`: 10 prompts, batches of 4: steps 1-2 and the first half of step 3 are
     epoch 0 (each prompt once), step 3 crosses into epoch 1's own shuffle; the order is a function of
     (seed, step) alone, so a resumed run draws what an uninterrupted one would."""
-    from orchestrator.trainer import batch_indices, epoch_permutation
+    from orchestrator.data_order import batch_indices, epoch_permutation
 
     steps = [batch_indices(t, 10, 4, seed=3, order="epochs") for t in range(1, 6)]
     flat = [i for b in steps for i in b]

@@ -37,7 +37,7 @@ def ray_local():
 @pytest.fixture(scope="module")
 def acfg(models, tmp_path_factory):
     from orchestrator.config import load_config
-    from orchestrator.trainer import actor_config
+    from orchestrator.actor_spec import actor_config
 
     cfg = load_config(SMOKE, [*model_overrides(models), "rollout.backend=vllm",
                               f"run.output_dir={tmp_path_factory.mktemp('vllm')}"])
