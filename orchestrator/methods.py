@@ -10,7 +10,8 @@ the method; neither branches on its type. Adding a method is one class here (reg
                           reference pi_ref = W_0 scored beside the teacher (G-OPD reward extrapolation)
 
 What a method owns:
-    lam                   the advantage's extrapolation factor (the learner's loss spec)
+    lam, loss_spec        the advantage's extrapolation factor and the learner's loss spec
+    teacher_scores        what the teacher returns besides log pi_t(y_t)
     uses_reference        a frozen pi_ref scored beside the teacher (its memory in the plan)
     extrapolates          the learner keeps a partition-local anchor (its memory in the plan) and
                           the loop runs `decide` at `searches_at` steps (a pipeline barrier)
@@ -26,6 +27,7 @@ from typing import Any, Callable
 
 from orchestrator.config import ConfigError
 from orchestrator.extrapolation import Decision, accept
+from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION
 
 
 class Method:
@@ -41,6 +43,18 @@ class Method:
     @property
     def lam(self) -> float:
         return 1.0
+
+    def loss_spec(self, loss: Any) -> dict[str, Any]:
+        """The learner's loss: the configured kind with this method's lam."""
+        return {"kind": loss.type, "lam": self.lam, "rlvr_mix": loss.rlvr_mix,
+                "importance_correction": loss.importance_correction, "importance_threshold": loss.importance_threshold}
+
+    def teacher_scores(self, loss: Any) -> dict[str, Any]:
+        """What the teacher returns besides log pi_t(y_t): its distribution (full, or top-k) for the
+        full-vocabulary losses, and the reference policy's log-probs when lam != 1 (ExOPD)."""
+        full = loss.type in NEEDS_TEACHER_DISTRIBUTION
+        topk = loss.teacher_topk if full else None
+        return {"full": full and topk is None, "topk": topk, "ref": self.lam != 1.0}
 
     @property
     def candidates(self) -> int:

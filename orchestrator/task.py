@@ -250,3 +250,32 @@ def eval_sets_of(acfg: dict[str, Any]) -> dict[str, list[Example]]:
     return {name: eval_examples(acfg["task_cfg"], Path(spec["path"]), acfg["student_path"],
                                 acfg["rollout"]["max_prompt_tokens"])
             for name, spec in acfg.get("eval_sets", {}).items()}
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What the driver needs to know of a run's data (sizes, per named set) and logs as `data/*` params."""
+
+    n_train: int
+    n_test: int
+    eval_set_sizes: dict[str, int]
+    params: dict[str, int]
+
+
+def summarize(cfg: Any) -> DataSummary:
+    """The run's splits as the actors will build them (`build_task`), and each evaluation set's size
+    (capped by its `num_examples`); overlong prompts dropped are counted, and said."""
+    import logging
+
+    task = build_task(cfg.task, cfg.model_paths[0], cfg.rollout.max_prompt_tokens)
+    params = {"data/train_prompts": len(task.train), "data/test_prompts": len(task.test)}
+    if task.dropped is not None:
+        params.update({f"data/overlong_dropped_{k}": v for k, v in task.dropped.items()})
+        if any(task.dropped.values()):
+            logging.getLogger(__name__).info("dropped overlong prompts (> %d tokens): %s",
+                                             cfg.rollout.max_prompt_tokens, task.dropped)
+    sizes: dict[str, int] = {}
+    for name, es in cfg.eval.sets.items():
+        n = len(eval_examples(cfg.task, es.path, cfg.model_paths[0], cfg.rollout.max_prompt_tokens))
+        sizes[name] = params[f"data/eval_{name}_prompts"] = min(es.num_examples or n, n)
+    return DataSummary(len(task.train), len(task.test), sizes, params)

@@ -3,8 +3,8 @@
     1. rollout   y ~ pi_s(.|x) for a batch of training prompts          (rollout group)
     2. teacher   log pi_t(y_t | x, y_<t) for every sampled token       (teacher group)
     3. learner   loss on A_t = lam (log pi_t - log pi_s), AdamW step    (ZeRO-3 learner group)
-    4. sync      put the new weights once; rollout workers load them with their next batch
-    5. search    at t = 2^n: EffOPD / fixed extrapolation               (evaluator pool)
+    4. sync      the new weights to the engines, once                   (weight_sync.py: object store | NCCL)
+    5. search    at t = 2^n the method decides where to jump            (methods.py; evaluator pool)
     6. eval      greedy accuracy on the held-out test split every N steps
     7. log       MLflow metrics, `timing/<phase>` for every phase, busy time and `util/<role>`
     8. ckpt      every N steps: learner + anchor + driver state, then `latest`
@@ -14,7 +14,10 @@ soon as it is sampled, and with `pipeline.max_staleness` s >= 1 the batches of t
 are sampled and scored while the learner trains this one (never across a search, evaluation or
 checkpoint).
 
-Nothing here holds model tensors; actors exchange them through the object store.
+Around the loop, each in its own module: what a method changes (`methods.py`), how weights travel
+(`weight_sync.py`), step metrics (`step_metrics.py`), gradient projection (`controls.py`), the actors
+and their recovery (`placement.py`), what each actor is given (`actor_spec.py`), which prompts a step
+sees (`data_order.py`), the run's MLflow record (`run_record.py`). Nothing here holds model tensors.
 """
 
 from __future__ import annotations
@@ -30,28 +33,26 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import ray
-import yaml
 
 from actors.evalsets import mean_over
 from actors.group import ActorGroup, split
 from actors.weights import WeightsHandle, fetch_state_dict
 from orchestrator import checkpoint as ckpt
 from orchestrator.actor_spec import actor_config
-from orchestrator.code_rewards import sandbox_tags
-from orchestrator.config import ExperimentConfig, flatten
+from orchestrator.config import ExperimentConfig
 from orchestrator.controls import GradProjection
 from orchestrator.data_order import batch_indices
 from orchestrator.extrapolation import is_search_step
 from orchestrator.faults import fires
-from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION
 from orchestrator.methods import Method, method_of
 from orchestrator.monitor import GeometryMonitor
 from orchestrator.pipeline import Launched, RolloutPipeline
 from orchestrator.placement import LearnerLost, TrialActors, check_shared_output, get_all, start_learners
 from orchestrator.plan import ResolvedPlan
 from orchestrator.progress import ProgressFile
+from orchestrator.run_record import open_record
 from orchestrator.step_metrics import count_skip, staleness, train_metrics, utilization
-from orchestrator.task import build_task, eval_examples
+from orchestrator.task import summarize
 from orchestrator.tracking import MlflowLogger
 from orchestrator.weight_sync import WeightSync, open_sync
 
@@ -102,19 +103,10 @@ class OPDTrainer:
         self.final: dict[str, float] = {}
         self._stop: Exception | None = None
         self.run_dir = plan.run_dir
-        task = build_task(cfg.task, cfg.model_paths[0], cfg.rollout.max_prompt_tokens)
-        self.n_train, self.n_test = len(task.train), len(task.test)
-        self.data_params = {"data/train_prompts": self.n_train, "data/test_prompts": self.n_test}
-        if task.dropped is not None:
-            self.data_params.update({f"data/overlong_dropped_{k}": v for k, v in task.dropped.items()})
-            if any(task.dropped.values()):
-                log.info("dropped overlong prompts (> %d tokens): %s", cfg.rollout.max_prompt_tokens, task.dropped)
+        data = summarize(cfg)
+        self.n_train, self.n_test, self.eval_set_sizes, self.data_params = data.n_train, data.n_test, \
+            data.eval_set_sizes, data.params
         self.test_indices = list(range(min(cfg.eval.num_examples or self.n_test, self.n_test)))
-        self.eval_set_sizes: dict[str, int] = {}
-        for name, es in cfg.eval.sets.items():
-            n = len(eval_examples(cfg.task, es.path, cfg.model_paths[0], cfg.rollout.max_prompt_tokens))
-            self.eval_set_sizes[name] = min(es.num_examples or n, n)
-            self.data_params[f"data/eval_{name}_prompts"] = self.eval_set_sizes[name]
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -122,7 +114,7 @@ class OPDTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tag = ckpt.latest_tag(self.run_dir) if self.resume else None
         self.state = ckpt.read_driver_state(self.run_dir, tag) if tag else ckpt.RunState()
-        self._open_tracker()
+        self.tracker = open_record(cfg, self.plan, self.state, self.resume, self.parent_run_id, self.data_params)
         restarts = {"rollout": cfg.rollout.max_restarts, "teacher": cfg.teacher.max_restarts, "evaluator": 3}
         t0 = time.perf_counter()
         self.actors = TrialActors.launch(self.plan, acfg, restarts, pg=self.pg)
@@ -142,28 +134,18 @@ class OPDTrainer:
         if cfg.geometry.every:
             self.monitor = GeometryMonitor(self._initial_weights(), self.run_dir / "geometry", cfg.geometry.sim_k)
 
-    @property
-    def _wanted_scores(self) -> dict[str, Any]:
-        """What the teacher returns besides log pi_t(y_t): its distribution (full, or top-k) for the
-        full-vocabulary losses, the reference policy's log-probs for ExOPD (lam != 1)."""
-        full = self.cfg.loss.type in NEEDS_TEACHER_DISTRIBUTION
-        topk = self.cfg.loss.teacher_topk if full else None
-        return {"full": full and topk is None, "topk": topk, "ref": self._lam != 1.0}
-
     @functools.cached_property
     def method(self) -> Method:
         """What the configured method changes in the loop (`orchestrator/methods.py`)."""
         return method_of(self.cfg.method)
 
     @property
-    def _lam(self) -> float:
-        return self.method.lam
+    def _wanted_scores(self) -> dict[str, Any]:
+        return self.method.teacher_scores(self.cfg.loss)
 
     @property
     def _loss_spec(self) -> dict[str, Any]:
-        loss = self.cfg.loss
-        return {"kind": loss.type, "lam": self._lam, "rlvr_mix": loss.rlvr_mix,
-                "importance_correction": loss.importance_correction, "importance_threshold": loss.importance_threshold}
+        return self.method.loss_spec(self.cfg.loss)
 
     @property
     def weights(self) -> WeightsHandle:
@@ -212,27 +194,6 @@ class OPDTrainer:
         self._restore_learner(tag)
         self.pipeline.reset()  # batches in flight came from weights the restored learner never had
         self._sync_rollout()  # the rollout workers go back to the restored weights
-
-    def _open_tracker(self) -> None:
-        """The run's MLflow run: the checkpoint's, else the one this folder started before it crashed
-        (its id is written at the start, before any checkpoint), else a new one."""
-        cfg = self.cfg
-        id_file = ckpt.run_id_file(self.run_dir)
-        started = id_file.read_text().strip() if self.resume and id_file.is_file() else None
-        self.tracker = MlflowLogger(self.plan.tracking_uri, cfg.tracking.experiment, cfg.run.name,
-                                    run_id=self.state.mlflow_run_id or started,
-                                    artifact_root=cfg.run.output_dir / "mlartifacts", parent_run_id=self.parent_run_id)
-        if self.state.mlflow_run_id is None:
-            if started:
-                log.info("no checkpoint yet: restarting from step 0 in MLflow run %s", started)
-            self.state.mlflow_run_id = self.tracker.run_id
-            id_file.write_text(self.tracker.run_id)
-            self.tracker.log_params({**flatten(cfg), **self.plan.params(), **self.data_params})
-            self.tracker.log_text(self.plan.describe(), "plan.txt")
-            self.tracker.set_tags({"method": cfg.method.type, "scale": cfg.run.scale, "seed": str(cfg.run.seed),
-                                   "loss": cfg.loss.type, "run_dir": str(self.run_dir.resolve()),
-                                   **sandbox_tags(cfg.task)})
-            self.tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "resolved_config.yaml")
 
     def shutdown(self) -> None:
         if not hasattr(self, "actors"):
