@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.losses import TokenBatch, grpo_advantages
-from orchestrator.modeling import concat_batches, slice_batch
+from core.losses import TokenBatch, grpo_advantages
+from core.modeling import concat_batches, slice_batch
 
 
 def fetch_rows(parts: list, lo: int, hi: int, samples_per_prompt: int,

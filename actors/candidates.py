@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from actors.weights import WeightsHandle, stream
-from orchestrator.modeling import generate, greedy_accuracy, load_model, score_responses
+from core.modeling import generate, greedy_accuracy, load_model, score_responses
 
 
 class ScoresCandidates:

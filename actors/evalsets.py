@@ -16,7 +16,7 @@ import zlib
 from typing import Any
 
 from actors.weights import WeightsHandle
-from orchestrator.task import eval_sets_of
+from core.task import eval_sets_of
 
 
 def eval_seed(run_seed: int, name: str, step: int, first: int) -> int:

@@ -25,9 +25,9 @@ import torch
 
 from actors.group import Placed
 from actors.batching import fetch_rows
-from orchestrator.faults import fires, once
-from orchestrator.extrapolation import extrapolate
-from orchestrator.modeling import quiet_hf
+from core.faults import fires, once
+from core.extrapolation import extrapolate
+from core.modeling import quiet_hf
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Learner(Placed):
     def train_on(self, batch: dict[str, Any], x, spec: dict[str, Any], step: int = 0, global_rows: int | None = None,
                  first_row: int = 0) -> dict[str, float]:
         """One optimizer step on this rank's rows (`batch`: the rollout layout; `x`: the per-token
-        loss inputs, `orchestrator.losses.TokenBatch`). The rows are packed into micro-batches of at
+        loss inputs, `core.losses.TokenBatch`). The rows are packed into micro-batches of at
         most `learner.max_tokens_per_gpu` tokens, each cut to its own width (`actors.batching`; every
         rank runs the same number, padding with empty ones, because ZeRO-3 gathers parameters
         collectively), gradients accumulate into one optimizer step, and each micro-batch's logits
@@ -219,7 +219,7 @@ class Learner(Placed):
         global gradient norm, computed across ranks: ZeRO-3 then skips the optimizer step on every
         rank (weights and Adam states untouched); `skipped` reports it."""
         from actors.batching import micro_batches, row_lengths, trimmed
-        from orchestrator.losses import STAT_KEYS, LossSpec
+        from core.losses import STAT_KEYS, LossSpec
 
         lcfg = self.cfg["loss"]
         rows = batch["input_ids"].shape[0]
@@ -257,7 +257,7 @@ class Learner(Placed):
         """Loss terms (sum, with grad) and statistics of one trimmed micro-batch, logits one chunk at a time."""
         from torch.utils.checkpoint import checkpoint
 
-        from orchestrator.modeling import position_ids
+        from core.modeling import position_ids
 
         ids, att, P = mb["input_ids"], mb["attention_mask"], mb["prompt_len"]
         captured: dict[str, torch.Tensor] = {}
@@ -279,7 +279,7 @@ class Learner(Placed):
         return total, stats
 
     def _chunk_terms(self, spec, hidden, x):
-        from orchestrator.losses import token_terms
+        from core.losses import token_terms
 
         return token_terms(spec, self.engine.module.lm_head(hidden), x)
 
@@ -295,7 +295,7 @@ class Learner(Placed):
     def _global_keep(self, x, B: int, lo: int, lcfg: dict, step: int) -> torch.Tensor:
         """Token sparsification over the whole batch: every rank gathers the [B, R] masks and KL
         scores (r_t - q_t), selects with the same seed, and keeps its own rows."""
-        from orchestrator.losses import sparsify
+        from core.losses import sparsify
 
         mask = self._gather_rows(x.mask_BR, B)
         score = self._gather_rows(x.rollout_logp_BR - x.teacher_logp_BR, B)

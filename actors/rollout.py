@@ -16,8 +16,8 @@ from actors.candidates import HfScoresCandidates, VllmScoresCandidates
 from actors.evalsets import ScoresEvalSets
 from actors.group import Placed
 from actors.weights import HoldsWeights, WeightsHandle, write_pid
-from orchestrator.modeling import decode_responses, generate, greedy_accuracy, load_model, load_tokenizer, quiet_hf
-from orchestrator.task import task_of
+from core.modeling import decode_responses, generate, greedy_accuracy, load_model, load_tokenizer, quiet_hf
+from core.task import task_of
 
 
 class RolloutWorker(HfScoresCandidates, ScoresEvalSets, HoldsWeights, Placed):

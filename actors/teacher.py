@@ -1,7 +1,7 @@
 """Teacher scorers: log pi_t(y_t | x, y_<t) of every sampled response token, at temperature 1.0.
 
 On a GPU the HF scorer runs on the actor's GPU in the checkpoint's dtype (bf16), micro-batched with
-its logits in sequence chunks (`orchestrator.modeling.score_responses`); on the CPU in fp32. ExOPD's
+its logits in sequence chunks (`core.modeling.score_responses`); on the CPU in fp32. ExOPD's
 reference policy pi_ref (the frozen initial student) is scored the same way beside the teacher, on
 the same device (the plan counts its memory on the teacher's GPU)."""
 
@@ -14,7 +14,7 @@ import torch
 from actors.group import Placed
 from actors.rollout import VllmRolloutWorker
 from actors.weights import write_pid
-from orchestrator.modeling import load_model, quiet_hf, score_responses
+from core.modeling import load_model, quiet_hf, score_responses
 
 
 class TeacherScorer(Placed):
@@ -34,8 +34,8 @@ class TeacherScorer(Placed):
     def generate(self, step: int, indices: list[int], handle: Any = None) -> dict[str, Any]:
         """Off-policy control: the teacher samples the responses (same format as a rollout worker)."""
         from actors.rollout import sample_batch
-        from orchestrator.modeling import load_tokenizer
-        from orchestrator.task import task_of
+        from core.modeling import load_tokenizer
+        from core.task import task_of
 
         if self.task is None:
             self.task, self.tokenizer = task_of(self.cfg), load_tokenizer(self.cfg["teacher_path"])

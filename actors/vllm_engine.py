@@ -3,7 +3,7 @@
 One `vllm.LLM` per actor, fp32, in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: no engine-core
 subprocess to orphan when Ray kills the actor), eager mode, a fixed KV-cache size on CPU. Token ids
 go in and come out; the HF tokenizer of the checkpoint encodes prompts, as on the HF backend, so
-both backends build the same batch layout (`orchestrator/modeling.py`).
+both backends build the same batch layout (`core/modeling.py`).
 
 Weight sync through the object store (CPU, and EffOPD candidates): the engine's worker extension
 (`WeightSyncExtension`, called through `LLM.collective_rpc`) runs `model_runner.reload_weights` on
@@ -176,9 +176,9 @@ def score(llm, sequences: list[list[int]], first: list[int], topk: int | None = 
 
 def to_batch(prompts: list[list[int]], responses: list[list[int]], logps: list[list[float]] | None,
              pad_id: int, eos_id: int) -> dict[str, Any]:
-    """The rollout batch layout of `orchestrator.modeling.generate`: left-padded prompts, responses
+    """The rollout batch layout of `core.modeling.generate`: left-padded prompts, responses
     right-padded after EOS, masks, prompt width P and (when sampled) `logp` [B, R]."""
-    from orchestrator.modeling import response_mask
+    from core.modeling import response_mask
 
     B, P = len(prompts), max(len(p) for p in prompts)
     R = max(1, max(len(r) for r in responses))

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from orchestrator.code_rewards import CodeReward  # noqa: E402
-from orchestrator.config import SandboxConfig  # noqa: E402
-from orchestrator.sandbox import interpreter, probe  # noqa: E402
+from core.code_rewards import CodeReward  # noqa: E402
+from core.config import SandboxConfig  # noqa: E402
+from core.sandbox import interpreter, probe  # noqa: E402
 from step_overhead import log_benchmark  # noqa: E402
 
 CASES = 6

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from orchestrator.geometry import GeometryOptions, analyze  # noqa: E402
+from core.geometry import GeometryOptions, analyze  # noqa: E402
 from step_overhead import log_benchmark  # noqa: E402
 
 TRIALS = ["opd", "sft", "grpo", "mix50", "topkl50", "opd_rank16", "sft_rank16"]

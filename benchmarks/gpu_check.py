@@ -8,15 +8,15 @@ the model built partitioned and loaded shard by shard, bf16 compute with fp32 ma
 gradient accumulation, torch's fused AdamW, gradient checkpointing, token-budget micro-batches packed
 by length and trimmed, logits in sequence chunks), on a synthetic rollout batch of the paper's shape
 (prompts + responses, teacher log-probs, pg_reverse_kl). The rank is placed as
-`orchestrator.rendezvous.learner_env` places rank 1 of a node (its LOCAL_RANK, with this process
+`core.rendezvous.learner_env` places rank 1 of a node (its LOCAL_RANK, with this process
 seeing one GPU, as Ray shows each rank), alone in its process group. Then, on the same rank: the
 EffOPD identity on CUDA in bf16 (the candidate gathered from the fp32 masters == the weights after
 the jump, bit for bit), a step with rank-4 gradient projection (the basis on the gradient's device).
 Then HF on CUDA in bf16: sampling (`generate`, the rollout's HF backend), scoring with top-64
 (`score_responses`: the HF teacher and ExOPD's reference scorer) with its peak memory beside the
-planner's formula (`orchestrator.scales.scorer_mem_terms`). Writes step time, tokens/s, MFU (8 Psi
+planner's formula (`core.scales.scorer_mem_terms`). Writes step time, tokens/s, MFU (8 Psi
 FLOPs per token: forward, backward, recompute) and peak GPU memory beside the planner's formula
-(`orchestrator.scales.learner_mem_gb`) to `benchmarks/results/gpu_check.json`.
+(`core.scales.learner_mem_gb`) to `benchmarks/results/gpu_check.json`.
 
 The device machine has CUDA torch and transformers but no Ray, vLLM or MLflow: this script imports
 none of them (the learner's Ray calls are bypassed through `Learner.train_on`). DeepSpeed travels as
@@ -44,7 +44,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 
 import torch  # noqa: E402
 
-from orchestrator.scales import ModelShape, learner_mem_gb  # noqa: E402
+from core.scales import ModelShape, learner_mem_gb  # noqa: E402
 
 MODELS = {  # Qwen2.5-0.5B / 1.5B shapes; random weights built from the config (nothing is downloaded)
     "0.5B": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
@@ -82,7 +82,7 @@ def synthetic_batch(rows: int, prompt: int, response: int, vocab: int) -> tuple[
 
 def rank1_env() -> dict:
     """Learner rank 1 of a two-rank node, exactly as a run places it (`learner_env`), alone in its group."""
-    from orchestrator.rendezvous import learner_env
+    from core.rendezvous import learner_env
 
     env = learner_env([{"node_id": "node-0", "ip": "127.0.0.1"}] * 2)[1]
     return {**env, "RANK": 0, "WORLD_SIZE": 1, "LOCAL_WORLD_SIZE": 1}
@@ -91,7 +91,7 @@ def rank1_env() -> dict:
 def effopd_identity(learner, coef: float = 10.0) -> dict:
     """The candidate scored (formed from the fp32 masters, gathered in the working dtype) vs the weights
     after the learner jumps there; and the masters moved by exactly coef (W - A)."""
-    from orchestrator.extrapolation import extrapolate
+    from core.extrapolation import extrapolate
 
     before = learner.partition_state()
     scored = learner.gathered_state("candidate", coef)
@@ -108,9 +108,9 @@ def effopd_identity(learner, coef: float = 10.0) -> dict:
 def hf_on_device(folder: Path, name: str, args: argparse.Namespace, cuda: bool) -> dict:
     """The HF backends on the device in its dtype: sampling (rollout), top-64 scoring (teacher, reference)."""
     from actors import devices
-    from orchestrator.modeling import generate, load_model, score_responses
+    from core.modeling import generate, load_model, score_responses
     from orchestrator.real_shape import build_tokenizer
-    from orchestrator.scales import GB, scorer_mem_terms
+    from core.scales import GB, scorer_mem_terms
 
     dev = devices.device(0, "gpu_check")
     model = load_model(folder, devices.compute_dtype(dev), dev)

@@ -1,5 +1,5 @@
 """Memory model, measured: each role's peak memory over a few steps vs what the planner predicts for
-that dtype path (`orchestrator/scales.py`), on a 64M-parameter Qwen2-architecture model on CPU.
+that dtype path (`core/scales.py`), on a 64M-parameter Qwen2-architecture model on CPU.
 
     python benchmarks/memory_model.py [--steps 2] [--batch 128] [--learners 1,1c,2]
     python benchmarks/memory_model.py --shape real      # the `real_shape` section (also run by make test-scale)
@@ -57,7 +57,7 @@ from actors.learner import Learner  # noqa: E402
 from actors.rollout import RolloutWorker  # noqa: E402
 from actors.teacher import TeacherScorer  # noqa: E402
 from actors.weights import WeightsHandle  # noqa: E402
-from orchestrator.scales import (GB, ModelShape, conversion_bytes, engine_mem_terms, evaluator_mem_terms,  # noqa: E402
+from core.scales import (GB, ModelShape, conversion_bytes, engine_mem_terms, evaluator_mem_terms,  # noqa: E402
                                  learner_mem_phases, peak_bytes)
 from step_overhead import save_result  # noqa: E402
 
@@ -136,7 +136,7 @@ def build_model(folder: Path, seed: int = 0) -> tuple[ModelShape, str, int]:
     """Random-init Qwen2 model + the character tokenizer saved in `folder`; (shape, sha256, params)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from orchestrator.modeling import build_tokenizer
+    from core.modeling import build_tokenizer
 
     tok = build_tokenizer()
     cfg = Qwen2Config(**ARCH, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -154,7 +154,7 @@ def build_model(folder: Path, seed: int = 0) -> tuple[ModelShape, str, int]:
 
 def actor_cfg(folder: Path, out: Path, batch: int, max_new: int, ws: int = 1, ckpt: bool = False,
               dtype: str = "fp32") -> dict[str, Any]:
-    from orchestrator.config import load_config
+    from core.config import load_config
     from orchestrator.actor_spec import actor_config
 
     cfg = load_config(None, [f"models.student={folder}", f"models.teacher={folder}", f"run.output_dir={out}",
@@ -233,8 +233,8 @@ def main() -> int:
         return measure_real(args)
     t_start = time.perf_counter()
     from orchestrator.cli import start_local_ray
-    from orchestrator.extrapolation import coefficient
-    from orchestrator.data_order import batch_indices
+    from core.extrapolation import coefficient
+    from core.data_order import batch_indices
 
     configs = [(int(c.rstrip("bc")), "c" in c, "bf16" if "b" in c else "fp32") for c in args.learners.split(",")]
     start_local_ray(num_cpus=2, logging_level="ERROR")
@@ -351,10 +351,10 @@ def main() -> int:
 def measure_real(args: argparse.Namespace) -> int:
     """The `real_shape` section: each role at Qwen2.5-0.5B's shapes, along the GPU's learner path."""
     from orchestrator.cli import start_local_ray
-    from orchestrator.extrapolation import coefficient
+    from core.extrapolation import coefficient
     from orchestrator.real_shape import QWEN25_05B, build
-    from orchestrator.scales import scorer_mem_terms
-    from orchestrator.data_order import batch_indices
+    from core.scales import scorer_mem_terms
+    from core.data_order import batch_indices
 
     t_start = time.perf_counter()
     start_local_ray(num_cpus=2, logging_level="ERROR")

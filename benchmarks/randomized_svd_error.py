@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from orchestrator.geometry import GeometryOptions, _top_svd, matrix_metrics, subspace_similarity  # noqa: E402
+from core.geometry import GeometryOptions, _top_svd, matrix_metrics, subspace_similarity  # noqa: E402
 from step_overhead import save_result  # noqa: E402
 
 METRICS = ["spectral_norm", "spectral_fro_ratio", "stable_rank", "top1pct_ratio", "top10pct_ratio", "effective_rank",

@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from orchestrator.modeling import (TinyArch, build_tokenizer, gather_logp, generate, init_model,  # noqa: E402
+from core.modeling import (TinyArch, build_tokenizer, gather_logp, generate, init_model,  # noqa: E402
                                    load_model, load_tokenizer, response_logits)
 
 SIZES = {
@@ -52,8 +52,8 @@ def model_folder(size: str, tmp: Path) -> Path:
 
 
 def prompts_for(size: str, n: int) -> list[str]:
-    from orchestrator.config import AdditionTask
-    from orchestrator.task import build_task
+    from core.config import AdditionTask
+    from core.task import build_task
 
     train = build_task(AdditionTask()).train
     return [train[i].prompt for i in range(n)]

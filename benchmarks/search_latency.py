@@ -32,9 +32,9 @@ import torch  # noqa: E402
 from actors.evaluator import CandidateEvaluator  # noqa: E402
 from actors.group import ACTOR_ENV, ActorGroup, split  # noqa: E402
 from actors.weights import WeightsHandle  # noqa: E402
-from orchestrator.config import AdditionTask  # noqa: E402
-from orchestrator.extrapolation import accept, coefficient  # noqa: E402
-from orchestrator.modeling import load_model  # noqa: E402
+from core.config import AdditionTask  # noqa: E402
+from core.extrapolation import accept, coefficient  # noqa: E402
+from core.modeling import load_model  # noqa: E402
 from step_overhead import build_models, log_benchmark  # noqa: E402
 
 

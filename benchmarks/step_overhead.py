@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from orchestrator.modeling import TinyArch, build_tokenizer, gather_logp, generate, init_model, load_model, load_tokenizer, response_logits  # noqa: E402
+from core.modeling import TinyArch, build_tokenizer, gather_logp, generate, init_model, load_model, load_tokenizer, response_logits  # noqa: E402
 
 SIZES = {"medium": TinyArch(hidden=256, layers=4, heads=8, intermediate=1024)}
 
@@ -54,9 +54,9 @@ def build_models(size: str, tmp: Path) -> tuple[Path, Path]:
 
 def single_process(student: Path, teacher: Path, steps: int, batch: int, max_new: int, lr: float) -> dict[str, float]:
     """The reference: one process, one thread, the same phases back to back."""
-    from orchestrator.config import AdditionTask
-    from orchestrator.losses import LossSpec, TokenBatch, opd_loss
-    from orchestrator.task import build_addition
+    from core.config import AdditionTask
+    from core.losses import LossSpec, TokenBatch, opd_loss
+    from core.task import build_addition
 
     torch.set_num_threads(1)
     tok, s, t = load_tokenizer(student), load_model(student), load_model(teacher)
@@ -112,7 +112,7 @@ def run_trainer(raw: dict):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.cli import connect_ray
-    from orchestrator.config import validate
+    from core.config import validate
     from orchestrator.plan import resolve
     from orchestrator.trainer import OPDTrainer
 
@@ -185,7 +185,7 @@ def save_result(result: dict, out: str | Path, name: str) -> None:
 
 def log_benchmark(result: dict, name: str) -> None:
     """Log a benchmark result to MLflow (experiment `benchmarks`, default local store)."""
-    from orchestrator.config import flatten
+    from core.config import flatten
     from orchestrator.tracking import MlflowLogger, resolve_uri
 
     tracker = MlflowLogger(resolve_uri(None, ROOT / "runs"), "benchmarks", name, artifact_root=ROOT / "runs" / "mlartifacts")

@@ -226,9 +226,9 @@ def sha256(path: Path) -> str:
 
 def step_prompts(steps: int, batch: int, seed: int = 0) -> list[str]:
     """The prompts of steps 1..steps in order, as Foresight's driver draws them (`batch_indices`)."""
-    from orchestrator.config import AdditionTask
-    from orchestrator.task import build_addition
-    from orchestrator.data_order import batch_indices
+    from core.config import AdditionTask
+    from core.task import build_addition
+    from core.data_order import batch_indices
 
     train = build_addition(AdditionTask()).train
     return [train[i].prompt for step in range(1, steps + 1) for i in batch_indices(step, len(train), batch, seed)]
@@ -263,7 +263,7 @@ def main() -> int:
     import torch
     import transformers
 
-    from orchestrator.modeling import load_model
+    from core.modeling import load_model
     from step_overhead import build_models, project, save_result
 
     lr, max_new = 1e-5, 6

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import ExperimentConfig
-from orchestrator.methods import method_of
+from core.config import ExperimentConfig
+from core.methods import method_of
 from orchestrator.plan import ResolvedPlan
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.config import ConfigError, deep_merge, load_config, parse_overrides, validate
+from core.config import ConfigError, deep_merge, load_config, parse_overrides, validate
 
 log = logging.getLogger("foresight")
 
@@ -54,7 +54,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> tuple[str | None, list, dict]:
     """Config, sweep or search file -> (sweep name or None, [(cfg, plan)], extras), all validated and
     fit-checked before anything starts. For a search, extras holds the base and the search space."""
-    from orchestrator.config import read_yaml
+    from core.config import read_yaml
     from orchestrator.plan import resolve
     from orchestrator.sweep import expand, is_sweep, parse_sweep, scheduler_options
     from orchestrator.tracking import check_tracking
@@ -80,7 +80,7 @@ def _load(args: argparse.Namespace) -> tuple[str | None, list, dict]:
         name, cfgs = None, [load_config(args.config, args.overrides)]
     cluster = None
     if getattr(args, "cluster", None):
-        from orchestrator.scales import parse_cluster
+        from core.scales import parse_cluster
 
         try:
             cluster = parse_cluster(args.cluster)
@@ -221,7 +221,7 @@ def run_single(cfg, plan, args: argparse.Namespace) -> None:
 
 
 def cmd_geometry(args: argparse.Namespace) -> int:
-    from orchestrator.geometry import GeometryOptions, analyze
+    from core.geometry import GeometryOptions, analyze
 
     for flag in ("base", "updated", "final"):
         folder = getattr(args, flag)
@@ -240,15 +240,15 @@ def cmd_geometry(args: argparse.Namespace) -> int:
 
 
 def _state(folder: str):
-    from orchestrator.geometry import Checkpoint
+    from core.geometry import Checkpoint
 
     return Checkpoint(Path(folder)).state_dict()
 
 
 def cmd_intervene(args: argparse.Namespace) -> int:
     from orchestrator.interventions import INTERVENTIONS
-    from orchestrator.modeling import greedy_accuracy, load_model, load_tokenizer
-    from orchestrator.task import build_task
+    from core.modeling import greedy_accuracy, load_model, load_tokenizer
+    from core.task import build_task
     from orchestrator.tracking import MlflowLogger, resolve_uri
 
     for flag in ("base", "final", "early"):
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="W_0 checkpoint folder")
     p.add_argument("--updated", required=True, help="W_+ checkpoint folder")
     p.add_argument("--final", help="final checkpoint folder, for Sim_K to the final update")
-    p.add_argument("--out", required=True, help="output JSON (schema: orchestrator/geometry.py GeometryReport)")
+    p.add_argument("--out", required=True, help="output JSON (schema: core/geometry.py GeometryReport)")
     p.add_argument("--svd", choices=["full", "randomized"], default="full", help="SVD of Delta W (default exact)")
     p.add_argument("--rotation-k", type=int, default=512, help="top-k singular subspaces for principal angles")
     p.add_argument("--sim-k", type=int, default=16, help="K of Sim_K")
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - a run that stopped on purpose says why, without a traceback
         from orchestrator.placement import LearnerLost, SharedDirError
-        from orchestrator.trainer import NonFiniteSteps
+        from core.step_metrics import NonFiniteSteps
 
         if not isinstance(err, (LearnerLost, NonFiniteSteps, SharedDirError)):
             raise

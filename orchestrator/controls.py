@@ -31,7 +31,7 @@ class GradProjection:
         """V_K of each 2-D weight's update W - W_0, saved, then installed on every rank."""
         import torch
 
-        from orchestrator.geometry import top_right_basis
+        from core.geometry import top_right_basis
 
         bases = {k: top_right_basis(w[k] - w0[k], self.rank) for k in w0 if w0[k].dim() == 2}
         torch.save(bases, self.path)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from orchestrator.geometry import layer_index, module_type
+from core.geometry import layer_index, module_type
 
 State = dict[str, torch.Tensor]
 

@@ -1,6 +1,6 @@
 """Live geometry monitor: every `geometry.every` steps, diagnostics of Delta W_t = W_t - W_0.
 
-Logged per monitored step (means over weight matrices, as in `orchestrator.geometry`):
+Logged per monitored step (means over weight matrices, as in `core.geometry`):
 `geometry/stable_rank`, `geometry/spectral_fro_ratio`, `geometry/top1pct_ratio`,
 `geometry/update_norm/<module>` (Frobenius norm over all matrices of a module type), per layer
 `geometry/layer/<i>/<module>/{update_norm,stable_rank}` (the dashboard's heatmaps), and
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.geometry import GeometryOptions, layer_index, module_type, spectral_metrics, subspace_similarity
+from core.geometry import GeometryOptions, layer_index, module_type, spectral_metrics, subspace_similarity
 
 
 class GeometryMonitor:

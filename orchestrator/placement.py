@@ -17,7 +17,7 @@ import ray
 
 from actors.group import ActorGroup
 from orchestrator.plan import ResolvedPlan
-from orchestrator.rendezvous import learner_env, nccl_layout  # noqa: F401 - placed actors' environments
+from core.rendezvous import learner_env, nccl_layout  # noqa: F401 - placed actors' environments
 
 log = logging.getLogger(__name__)
 

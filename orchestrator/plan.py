@@ -7,7 +7,7 @@ actors and placement groups from it and from nothing else, so what is printed is
 
 - CPU scales (tiny): counts and backends from the config (defaults: 1 rollout, 1 teacher,
   2 ZeRO-3 ranks, HF backends), checked against the CPUs of the Ray cluster this process would use.
-- GPU scales (1.5B-32B): counts and TP from the scale registry (`orchestrator/scales.py`), each
+- GPU scales (1.5B-32B): counts and TP from the scale registry (`core/scales.py`), each
   overridable in the YAML (`rollout.num_workers`, `rollout.tensor_parallel`, ...), vLLM engines by
   default; every engine asks for TP GPUs in one bundle (one node), every learner rank for one GPU.
   Checked against the live Ray cluster's GPUs (`foresight run`), or without GPUs against a cluster
@@ -22,9 +22,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.config import ConfigError, ExperimentConfig
-from orchestrator.methods import method_of
-from orchestrator.scales import (FRAGMENTATION, GB, GPU_RESERVE_GB, GPU_TYPES, SCALES, ClusterSpec, Scale, StepCost,
+from core.config import ConfigError, ExperimentConfig
+from core.methods import method_of
+from core.scales import (FRAGMENTATION, GB, GPU_RESERVE_GB, GPU_TYPES, SCALES, ClusterSpec, Scale, StepCost,
                                  Workload, concurrent_trials, decode_seconds, engine_mem_gb, first_fit, learner_host_terms,
                                  learner_mem_gb, scorer_mem_terms, step_cost, usable_gb)
 from orchestrator.tracking import resolve_uri
@@ -251,7 +251,7 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
         _cpu_roles(cfg, plan, file)
     _check_combinations(cfg, plan, file)
     if not plan.dry_run:
-        from orchestrator.config import check_paths
+        from core.config import check_paths
 
         check_paths(cfg, file)
         check_backends(cfg, plan, file)
@@ -410,7 +410,7 @@ def host_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan) -> list
     of its own partitions: `actors/shards.py`), and on learner rank 0's node its publishing bucket and
     the object store's weights: each published version (object-store weight sync or the weights the
     evaluators and the final save read) and, in an EffOPD search, one candidate per evaluator at a time."""
-    from orchestrator.scales import DTYPE_BYTES, HOST_PROCESS_GB
+    from core.scales import DTYPE_BYTES, HOST_PROCESS_GB
 
     if not plan.nodes:
         return []
@@ -542,7 +542,7 @@ def model_context(folder: Path) -> int | None:
 def longest_prompt(cfg: ExperimentConfig) -> int:
     """Tokens of the longest prompt a run can see: the embedded addition task's `ABC+DEF=` (one token per
     character), else `rollout.max_prompt_tokens` (longer file prompts are dropped before training)."""
-    from orchestrator.config import AdditionTask
+    from core.config import AdditionTask
 
     if isinstance(cfg.task, AdditionTask):
         return 2 * cfg.task.digits + 2
@@ -562,7 +562,7 @@ def check_context(cfg: ExperimentConfig, file, models: dict[str, tuple[str, int 
 
 def check_sandbox(cfg: ExperimentConfig, file) -> None:
     """Code rewards: the sandbox isolation asked for (`task.sandbox`) must be available on this machine."""
-    from orchestrator.code_rewards import check_sandbox as why_not
+    from core.code_rewards import check_sandbox as why_not
 
     why = why_not(cfg.task)
     if why:
@@ -603,7 +603,7 @@ def tokenizer_difference(student: Path, teacher: Path) -> str | None:
 
     if digest(student) is not None and digest(student) == digest(teacher):
         return None
-    from orchestrator.modeling import load_tokenizer
+    from core.modeling import load_tokenizer
 
     try:
         a, b = load_tokenizer(student), load_tokenizer(teacher)

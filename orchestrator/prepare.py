@@ -8,7 +8,7 @@ The teacher trains until its greedy accuracy on the first `stop_examples` test p
 band [lo, hi]. Reported accuracies are on the whole test split.
 
 Reproducible: seeded, single-threaded, and the initial weights come from the project's own seeded
-init (`orchestrator.modeling.init_model`), not from the transformers version's init code; the
+init (`core.modeling.init_model`), not from the transformers version's init code; the
 record (`prepare.json`) holds each model's sha256, and `make demo`/the tests use the models shipped
 in `models/addition/` (a rebuild with `--force` reproduces them bit for bit on this machine kind).
 `--recipe quick` trains a few steps only, to check determinism cheaply.
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.config import AdditionTask
-from orchestrator.modeling import TinyArch, build_tokenizer, greedy_accuracy, init_model, quiet_hf
-from orchestrator.task import Example, Task, build_addition
+from core.config import AdditionTask
+from core.modeling import TinyArch, build_tokenizer, greedy_accuracy, init_model, quiet_hf
+from core.task import Example, Task, build_addition
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -78,3 +80,23 @@ class ProgressBoard:
         out = stream or self.stream
         out.write(text + "\n")
         out.flush()
+
+
+class Timer:
+    """`with timer("rollout"): ...` records the block's wall seconds as `timing/rollout`."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.times[f"timing/{name}"] = time.perf_counter() - t0
+
+
+def progress_bar(start: int, total: int, enabled: bool):
+    """The run's step bar on stderr (tqdm)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="opd", unit="step", disable=not enabled, dynamic_ncols=True)

@@ -4,7 +4,7 @@ Qwen2.5-0.5B's shapes where they decide the GPU path's costs and failure modes: 
 vocabulary with tied embeddings (the logits, the LM head's share of memory, top-k log-probs at 64),
 hidden 896, 14 query heads of 64 and 2 KV heads (GQA; a head size vLLM's CPU attention runs),
 MLP 4864; fewer layers (default 2), so a CPU runs a few steps in seconds. Random weights from the
-project's seeded init (`orchestrator.modeling.init_model`'s rule), saved in bf16 as the released
+project's seeded init (`core.modeling.init_model`'s rule), saved in bf16 as the released
 checkpoints are. The tokenizer is word-level over the embedded task's characters plus filler
 tokens up to the full vocabulary, so every id the models can emit decodes to text.
 
@@ -30,7 +30,7 @@ def build_tokenizer(vocab_size: int = QWEN25_05B["vocab_size"]):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from orchestrator.modeling import CHARS, SPECIALS
+    from core.modeling import CHARS, SPECIALS
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     vocab.update({f"<t{i}>": i for i in range(len(vocab), vocab_size)})
@@ -46,7 +46,7 @@ def build_model(folder: Path, *, layers: int, seed: int, tokenizer) -> dict:
     seeded generator in parameter-name order; saved in bf16 with the tokenizer. Returns its record."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from orchestrator.modeling import seeded_init_
+    from core.modeling import seeded_init_
 
     cfg = Qwen2Config(**QWEN25_05B, num_hidden_layers=layers, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, use_sliding_window=False)

@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 
 from orchestrator import checkpoint as ckpt
-from orchestrator.code_rewards import sandbox_tags
-from orchestrator.config import flatten
+from core.code_rewards import sandbox_tags
+from core.config import flatten
 from orchestrator.tracking import MlflowLogger
 
 log = logging.getLogger(__name__)
@@ -36,3 +36,16 @@ def open_record(cfg: Any, plan: Any, state: ckpt.RunState, resume: bool, parent_
                           "loss": cfg.loss.type, "run_dir": str(plan.run_dir.resolve()), **sandbox_tags(cfg.task)})
         tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "resolved_config.yaml")
     return tracker
+
+
+def close_record(tracker: MlflowLogger, final_dir: Any, decisions: list[dict], sim_to_final: list | None) -> None:
+    """At the end of a run: the final checkpoint's path, the EffOPD decisions and the geometry
+    monitor's similarity-to-final curve (a metric and a JSON artifact)."""
+    tracker.log_text(str(final_dir), "final_checkpoint.txt")
+    if decisions:
+        tracker.log_json(decisions, "effopd_decisions.json")
+    if sim_to_final is not None:
+        for step, sim in sim_to_final:
+            tracker.client.log_metric(tracker.run_id, "geometry/sim_to_final", sim, step=step)
+        tracker.log_json(sim_to_final, "geometry_sim_to_final.json")
+    tracker.set_tags({"final_checkpoint": str(final_dir)})

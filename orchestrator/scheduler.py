@@ -34,7 +34,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.config import ExperimentConfig
+from core.config import ExperimentConfig
 from orchestrator.plan import ResolvedPlan
 from orchestrator.progress import ProgressBoard
 from orchestrator.search import SearchConfig, distributions, sampler
@@ -209,7 +209,7 @@ def run_search(spec: SweepSpec, *, max_retries: int = 2, max_concurrent: int | N
     """Run the study's missing trials (n_trials minus those completed or pruned) as a Tune experiment."""
     import optuna
 
-    from orchestrator.config import validate
+    from core.config import validate
 
     search, base = spec.search, validate(spec.base, spec.file)
     base.run.output_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from orchestrator.config import MAX_SEED, ConfigError, _Strict, deep_merge, nest, validate, validation_error
+from core.config import MAX_SEED, ConfigError, _Strict, deep_merge, nest, validate, validation_error
 
 
 

@@ -1,7 +1,7 @@
 """Sweeps: a base experiment plus a `matrix` of dotted keys, expanded into trials.
 
     sweep: demo                     # MLflow experiment and parent-run name
-    base: {run: {steps: 200}, ...}  # required: an experiment config (see orchestrator/config.py)
+    base: {run: {steps: 200}, ...}  # required: an experiment config (see core/config.py)
     matrix:
       method.type: [vanilla, effopd]
       run.seed: [0, 1]
@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from orchestrator.config import (ConfigError, ExperimentConfig, _Strict, deep_merge, nest, parse_overrides, read_yaml,
+from core.config import (ConfigError, ExperimentConfig, _Strict, deep_merge, nest, parse_overrides, read_yaml,
                                  validate, validation_error)
 from orchestrator.search import SearchConfig
 

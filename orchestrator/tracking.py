@@ -65,7 +65,7 @@ def check_tracking(uris: Iterable[str], file: str | Path | None, timeout: float 
     http(s) servers must answer the REST API within `timeout` seconds; sqlite and file stores need
     a writable (or creatable) folder. Other schemes (databricks, postgresql, ...) are not probed.
     Raises ConfigError(file, "tracking.uri", reason); creates nothing."""
-    from orchestrator.config import ConfigError
+    from core.config import ConfigError
 
     for uri in dict.fromkeys(uris):
         reason = _unreachable(uri, timeout)

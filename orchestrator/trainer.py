@@ -28,7 +28,6 @@ import logging
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,39 +38,24 @@ from actors.group import ActorGroup, split
 from actors.weights import WeightsHandle, fetch_state_dict
 from orchestrator import checkpoint as ckpt
 from orchestrator.actor_spec import actor_config
-from orchestrator.config import ExperimentConfig
+from core.config import ExperimentConfig
 from orchestrator.controls import GradProjection
-from orchestrator.data_order import batch_indices
-from orchestrator.extrapolation import is_search_step
-from orchestrator.faults import fires
-from orchestrator.methods import Method, method_of
+from core.data_order import batch_indices
+from core.extrapolation import is_search_step
+from core.faults import fires
+from core.methods import Method, method_of
 from orchestrator.monitor import GeometryMonitor
 from orchestrator.pipeline import Launched, RolloutPipeline
 from orchestrator.placement import LearnerLost, TrialActors, check_shared_output, get_all, start_learners
 from orchestrator.plan import ResolvedPlan
-from orchestrator.progress import ProgressFile
-from orchestrator.run_record import open_record
-from orchestrator.step_metrics import count_skip, staleness, train_metrics, utilization
-from orchestrator.task import summarize
+from orchestrator.progress import ProgressFile, Timer, progress_bar
+from orchestrator.run_record import close_record, open_record
+from core.step_metrics import NonFiniteSteps, count_skip, staleness, train_metrics, utilization
+from core.task import summarize
 from orchestrator.tracking import MlflowLogger
 from orchestrator.weight_sync import WeightSync, open_sync
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteSteps(RuntimeError):
-    """Too many consecutive non-finite steps: the run stops with its last good checkpoint."""
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        self.times[f"timing/{name}"] = time.perf_counter() - t0
 
 
 class OPDTrainer:
@@ -136,7 +120,7 @@ class OPDTrainer:
 
     @functools.cached_property
     def method(self) -> Method:
-        """What the configured method changes in the loop (`orchestrator/methods.py`)."""
+        """What the configured method changes in the loop (`core/methods.py`)."""
         return method_of(self.cfg.method)
 
     @property
@@ -227,7 +211,7 @@ class OPDTrainer:
                 if not self.tracker.client.get_metric_history(self.tracker.run_id, "eval/accuracy"):
                     self.tracker.log(0, {"eval/accuracy": acc0, **self.evaluate_sets(0)})  # not again after a restart
                 yield 0, acc0
-            bar = _progress(self.state.step, cfg.run.steps, self.show_progress)
+            bar = progress_bar(self.state.step, cfg.run.steps, self.show_progress)
             progress = ProgressFile(self.run_dir, cfg.run.steps)
             step = self.state.step + 1
             while step <= cfg.run.steps:
@@ -265,7 +249,7 @@ class OPDTrainer:
 
     def _initial_weights(self) -> dict:
         """W_0: the student checkpoint's tensors."""
-        from orchestrator.geometry import Checkpoint
+        from core.geometry import Checkpoint
 
         return Checkpoint(self.cfg.model_paths[0]).state_dict()
 
@@ -336,7 +320,7 @@ class OPDTrainer:
 
     def _step_metrics(self, batch: Launched, stats: list[dict[str, float]], times: dict[str, float]) -> dict[str, float]:
         """Busy time and utilization of each role, the critical path, the batch's staleness
-        (`orchestrator/step_metrics.py`)."""
+        (`core/step_metrics.py`)."""
         rmeta, tmeta = ray.get(batch.rollout_meta), ray.get(batch.teacher_meta)
         out = utilization(rmeta, tmeta, stats, times, len(self.rollout), len(self.teacher),
                           pipelined=bool(self.cfg.pipeline.max_staleness))
@@ -355,12 +339,8 @@ class OPDTrainer:
         if count_skip(self.state, metrics):
             log.warning("step %d: non-finite loss or gradient, the optimizer step was skipped on every rank", step)
         if self.state.consecutive_skips >= self.cfg.learner.max_skipped_steps:
-            tag = ckpt.latest_tag(self.run_dir)
-            self._stop = NonFiniteSteps(
-                f"steps {step - self.state.consecutive_skips + 1}..{step} had a non-finite loss or gradient and were "
-                f"skipped (learner.max_skipped_steps={self.cfg.learner.max_skipped_steps}); the run stops. "
-                + (f"Its last checkpoint ({tag}) is intact: fix the cause and rerun the same command to resume."
-                   if tag else "No checkpoint was written yet."))
+            self._stop = NonFiniteSteps.at(step, self.state.consecutive_skips, self.cfg.learner.max_skipped_steps,
+                                           ckpt.latest_tag(self.run_dir))
 
     def evaluate(self) -> float:
         parts = split(self.test_indices, len(self.rollout))
@@ -405,25 +385,12 @@ class OPDTrainer:
     def finish(self) -> None:
         """Final HF checkpoint (written by learner rank 0, tensor by tensor), decisions and the
         checkpoint path as MLflow artifacts."""
-        final_dir = self.run_dir / "final"
-        self._on_learners("save_hf", str(final_dir.resolve()))
-        self.tracker.log_text(str(final_dir.resolve()), "final_checkpoint.txt")
-        if self.state.decisions:
-            self.tracker.log_json(self.state.decisions, "effopd_decisions.json")
-        if self.cfg.geometry.every:
-            curve = self.monitor.sim_to_final()
-            for step, sim in curve:
-                self.tracker.client.log_metric(self.tracker.run_id, "geometry/sim_to_final", sim, step=step)
-            self.tracker.log_json(curve, "geometry_sim_to_final.json")
-        self.tracker.set_tags({"final_checkpoint": str(final_dir.resolve())})
+        final_dir = (self.run_dir / "final").resolve()
+        self._on_learners("save_hf", str(final_dir))
+        close_record(self.tracker, final_dir, self.state.decisions, self.monitor.sim_to_final() if self.cfg.geometry.every else None)
         done_marker(self.run_dir).write_text(json.dumps({"step": self.state.step, "mlflow_run_id": self.tracker.run_id}))
 
 
 def done_marker(run_dir: Path) -> Path:
     return run_dir / "done.json"
 
-
-def _progress(start: int, total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="opd", unit="step", disable=not enabled, dynamic_ncols=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator.config import ExperimentConfig
+from core.config import ExperimentConfig
 from orchestrator.plan import ResolvedPlan
 from orchestrator.search import SearchConfig, objective_value, trial_config
 

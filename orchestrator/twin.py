@@ -24,7 +24,7 @@ import random
 from fractions import Fraction
 from pathlib import Path
 
-from orchestrator.task import Example
+from core.task import Example
 
 INSTRUCTION = "Put the final answer in \\boxed{}."
 DATA_SOURCE = "foresight/math_twin"
@@ -112,7 +112,7 @@ def build(out_dir: Path, train_size: int, test_size: int):
     """Write the verl files under `out_dir/data/` and return (tokenizer, SFT task): the SFT task's
     train examples are (rendered prompt, solution), its test examples (rendered prompt, gold), scored
     with math-verify."""
-    from orchestrator.task import Task, math_verify_reward
+    from core.task import Task, math_verify_reward
 
     train, test = problems(train_size, test_size)
     write_verl(out_dir / "data" / "train.parquet", train, "train")

@@ -110,7 +110,7 @@ def method_sweep(models, tmp_path_factory) -> dict:
 def fake_models(tmp_path_factory) -> Path:
     """Folders that pass the path checks (a config.json and one tokenizer), for validation tests that
     never load weights."""
-    from orchestrator.modeling import build_tokenizer
+    from core.modeling import build_tokenizer
 
     root = tmp_path_factory.mktemp("fake_models")
     tokenizer = build_tokenizer()

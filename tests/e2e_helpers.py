@@ -83,8 +83,8 @@ def addition_files(folder: Path, k: int = 4, temperature: float = 1.0) -> list[s
     mean/pass at k samples): a file-task workload the shipped models can score."""
     import json
 
-    from orchestrator.config import AdditionTask
-    from orchestrator.task import build_task
+    from core.config import AdditionTask
+    from core.task import build_task
 
     task = build_task(AdditionTask())
     paths = {}

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, foresight, model_overrides
-from orchestrator.config import ConfigError, load_config, parse_overrides
+from core.config import ConfigError, load_config, parse_overrides
 from orchestrator.plan import resolve
 from orchestrator.sweep import expand, is_sweep
-from orchestrator.config import read_yaml
-from orchestrator.scales import SCALES, parse_cluster
+from core.config import read_yaml
+from core.scales import SCALES, parse_cluster
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -350,7 +350,7 @@ def test_models_must_hold_prompt_plus_response_and_share_one_tokenizer(tmp_path,
     import json
     import shutil
 
-    from orchestrator.modeling import build_tokenizer
+    from core.modeling import build_tokenizer
 
     student, teacher = tmp_path / "student", tmp_path / "teacher"
     shutil.copytree(models / "student", student)

@@ -22,11 +22,11 @@ from actors.weights import WeightsHandle, fetch_state_dict
 from conftest import foresight, model_overrides, run_overrides
 from e2e_helpers import SMOKE, assert_same_metrics, history, latest, mlflow_run, reached, start_run, wait_for
 from orchestrator.cli import start_local_ray
-from orchestrator.config import load_config
-from orchestrator.extrapolation import accept, coefficient, extrapolate
+from core.config import load_config
+from core.extrapolation import accept, coefficient, extrapolate
 from orchestrator.placement import start_learners
 from orchestrator.actor_spec import actor_config
-from orchestrator.data_order import batch_indices
+from core.data_order import batch_indices
 
 pytestmark = pytest.mark.e2e
 SPEC = {"kind": "full_reverse_kl", "lam": 1.0, "rlvr_mix": 1.0, "importance_correction": True,
@@ -267,7 +267,7 @@ def test_killed_actors_and_driver_resume_exactly_across_a_search(models, tmp_pat
 
 def test_teacher_kl_validation_score(cluster):
     """V = -mean reverse KL on the candidate's own D_v samples, recomputed independently here."""
-    from orchestrator.modeling import gather_logp, generate, load_model, load_tokenizer, response_logits
+    from core.modeling import gather_logp, generate, load_model, load_tokenizer, response_logits
 
     learners, acfg = cluster["learners"], {**cluster["acfg"], "val_score": "teacher_kl"}
     opd_step(learners, cluster["acfg"], 3)  # whatever earlier tests did, W_t != anchor
@@ -277,7 +277,7 @@ def test_teacher_kl_validation_score(cluster):
     tok = load_tokenizer(acfg["student_path"])
     w = fetch_state_dict(current)
     student.load_state_dict(w, strict=False)
-    val = __import__("orchestrator.task", fromlist=["build_task"]).build_task(acfg["task_cfg"]).validation_set(50, acfg["seed"])
+    val = __import__("core.task", fromlist=["build_task"]).build_task(acfg["task_cfg"]).validation_set(50, acfg["seed"])
     out = generate(student, tok, [e.prompt for e in val], 6, greedy=False, seed=acfg["seed"] + 12345)
     with torch.no_grad():
         s = gather_logp(torch.log_softmax(response_logits(student, out["input_ids"], out["attention_mask"], out["prompt_len"]), -1), out["response"])

@@ -27,11 +27,11 @@ from actors.rollout import RolloutWorker
 from actors.teacher import TeacherScorer
 from conftest import ROOT, model_overrides
 from orchestrator.cli import start_local_ray
-from orchestrator.config import load_config
-from orchestrator.modeling import slice_batch
+from core.config import load_config
+from core.modeling import slice_batch
 from orchestrator.placement import start_learners
 from orchestrator.actor_spec import actor_config
-from orchestrator.data_order import batch_indices
+from core.data_order import batch_indices
 
 pytestmark = pytest.mark.e2e
 REL_TOL = 1e-3

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.e2e
 def test_shipped_models_are_what_their_recipe_record_says(models):
     """models/addition holds the default recipe's result: the files hash to the record's sha256 and
     score the record's exact test accuracies (teacher >= 0.95, student in its band)."""
-    from orchestrator.config import AdditionTask
-    from orchestrator.modeling import greedy_accuracy, load_model, load_tokenizer
+    from core.config import AdditionTask
+    from core.modeling import greedy_accuracy, load_model, load_tokenizer
     from orchestrator.prepare import RECIPES, sha256
-    from orchestrator.task import build_task
+    from core.task import build_task
 
     meta = json.loads((models / "prepare.json").read_text())
     assert meta["recipe"] == json.loads(json.dumps(RECIPES["default"].__dict__))

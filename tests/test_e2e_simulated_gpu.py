@@ -22,7 +22,7 @@ import ray
 
 from conftest import ROOT, run_overrides
 from listeners import is_loopback, listeners, tree
-from orchestrator.config import load_config
+from core.config import load_config
 from orchestrator.placement import learner_env, nccl_layout, probe_placements
 from orchestrator.plan import resolve
 from orchestrator.trainer import OPDTrainer

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from e2e_helpers import addition_files
-from orchestrator.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 
 MODELS = ROOT / "models" / "addition"
 
@@ -34,7 +34,7 @@ def worker(tmp_path_factory):
 def test_greedy_accuracy_and_near_greedy_samples_agree(worker):
     """The set's greedy accuracy equals the task's greedy accuracy on the same prompts; at T = 1e-4
     every sample is the argmax, so mean@k = pass@k = greedy accuracy exactly."""
-    from orchestrator.modeling import greedy_accuracy
+    from core.modeling import greedy_accuracy
 
     w, cfg = worker
     examples = w.task.test[:40]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.extrapolation import accept, coefficient, extrapolate, is_search_step
+from core.extrapolation import accept, coefficient, extrapolate, is_search_step
 
 NAN = math.nan
 
@@ -69,7 +69,7 @@ def test_extrapolate_is_elementwise_and_chunk_invariant():
 def test_candidate_ladder_and_search_schedule():
     from pydantic import ValidationError
 
-    from orchestrator.config import EffOPD, FixedExtrapolation
+    from core.config import EffOPD, FixedExtrapolation
 
     assert EffOPD().coefficients() == [2.0, 4.0, 6.0, 8.0, 10.0]  # the paper's 2k, k = 1..5
     assert EffOPD(num_candidates=3).coefficients() == [2.0, 4.0, 6.0]

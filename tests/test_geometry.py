@@ -13,7 +13,7 @@ from scipy.stats import entropy, ortho_group
 from safetensors.torch import save_file
 
 from conftest import foresight
-from orchestrator.geometry import (GeometryOptions, bf16_unchanged, hill, matrix_metrics, module_type, top_mask,
+from core.geometry import (GeometryOptions, bf16_unchanged, hill, matrix_metrics, module_type, top_mask,
                                    principal_angles_deg, spectral_metrics, subspace_similarity)
 
 OPTS = GeometryOptions(rotation_k=8, mask_rank=4, sim_k=4)
@@ -140,7 +140,7 @@ def test_cli_streams_sharded_checkpoints(tmp_path):
 
 def test_gradient_projection_hook_projects_onto_the_basis():
     """The learner's hook g <- g V V^T, on a plain parameter: the gradient lands in span(V)."""
-    from orchestrator.geometry import top_right_basis
+    from core.geometry import top_right_basis
 
     gen = torch.Generator().manual_seed(0)
     delta = torch.randn(6, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 10, generator=gen, dtype=torch.float64)

@@ -1,6 +1,7 @@
 """The import structure: no circles among the project's modules (module-level imports; those inside
-a function run on use and type-only ones never), and the pure modules stay pure: they import no
-actor, no Ray and no driver module, so both sides can use them."""
+a function run on use and type-only ones never), `core/` (the pure modules) imports nothing from
+`orchestrator/` or `actors/`, and `actors/` nothing from `orchestrator/` (anywhere in the file), so
+both sides use the same pure code and neither reaches into the other."""
 
 from __future__ import annotations
 
@@ -9,34 +10,35 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("actors", "orchestrator", "dashboards")
-PURE = {"orchestrator.losses", "orchestrator.extrapolation", "orchestrator.step_metrics", "orchestrator.data_order",
-        "orchestrator.sandbox", "orchestrator.rendezvous", "orchestrator.methods", "orchestrator.modeling",
-        "orchestrator.geometry"}
-"""Math and rules with no process of their own: they may import the config schema and each other."""
-PURE_MAY_IMPORT = PURE | {"orchestrator.config"}
+PACKAGES = ("core", "actors", "orchestrator", "dashboards")
+FORBIDDEN = {"core": ("orchestrator", "actors", "dashboards"), "actors": ("orchestrator", "dashboards")}
 
 
-def module_imports() -> dict[str, set[str]]:
-    """module -> the project modules it imports at module level."""
-    modules = {f"{pkg}.{p.stem}": p for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")}
-    out: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        found: set[str] = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                continue
-            for sub in ast.walk(node) if isinstance(node, (ast.Import, ast.ImportFrom, ast.If, ast.Try)) else ():
-                if isinstance(sub, ast.Import):
-                    found |= {a.name for a in sub.names}
-                elif isinstance(sub, ast.ImportFrom) and sub.module:
-                    found |= {sub.module} | {f"{sub.module}.{a.name}" for a in sub.names}
-        out[name] = {m for m in found if m in modules} | {m for m in found if m.split(".")[0] in ("ray",)}
-    return out
+def project_modules() -> dict[str, Path]:
+    return {f"{pkg}.{p.stem}": p for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py") if p.stem != "__init__"}
+
+
+def imports_of(path: Path, module_level: bool) -> set[str]:
+    """Dotted names a file imports (`from a.b import c` gives a.b and a.b.c): at module level only
+    (skipping `if TYPE_CHECKING:` blocks), or anywhere in the file."""
+    tree = ast.parse(path.read_text())
+    if module_level:
+        nodes = [n for top in tree.body if not (isinstance(top, ast.If) and "TYPE_CHECKING" in ast.unparse(top.test))
+                 and isinstance(top, (ast.Import, ast.ImportFrom, ast.If, ast.Try)) for n in ast.walk(top)]
+    else:
+        nodes = list(ast.walk(tree))
+    found: set[str] = set()
+    for n in nodes:
+        if isinstance(n, ast.Import):
+            found |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.module:
+            found |= {n.module} | {f"{n.module}.{a.name}" for a in n.names}
+    return found
 
 
 def test_no_import_circles():
-    graph = {m: {d for d in deps if d in module_imports_cache} for m, deps in module_imports_cache.items()}
+    modules = project_modules()
+    graph = {m: {d for d in imports_of(p, module_level=True) if d in modules} for m, p in modules.items()}
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -56,10 +58,9 @@ def test_no_import_circles():
             visit(m)
 
 
-def test_pure_modules_import_no_actor_ray_or_driver_module():
-    for m in sorted(PURE):
-        bad = {d for d in module_imports_cache[m] if d not in PURE_MAY_IMPORT}
-        assert not bad, f"{m} imports {sorted(bad)}"
-
-
-module_imports_cache = module_imports()
+def test_core_and_actors_do_not_import_upward():
+    bad = []
+    for m, path in sorted(project_modules().items()):
+        banned = FORBIDDEN.get(m.split(".")[0], ())
+        bad += [f"{m} imports {d}" for d in sorted(imports_of(path, module_level=False)) if d.split(".")[0] in banned]
+    assert not bad, "\n".join(bad)

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from orchestrator.losses import LossSpec, TokenBatch
-from orchestrator.losses import opd_loss as _opd_loss
+from core.losses import LossSpec, TokenBatch
+from core.losses import opd_loss as _opd_loss
 
 LOGITS = [[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]
 
@@ -103,7 +103,7 @@ def test_full_vocabulary_terms_ignore_the_sampled_tokens_importance_ratio():
 
 def test_topk_teacher_kl_converges_to_the_exact_kl():
     """Top-k plus a tail bucket: a lower bound of the full KL that tightens with k, exact at k = V."""
-    from orchestrator.losses import token_terms
+    from core.losses import token_terms
 
     gen = torch.Generator().manual_seed(0)
     V = 40
@@ -149,7 +149,7 @@ def test_masked_tokens_do_not_count():
 
 
 def test_grpo_group_advantages():
-    from orchestrator.losses import grpo_advantages
+    from core.losses import grpo_advantages
 
     adv = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]), group=3)
     # group 1: mean 1/3, std sqrt(2)/3 ; group 2: mean 2/3
@@ -173,7 +173,7 @@ def test_rlvr_mixing_interpolates_advantages():
 
 
 def test_token_sparsification_keeps_top_kl_and_rescales():
-    from orchestrator.losses import sparsify
+    from core.losses import sparsify
 
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
     score = torch.tensor([[0.1, 3.0, 0.2, 2.0, 9.0]])  # the masked token must never be picked
@@ -193,7 +193,7 @@ def test_sft_loss_is_cross_entropy_on_samples():
 def test_topk_ids_past_the_student_vocabulary_join_the_tail():
     """A teacher with more embedding rows (same tokenizer) may rank an id the student has no logit for:
     it is folded into the tail bucket, by hand: student V = 3, teacher top-2 = {id 1, id 4 (past V)}."""
-    from orchestrator.losses import token_terms
+    from core.losses import token_terms
 
     s = torch.log_softmax(torch.tensor([[[1.0, 2.0, 0.5]]]), -1)
     t_ids = torch.tensor([[[1, 4]]])

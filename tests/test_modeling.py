@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from orchestrator.modeling import (TinyArch, build_tokenizer, gather_logp, generate, init_model, response_logits,
+from core.modeling import (TinyArch, build_tokenizer, gather_logp, generate, init_model, response_logits,
                                    response_mask)
 
 

@@ -1,4 +1,4 @@
-"""User data checked whole before launch (orchestrator/records.py): every bad record is a
+"""User data checked whole before launch (core/records.py): every bad record is a
 `<file>: <line|record N>: <reason>` error with exit code 2, found on the driver, not an actor's
 traceback after the cluster started; a missing answer is never trained on."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import foresight, model_overrides
-from orchestrator.config import ConfigError, JsonlTask
-from orchestrator.records import DataError, check_data
+from core.config import ConfigError, JsonlTask
+from core.records import DataError, check_data
 
 GOOD = {"prompt": "1+1=", "answer": "2"}
 CASES = json.dumps({"inputs": ["1 2\n"], "outputs": ["3\n"]})

@@ -1,9 +1,9 @@
-"""Code rewards in the sandbox (orchestrator/sandbox.py, orchestrator/code_rewards.py), against an
+"""Code rewards in the sandbox (core/sandbox.py, core/code_rewards.py), against an
 attack corpus: every attack is run under each isolation this machine offers and asserts both the
 reward and that nothing was left behind (processes, files, connections).
 
 Right programs score 1.0 and wrong ones 0.0 in every mode; what only some modes guarantee (see the
-module docstring of orchestrator/sandbox.py) is asserted only there: `none` cannot stop a detached
+module docstring of core/sandbox.py) is asserted only there: `none` cannot stop a detached
 process, a write to /tmp or a connection, and without bubblewrap the network is open.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.code_rewards import CodeReward, code_io_check, python_tests_check
-from orchestrator.config import SandboxConfig
-from orchestrator.sandbox import SLOT_BASE, Limits, probe
+from core.code_rewards import CodeReward, code_io_check, python_tests_check
+from core.config import SandboxConfig
+from core.sandbox import SLOT_BASE, Limits, probe
 
 MODES = [pytest.param(m, marks=pytest.mark.skipif(probe(m) is not None, reason=f"{m}: {probe(m)}"))
          for m in ("bwrap", "uid", "none")]
@@ -224,8 +224,8 @@ def test_paper_grid_code_reward_path_scores_right_and_wrong_programs(tmp_path, f
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.config import load_config, read_yaml
-    from orchestrator.task import build_task
+    from core.config import load_config, read_yaml
+    from core.task import build_task
 
     rows = [{"prompt": [{"role": "user", "content": "Add two numbers."}], "data_source": "eurus",
              "reward_model": {"style": "rule", "ground_truth": json.dumps({"inputs": ["1 2\n", "5 5\n"], "outputs": ["3", "10"]})}},
@@ -254,11 +254,11 @@ def model_overrides_for(models: Path) -> list[str]:
 
 
 def test_isolation_that_cannot_be_had_is_refused_before_launch(tmp_path, fake_models, monkeypatch, caplog):
-    from orchestrator import sandbox
-    from orchestrator.code_rewards import sandbox_tags
-    from orchestrator.config import ConfigError, load_config
+    from core import sandbox
+    from core.code_rewards import sandbox_tags
+    from core.config import ConfigError, load_config
     from orchestrator.plan import check_sandbox
-    from orchestrator.sandbox import SandboxUnavailable
+    from core.sandbox import SandboxUnavailable
 
     monkeypatch.setattr(sandbox, "probe", lambda iso: "bubblewrap (bwrap) is not installed" if iso == "bwrap" else None)
     data = tmp_path / "d.jsonl"

@@ -89,8 +89,8 @@ def test_bf16_effopd_identity_with_persistent_parameters_at_real_shape(real_mode
     from actors.weights import WeightsHandle, fetch_state_dict
     from benchmarks.gpu_check import synthetic_batch
     from orchestrator.cli import start_local_ray
-    from orchestrator.config import load_config
-    from orchestrator.extrapolation import extrapolate
+    from core.config import load_config
+    from core.extrapolation import extrapolate
     from orchestrator.placement import start_learners
     from orchestrator.actor_spec import actor_config
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import foresight
-from orchestrator.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from orchestrator.placement import learner_env, nccl_layout
 from orchestrator.plan import resolve
-from orchestrator.scales import (QWEN3_32B, QWEN25_7B, ClusterSpec, concurrent_trials, engine_mem_gb, first_fit,
+from core.scales import (QWEN3_32B, QWEN25_7B, ClusterSpec, concurrent_trials, engine_mem_gb, first_fit,
                                  learner_mem_gb, parse_cluster, usable_gb)
 
 H100x32 = ClusterSpec(4, 8, "H100", 80)
@@ -51,7 +51,7 @@ def test_memory_formulas_by_hand():
 
 
 def test_memory_formulas_cpu_fp32_path():
-    from orchestrator.scales import ModelShape, learner_mem_phases
+    from core.scales import ModelShape, learner_mem_phases
 
     # the benchmark's Qwen2 (64M, hidden 512, 8 layers, 2 KV heads of 64, I 2048, V 32768) on the fp32 CPU path
     shape = ModelShape("qwen2-64m", 0.064, 8, 512, 2, 64, 32_768)
@@ -171,7 +171,7 @@ def test_pipelined_gpu_hours_use_the_critical_path_on_the_steps_that_overlap():
 def test_gpu_hours_count_the_named_evaluation_sets(tmp_path):
     """eval.sets sampling (the paper: avg@32 every 2 steps) is decoding on the rollout engines:
     (greedy + k) sequences per prompt, prompts from num_examples or the file's rows, per eval.every."""
-    from orchestrator.scales import SCALES, Workload, decode_seconds
+    from core.scales import SCALES, Workload, decode_seconds
 
     rows = tmp_path / "aime.jsonl"
     rows.write_text("".join(f'{{"prompt": "p{i}", "answer": "{i}"}}\n' for i in range(30)))
@@ -195,7 +195,7 @@ def test_multi_node_output_dir_is_absolute_and_shared(tmp_path, fake_models):
     from pathlib import Path
 
     from orchestrator.placement import SharedDirError, check_shared_output
-    from orchestrator.scales import parse_cluster
+    from core.scales import parse_cluster
 
     models = [f"models.student={fake_models / 'student'}", f"models.teacher={fake_models / 'teacher'}"]
     cfg = load_config(None, models + ["run.scale=32B", "run.output_dir=runs"])
@@ -221,7 +221,7 @@ def plan_live(cfg):
     from unittest import mock
 
     from orchestrator import plan as plan_mod
-    from orchestrator.scales import ClusterSpec
+    from core.scales import ClusterSpec
 
     with mock.patch.object(plan_mod, "live_cluster", return_value=ClusterSpec(4, 8, "H100", 80.0)), \
             mock.patch.object(plan_mod, "check_backends"), mock.patch.object(plan_mod, "check_models"):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from orchestrator.config import AdditionTask, JsonlTask
-from orchestrator.task import build_addition, build_jsonl, exact_match, math_verify_reward
+from core.config import AdditionTask, JsonlTask
+from core.task import build_addition, build_jsonl, exact_match, math_verify_reward
 
 
 def test_addition_splits_fixed_disjoint_and_correct():
@@ -60,14 +60,14 @@ def test_jsonl_and_parquet_loader(tmp_path):
     ("12", "first \\boxed{7}, then correcting: \\boxed{12}", "\\boxed{12} no wait \\boxed{13}"),  # the last box counts
 ])
 def test_math_verify_reward_in_both_directions(gold, right, wrong):
-    from orchestrator.task import math_verify_reward
+    from core.task import math_verify_reward
 
     assert math_verify_reward(right, gold) == 1.0
     assert math_verify_reward(wrong, gold) == 0.0
 
 
 def test_last_boxed_matches_nested_braces():
-    from orchestrator.task import last_boxed
+    from core.task import last_boxed
 
     assert last_boxed("x \\boxed{\\frac{1}{2}} and \\boxed{\\{1,2\\}}") == "\\{1,2\\}"
     assert last_boxed("\\boxed{\\frac{a}{b}") is None and last_boxed("no box") is None

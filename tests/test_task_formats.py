@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from orchestrator.config import ConfigError, JsonlTask, check_paths, load_config
-from orchestrator.task import build_task
+from core.config import ConfigError, JsonlTask, check_paths, load_config
+from core.task import build_task
 
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -27,7 +27,7 @@ MODELS = ROOT / "models" / "addition"
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> Path:
     """The shipped student's tokenizer with a chat template (config.json copied so it is a checkpoint folder)."""
-    from orchestrator.modeling import load_tokenizer
+    from core.modeling import load_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     tok = load_tokenizer(MODELS / "student")
@@ -95,7 +95,7 @@ def test_overlong_prompts_are_dropped_and_counted(tmp_path, student):
     path = write(tmp_path / "t.parquet", rows)
     cfg = JsonlTask(train_path=path, test_path=path, format="verl")
     full = build_task(cfg, student)
-    from orchestrator.modeling import load_tokenizer
+    from core.modeling import load_tokenizer
 
     lengths = [len(load_tokenizer(student)(e.prompt, add_special_tokens=False)["input_ids"]) for e in full.train]
     limit = sorted(lengths)[1]  # the two short prompts fit, the long one does not
@@ -131,7 +131,7 @@ def test_epochs_visit_every_prompt_once_per_epoch_in_seeded_order():
     """`run.data_order: epochs`: 10 prompts, batches of 4: steps 1-2 and the first half of step 3 are
     epoch 0 (each prompt once), step 3 crosses into epoch 1's own shuffle; the order is a function of
     (seed, step) alone, so a resumed run draws what an uninterrupted one would."""
-    from orchestrator.data_order import batch_indices, epoch_permutation
+    from core.data_order import batch_indices, epoch_permutation
 
     steps = [batch_indices(t, 10, 4, seed=3, order="epochs") for t in range(1, 6)]
     flat = [i for b in steps for i in b]

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.config import ConfigError
+from core.config import ConfigError
 from orchestrator.tracking import STEP_KEY, MlflowLogger, check_tracking
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import optuna
 
 from conftest import model_overrides
-from orchestrator.config import parse_overrides, validate
+from core.config import parse_overrides, validate
 from orchestrator.plan import resolve
 from orchestrator.search import SearchConfig, sampler
 from orchestrator.trial import NUMBER, TRIAL, SweepSpec

@@ -17,15 +17,15 @@ TWIN = ROOT / "models" / "math_twin"
 
 @pytest.fixture(scope="module")
 def task():
-    from orchestrator.config import load_config
-    from orchestrator.task import build_task
+    from core.config import load_config
+    from core.task import build_task
 
     cfg = load_config(ROOT / "experiments" / "math_twin.yaml", [])
     return build_task(cfg.task, cfg.model_paths[0], cfg.rollout.max_prompt_tokens)
 
 
 def test_shipped_twin_matches_its_record():
-    from orchestrator.config import AdditionTask
+    from core.config import AdditionTask
     from orchestrator.prepare import RECIPES, WORKLOADS, sha256
 
     meta = json.loads((TWIN / "prepare.json").read_text())
@@ -43,7 +43,7 @@ def test_shipped_twin_matches_its_record():
 def test_verl_rows_and_the_chat_template(task):
     import pyarrow.parquet as pq
 
-    from orchestrator.modeling import load_tokenizer
+    from core.modeling import load_tokenizer
 
     row = pq.read_table(TWIN / "data" / "train.parquet").slice(0, 1).to_pylist()[0]
     assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].endswith("Put the final answer in \\boxed{}.")
@@ -60,7 +60,7 @@ def test_verl_rows_and_the_chat_template(task):
 
 
 def test_math_verify_scores_unreduced_fractions_that_exact_match_rejects(task):
-    from orchestrator.task import exact_match, math_verify_reward
+    from core.task import exact_match, math_verify_reward
     from orchestrator.twin import problems
 
     train, _ = problems(20000, 500)

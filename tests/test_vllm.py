@@ -36,7 +36,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def acfg(models, tmp_path_factory):
-    from orchestrator.config import load_config
+    from core.config import load_config
     from orchestrator.actor_spec import actor_config
 
     cfg = load_config(SMOKE, [*model_overrides(models), "rollout.backend=vllm",
@@ -53,15 +53,15 @@ def engine(ray_local, acfg):
 
 @pytest.fixture(scope="module")
 def hf(models):
-    from orchestrator.modeling import load_model, load_tokenizer
-    from orchestrator.task import build_task
-    from orchestrator.config import AdditionTask
+    from core.modeling import load_model, load_tokenizer
+    from core.task import build_task
+    from core.config import AdditionTask
 
     return load_model(models / "student"), load_tokenizer(models / "student"), build_task(AdditionTask())
 
 
 def hf_logp(model, batch) -> torch.Tensor:
-    from orchestrator.modeling import gather_logp, response_logits
+    from core.modeling import gather_logp, response_logits
 
     with torch.no_grad():
         logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"])
@@ -69,7 +69,7 @@ def hf_logp(model, batch) -> torch.Tensor:
 
 
 def test_greedy_outputs_of_hf_and_vllm_agree(ray_local, engine, hf):
-    from orchestrator.modeling import decode_responses, generate
+    from core.modeling import decode_responses, generate
 
     model, tok, task = hf
     prompts = [e.prompt for e in task.test[:300]]
@@ -148,7 +148,7 @@ def test_two_vllm_rollout_parts_and_two_vllm_teachers_give_the_learner_the_same_
     (tokens, masks, rollout and teacher log-probs, top-k); test_e2e_learner.py shows the learner's
     update depends only on those, however they are cut."""
     from actors.batching import token_batch
-    from orchestrator.modeling import concat_batches
+    from core.modeling import concat_batches
 
     whole = ray_local.get(engine.generate.remote(4, list(range(64, 96)), None))
     parts = [relayout(whole, slice(0, 9)), relayout(whole, slice(9, 32))]
@@ -175,7 +175,7 @@ def test_vllm_evaluator_scores_candidates_like_the_hf_evaluator(ray_local, acfg,
     from actors.evaluator import CandidateEvaluator, VllmCandidateEvaluator
     from actors.vllm_nccl import TrainerSender
     from actors.weights import WeightsHandle
-    from orchestrator.extrapolation import extrapolate
+    from core.extrapolation import extrapolate
 
     def receive_by_loading(self, named: list) -> None:
         """Inside an engine actor: `engine_receive` loads `named` (checked against the update's metadata)

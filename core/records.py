@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import ConfigError, JsonlTask
+from core.config import ConfigError, JsonlTask
 
 PARQUET_BATCH = 4096
 """Rows per parquet batch: a 100k-row file is read in ~25 pieces, never whole."""
@@ -104,7 +104,7 @@ def answer_problem(answer: Any, reward: str) -> str | None:
     if answer is None:
         return "the answer is null (a record without an answer cannot be scored)"
     if reward == "code_io":
-        from orchestrator.code_rewards import parse_cases
+        from core.code_rewards import parse_cases
 
         if parse_cases(answer) is None:
             return ('not runnable cases: expected JSON {"inputs": [...], "outputs": [...]} of equal, non-zero '
@@ -140,7 +140,7 @@ def record_fields(row: Any, cfg: JsonlTask) -> tuple[Any, str]:
 def check_data(cfg: JsonlTask, files: list[tuple[str, Path]], student: Path | None, max_prompt_tokens: int | None) -> dict[str, int]:
     """Every record of every file, streamed (`DataError` on the first bad one); with the overlong
     filter on, at least one prompt of each file must fit. Returns {config key: records}."""
-    from orchestrator.task import PromptRenderer
+    from core.task import PromptRenderer
 
     render = PromptRenderer(cfg, student)
     counts: dict[str, int] = {}

@@ -7,6 +7,17 @@ from __future__ import annotations
 from typing import Any
 
 
+class NonFiniteSteps(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops with its last good checkpoint."""
+
+    @classmethod
+    def at(cls, step: int, in_a_row: int, limit: int, tag: str | None) -> "NonFiniteSteps":
+        return cls(f"steps {step - in_a_row + 1}..{step} had a non-finite loss or gradient and were skipped "
+                   f"(learner.max_skipped_steps={limit}); the run stops. "
+                   + (f"Its last checkpoint ({tag}) is intact: fix the cause and rerun the same command to resume."
+                      if tag else "No checkpoint was written yet."))
+
+
 def train_metrics(stats: list[dict[str, float]]) -> dict[str, float]:
     """`train/*` and `learner/*` from the ranks' sums: per-token means over the step's response
     tokens (`tokens`), the reward per sequence, rank 0's global gradient norm and skip flag."""

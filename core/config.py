@@ -74,7 +74,7 @@ class RunConfig(_Strict):
     """Root for run folders (checkpoints, resolved config, final weights); `$VAR` and `~` are expanded.
     A trial on more than one node needs an absolute path that every node mounts (checked before launch)."""
     scale: str = "tiny"
-    """Scale from the registry (`orchestrator/scales.py`): tiny (CPU), 1.5B, 4B, 7B, 8B, 14B, 32B."""
+    """Scale from the registry (`core/scales.py`): tiny (CPU), 1.5B, 4B, 7B, 8B, 14B, 32B."""
 
     @field_validator("output_dir", mode="before")
     @classmethod
@@ -84,7 +84,7 @@ class RunConfig(_Strict):
     @field_validator("scale")
     @classmethod
     def _known_scale(cls, value: str) -> str:
-        from orchestrator.scales import SCALES
+        from core.scales import SCALES
 
         if value not in SCALES:
             raise ValueError(f"unknown scale '{value}' (known: {', '.join(SCALES)})")
@@ -127,7 +127,7 @@ class AdditionTask(_Strict):
 
 
 class SandboxConfig(_Strict):
-    """Where model-written code runs (`python_tests` and `code_io` rewards; `orchestrator/sandbox.py`).
+    """Where model-written code runs (`python_tests` and `code_io` rewards; `core/sandbox.py`).
 
     Isolation, strongest first: `bwrap` (bubblewrap: read-only system, a private folder, no network,
     its own PID namespace), `uid` (root without bubblewrap: an unused uid of its own, killed and
@@ -315,7 +315,7 @@ class LearnerConfig(_Strict):
 
 class LossConfig(_Strict):
     type: Literal["pg_reverse_kl", "full_reverse_kl", "forward_kl", "sft"] = "pg_reverse_kl"
-    """Loss variant, see `orchestrator.losses`: sampled-token reverse-KL policy gradient (the
+    """Loss variant, see `core.losses`: sampled-token reverse-KL policy gradient (the
     papers'), full-vocabulary reverse KL, full-vocabulary forward KL, or `sft` (cross-entropy on
     the sampled tokens; with rollout.source=teacher, SFT on teacher outputs)."""
     rlvr_mix: float = Field(1.0, ge=0.0, le=1.0)
@@ -524,7 +524,7 @@ class ExperimentConfig(_Strict):
     @property
     def model_paths(self) -> tuple[Path, Path]:
         """(student, teacher) folders: configured, or the scale's defaults."""
-        from orchestrator.scales import model_paths
+        from core.scales import model_paths
 
         return model_paths(self.run.scale, self.models.student, self.models.teacher)
 
@@ -707,7 +707,7 @@ def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
             hint = " (run `foresight prepare` to build the embedded models)" if "models/addition" in str(folder) else ""
             raise ConfigError(file, key, f"no HF checkpoint (config.json) at {folder}{hint}")
     if isinstance(cfg.task, JsonlTask):
-        from orchestrator.records import first_record, lookup
+        from core.records import first_record, lookup
 
         files = [("task.train_path", cfg.task.train_path), ("task.test_path", cfg.task.test_path)]
         files += [(f"eval.sets.{name}.path", es.path) for name, es in cfg.eval.sets.items()]
@@ -723,7 +723,7 @@ def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
                 except KeyError:
                     raise ConfigError(file, ckey, f"{p}: no column '{column}' (format {cfg.task.format}; "
                                       f"the first record has: {', '.join(sorted(row)) or 'nothing'})") from None
-        from orchestrator.records import check_data
+        from core.records import check_data
 
         check_data(cfg.task, files, cfg.model_paths[0], cfg.rollout.max_prompt_tokens)
 

@@ -1,4 +1,4 @@
-"""Code rewards: a completion's program run in the sandbox (`orchestrator/sandbox.py`) against the
+"""Code rewards: a completion's program run in the sandbox (`core/sandbox.py`) against the
 record's tests. 1.0 only when the harness reports every case passed; never on an exit code.
 
 * `code_io`: APPS-style cases as Eurus-2-RL-Data (the EffOPD paper's Eurus-RL-Code) stores them in
@@ -19,7 +19,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from orchestrator.sandbox import Limits, Outcome, SandboxUnavailable, detect, new_nonce, run_harness, weaker_than_bwrap
+from core.sandbox import Limits, Outcome, SandboxUnavailable, detect, new_nonce, run_harness, weaker_than_bwrap
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()

@@ -1,6 +1,6 @@
 """Methods: what each one changes in a run, in one class per method. The trainer and the planner ask
 the method; neither branches on its type. Adding a method is one class here (registered in
-`METHODS`) plus its config entry (`orchestrator/config.py`, the `method.type` union).
+`METHODS`) plus its config entry (`core/config.py`, the `method.type` union).
 
     vanilla               OPD: A_t = log pi_t(y_t) - log pi_s(y_t), nothing else
     effopd                at the search steps, score W_t + c_k (W_t - anchor) on D_v and jump to the
@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from orchestrator.config import ConfigError
-from orchestrator.extrapolation import Decision, accept
-from orchestrator.losses import NEEDS_TEACHER_DISTRIBUTION
+from core.config import ConfigError
+from core.extrapolation import Decision, accept
+from core.losses import NEEDS_TEACHER_DISTRIBUTION
 
 
 class Method:

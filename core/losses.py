@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from orchestrator.modeling import gather_logp
+from core.modeling import gather_logp
 
 
 @dataclass

@@ -8,7 +8,7 @@ Registry (a plain dict) keyed by the config's `task.type`:
   a completion is correct when `math_verify.verify(parse(answer), parse(completion))` holds
   (`reward: math_verify`), on exact match (`exact`), or for code data when the answer's Python
   tests pass (`python_tests`: assert code; `code_io`: Eurus/APPS-style stdin/stdout or call cases
-  as JSON, the EffOPD paper's code data), run in the sandbox (`orchestrator/code_rewards.py`). Chat-message prompts are rendered once, here, with the student
+  as JSON, the EffOPD paper's code data), run in the sandbox (`core/code_rewards.py`). Chat-message prompts are rendered once, here, with the student
   tokenizer's chat template, so the HF and vLLM backends (which both encode the rendered string
   with that tokenizer, no special tokens added) see the same token ids.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.config import AdditionTask, JsonlTask
-from orchestrator.records import DataError, as_messages, iter_rows, record_fields
+from core.config import AdditionTask, JsonlTask
+from core.records import DataError, as_messages, iter_rows, record_fields
 
 TASK_SEED = 1234
 
@@ -111,10 +111,10 @@ REWARDS: dict[str, Callable[[str, str], float]] = {"math_verify": math_verify_re
 
 
 def reward_of(cfg: JsonlTask) -> Callable[[str, str], float]:
-    """The reward `cfg.reward` names; code rewards bound to `cfg.sandbox` (orchestrator/code_rewards.py)."""
+    """The reward `cfg.reward` names; code rewards bound to `cfg.sandbox` (core/code_rewards.py)."""
     if cfg.reward in REWARDS:
         return REWARDS[cfg.reward]
-    from orchestrator.code_rewards import CodeReward
+    from core.code_rewards import CodeReward
 
     return CodeReward(cfg.reward, cfg.sandbox)
 
@@ -158,7 +158,7 @@ class PromptRenderer:
         if self._tok is None:
             if self.student_path is None:
                 raise ValueError("task: chat templates and the overlong-prompt filter need the student's tokenizer")
-            from orchestrator.modeling import load_tokenizer
+            from core.modeling import load_tokenizer
 
             self._tok = load_tokenizer(self.student_path)
         return self._tok
@@ -241,7 +241,7 @@ def build_task(cfg: AdditionTask | JsonlTask, student_path: str | Path | None = 
 
 
 def task_of(acfg: dict[str, Any]) -> Task:
-    """The task as an actor builds it from its actor config (`orchestrator.trainer.actor_config`)."""
+    """The task as an actor builds it from its actor config (`orchestrator.actor_spec.actor_config`)."""
     return build_task(acfg["task_cfg"], acfg["student_path"], acfg["rollout"]["max_prompt_tokens"])
 
 
