@@ -628,6 +628,12 @@ def _scalar(raw: str, key: str = "") -> Any:
         raise ConfigError("<command line>", key if err.key.startswith("line") else err.key, err.reason) from None
 
 
+def trial_dict(base: dict[str, Any], assignment: dict[str, Any], trial: str, sweep: str, file: Any) -> dict[str, Any]:
+    """One trial of a sweep or search: the base, then the trial's dotted assignments, then its run
+    name and the sweep's MLflow experiment (the one merge every loader uses)."""
+    return deep_merge(deep_merge(base, nest(assignment, file)), {"run": {"name": trial}, "tracking": {"experiment": sweep}})
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Recursively merge `over` into a copy of `base` (dicts merge, everything else replaces)."""
     out = dict(base)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from core.config import ConfigError, deep_merge, load_config, parse_overrides, validate
+from core.config import ConfigError, deep_merge, load_config, parse_overrides, trial_dict, validate
 
 log = logging.getLogger("foresight")
 
@@ -71,7 +71,7 @@ def _load(args: argparse.Namespace) -> tuple[str | None, list, dict]:
         search = parse_search(data["search"], args.config)
         check_search_space(name, base, search, args.config)
         extras = {"base": base, "search": search, "scheduler": scheduler_options(data, args.config)}
-        cfgs = [validate(deep_merge(base, {"run": {"name": f"{name}_t000"}, "tracking": {"experiment": name}}), args.config)]
+        cfgs = [validate(trial_dict(base, {}, f"{name}_t000", name, args.config), args.config)]
     elif is_sweep(data):
         name, trials = expand(args.config, args.overrides)
         extras = {"scheduler": scheduler_options(data, args.config)}

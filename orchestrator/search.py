@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from core.config import MAX_SEED, ConfigError, _Strict, deep_merge, nest, validate, validation_error
+from core.config import MAX_SEED, ConfigError, _Strict, trial_dict, validate, validation_error
 
 
 
@@ -155,9 +155,7 @@ def sampler(search: SearchConfig, trials_so_far: int = 0):
 
 
 def trial_config(name: str, number: int, base: dict, assignment: dict[str, Any], file: str | Path):
-    merged = deep_merge(deep_merge(base, nest(assignment, file)), {"run": {"name": f"{name}_t{number:03d}"},
-                                                                    "tracking": {"experiment": name}})
-    return validate(merged, file)
+    return validate(trial_dict(base, assignment, f"{name}_t{number:03d}", name, file), file)
 
 
 def _values(p: SearchParam) -> list[Any]:

@@ -26,8 +26,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from core.config import (ConfigError, ExperimentConfig, _Strict, deep_merge, nest, parse_overrides, read_yaml,
-                                 validate, validation_error)
+from core.config import (ConfigError, ExperimentConfig, _Strict, deep_merge, parse_overrides, read_yaml, trial_dict,
+                         validate, validation_error)
 from orchestrator.search import SearchConfig
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[str, l
         trial_name = f"{name}_{label}" if label else "_".join([name] + [_short(k, v) for k, v in assignment.items()])
         if any(t.name == trial_name for t in trials):
             raise ConfigError(path, origin, f"two trials are both named {trial_name} (they would share a run folder)")
-        merged = deep_merge(deep_merge(base, nest(assignment, path)), {"run": {"name": trial_name}, "tracking": {"experiment": name}})
+        merged = trial_dict(base, assignment, trial_name, name, path)
         try:
             cfg = validate(merged, path)
         except ConfigError as err:
