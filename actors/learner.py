@@ -26,7 +26,7 @@ import torch
 from actors.group import Placed
 from actors.batching import fetch_rows
 from core.faults import fires, once
-from core.extrapolation import extrapolate
+from core.extrapolation import extrapolate, extrapolated
 from core.modeling import quiet_hf
 
 log = logging.getLogger(__name__)
@@ -397,7 +397,8 @@ class Learner(Placed):
                 shutil.copy2(f, out / f.name)
         write_safetensors(out / "model.safetensors", named)
 
-    def publish_weights(self, bucket_mb: float, which: str = "current", coef: float = 0.0) -> list | None:
+    def publish_weights(self, bucket_mb: float, which: str = "current", coef: float = 0.0,
+                        params: str = "all") -> list | None:
         """Put the full weights in the object store once, in buckets, in the working dtype: the current
         weights, an EffOPD `candidate` W + coef (W - anchor) formed on the fp32 master partitions (see
         `candidate_partitions`), or the `anchor` (diagnostics).
@@ -406,23 +407,23 @@ class Learner(Placed):
         MB; None on other ranks. Rollout workers and evaluators `ray.get` the buckets; the
         driver passes the same refs to all of them (put once, not per worker).
         """
-        return self._as(which, coef, lambda: self._put_full(bucket_mb))
+        return self._as(which, coef, lambda: self._put_full(bucket_mb), params)
 
-    def gathered_state(self, which: str = "current", coef: float = 0.0) -> dict[str, torch.Tensor] | None:
+    def gathered_state(self, which: str = "current", coef: float = 0.0, params: str = "all") -> dict[str, torch.Tensor] | None:
         """The full weights as `publish_weights` would publish them, as a dict on rank 0 (None elsewhere),
         without the object store (the device check runs without Ray); every rank must call."""
         def collect():
             full = dict(self._gathered(self.cfg["learner"]["sync_bucket_mb"]))
             return full if self.rank == 0 else None
 
-        return self._as(which, coef, collect)
+        return self._as(which, coef, collect, params)
 
-    def _as(self, which: str, coef: float, fn):
+    def _as(self, which: str, coef: float, fn, params: str = "all"):
         """fn() on the current weights, the `anchor`, or the `candidate` W + coef (W - anchor)."""
         if which == "anchor":
             return self._with_working(lambda i, lo, hi: self.anchor[i][lo:hi], fn)
         if which == "candidate":
-            return self._with_working(self._candidate(coef), fn)
+            return self._with_working(self._candidate(coef, params), fn)
         return fn()
 
     # ------------------------------------------------------------------ GPU: NCCL to vLLM engines
@@ -454,12 +455,12 @@ class Learner(Placed):
         return TrainerSender.meta([item for bucket in self._buckets(self.cfg["learner"]["sync_bucket_mb"])
                                    for item in bucket])
 
-    def nccl_send(self, group: str = "rollout", which: str = "current", coef: float = 0.0) -> None:
+    def nccl_send(self, group: str = "rollout", which: str = "current", coef: float = 0.0, params: str = "all") -> None:
         """Every rank gathers the same buckets (ZeRO-3 collectives); rank 0 broadcasts each gathered
         tensor on `group` (vLLM packs them into `bucket_bytes` buffers). `which`/`coef` as in
         `publish_weights`: an EffOPD candidate is formed on the fp32 master partitions and sent once,
         in the working dtype, straight from the gather (no object store, no file)."""
-        return self._as(which, coef, lambda: self._nccl_send(self.senders[group] if self.rank == 0 else None))
+        return self._as(which, coef, lambda: self._nccl_send(self.senders[group] if self.rank == 0 else None), params)
 
     def _nccl_send(self, sender) -> None:
         import deepspeed
@@ -504,24 +505,53 @@ class Learner(Placed):
             for w, m in zip(working, masters):
                 w.data.copy_(m)
 
-    def _candidate(self, coef: float):
-        """The fp32 values of W + coef (W - anchor) on this rank's partitions, slice by slice."""
+    def _candidate(self, coef: float, params: str = "all"):
+        """The fp32 values of W + coef (W - anchor) on this rank's partitions, slice by slice; with
+        `params` = attn_mlp the parameters the authors' rule leaves out keep W (`_kept`)."""
         masters, _ = self._flats()
-        return lambda i, lo, hi: extrapolate(masters[i].data[lo:hi], self.anchor[i][lo:hi], coef)
+        kept = self._kept(params)
+
+        def values(i: int, lo: int, hi: int) -> torch.Tensor:
+            out = extrapolate(masters[i].data[lo:hi], self.anchor[i][lo:hi], coef)
+            for start, end in kept[i]:
+                if start < hi and end > lo:
+                    a, b = max(start, lo), min(end, hi)
+                    out[a - lo:b - lo] = masters[i].data[a:b]
+            return out
+
+        return values
+
+    def _kept(self, params: str) -> list[list[tuple[int, int]]]:
+        """Per flat group, the element ranges of this rank's partitions that a jump leaves alone: in a
+        ZeRO-3 sub-group each parameter's partition takes `partition_numel()` elements, in the order of
+        `optimizer.fp16_groups` (DeepSpeed stage3 `_create_fp16_partitions_with_defragmentation`)."""
+        if params == "all":
+            return [[] for _ in self._flats()[0]]
+        names = {id(p): n for n, p in self.engine.module.named_parameters()}
+        out = []
+        for group in self.engine.optimizer.fp16_groups:
+            ranges, pos = [], 0
+            for p in group:
+                n = p.partition_numel()
+                if not extrapolated(names[id(p)], params):
+                    ranges.append((pos, pos + n))
+                pos += n
+            out.append(ranges)
+        return out
 
     def set_anchor(self) -> None:
         """anchor <- current fp32 master partitions (the accepted point W_acc)."""
         masters, _ = self._flats()
         self.anchor = [m.detach().clone() for m in masters]
 
-    def extrapolate(self, coef: float) -> None:
+    def extrapolate(self, coef: float, params: str = "all") -> None:
         """W <- W + coef * (W - anchor) on the fp32 master partitions, then working <- master (cast to
         the working dtype), no gather. `publish_weights("candidate", coef)` computes the same
         expression on the same masters, slice for slice, so in every dtype the point an evaluator
         scored is bit for bit the point every rank (and then every engine) holds after the jump."""
         masters, working = self._flats()
         self._release_gathered()
-        values = self._candidate(coef)
+        values = self._candidate(coef, params)
         for i, (m, w) in enumerate(zip(masters, working)):
             for lo, hi in _slices(m.numel()):
                 m.data[lo:hi].copy_(values(i, lo, hi))

@@ -22,6 +22,19 @@ def extrapolate(w: torch.Tensor, anchor: torch.Tensor, coef: float) -> torch.Ten
     return w + coef * (w - anchor)
 
 
+AUTHORS_KEYWORDS = ("attn", "self_attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj",
+                    "mlp", "feed_forward", "ffn", "gate_proj", "up_proj", "down_proj")
+"""The authors' `_should_modify_param` (caiyuchen-ustc/EffOPD, verl/workers/fsdp_workers.py:1106): a
+parameter is extrapolated when its lower-cased name contains one of these. On Qwen2/Llama names that
+is every `self_attn.*` and `mlp.*` tensor and, through "attention", `post_attention_layernorm`; not
+`embed_tokens`, `input_layernorm`, the final `norm` or `lm_head`."""
+
+
+def extrapolated(name: str, params: str) -> bool:
+    """Whether parameter `name` moves in a jump: `all`, or `attn_mlp` (the authors' rule above)."""
+    return params == "all" or any(k in name.lower() for k in AUTHORS_KEYWORDS)
+
+
 def is_search_step(step: int, max_step: int | None = None) -> bool:
     """True at t = 1, 2, 4, 8, ... (and t <= max_step when given)."""
     return step >= 1 and (step & (step - 1)) == 0 and (max_step is None or step <= max_step)
@@ -47,12 +60,13 @@ class Decision:
         return asdict(self)
 
 
-def accept(base: float, scores: list[float], comparison: str = ">=") -> int:
+def accept(base: float, scores: list[float], comparison: str = ">=", zero_guard: bool = True) -> int:
     """Sequential accept rule; returns the accepted k (0 = keep W_t).
 
-    Ties at zero never accept: with '>=' a collapsed run (every score 0) would otherwise jump
-    to the largest candidate at every search and run away. A non-finite score (NaN: not
-    evaluated; inf: a broken candidate) ends the search; a non-finite base keeps W_t.
+    With `zero_guard` (Foresight's default) ties at zero never accept: with '>=' a collapsed run
+    (every score 0) would otherwise jump to the largest candidate at every search and run away. The
+    paper's rule has no guard (`zero_guard=False`). A non-finite score (NaN: not evaluated; inf: a
+    broken candidate) ends the search; a non-finite base keeps W_t.
     """
     best, v_acc = 0, base
     if not math.isfinite(base):
@@ -61,7 +75,7 @@ def accept(base: float, scores: list[float], comparison: str = ">=") -> int:
         if not math.isfinite(score):  # unevaluated (NaN) or broken (inf): the search ends here
             break
         better = score > v_acc if comparison == ">" else score >= v_acc
-        if better and not (score == v_acc == 0.0):
+        if better and not (zero_guard and score == v_acc == 0.0):
             best, v_acc = k, score
         else:
             break

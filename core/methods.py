@@ -66,6 +66,11 @@ class Method:
         return 50
 
     @property
+    def params(self) -> str:
+        """Which weights a jump moves (`core.extrapolation.extrapolated`)."""
+        return getattr(self.cfg, "params", "all")
+
+    @property
     def val_score(self) -> str:
         return "accuracy"
 
@@ -111,7 +116,7 @@ class EffOPD(Method):
         """V of W_t and of every candidate (scored in parallel), then the sequential accept rule."""
         coefs = [0.0] + self.cfg.coefficients()
         base, *scores = score(coefs)
-        k = accept(base, scores, self.cfg.comparison)
+        k = accept(base, scores, self.cfg.comparison, self.cfg.zero_guard)
         return Decision(step, base, scores, k, self.cfg.comparison, coefs[k])
 
     def check(self, cfg: Any, plan: Any, file: Any) -> None:

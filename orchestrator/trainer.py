@@ -361,7 +361,7 @@ class OPDTrainer:
         the ranks jump on their fp32 masters, the engines follow, the anchor moves to the accepted point."""
         d = self.method.decide(step, self.sync.score)
         if d.accepted_k > 0:
-            self._on_learners("extrapolate", d.accepted_coef)
+            self._on_learners("extrapolate", d.accepted_coef, self.method.params)
         if d.accepted_k > 0 or (self.method.candidates and self.evaluators is None):
             self._sync_rollout()  # the accepted weights (borrowed engines hold a candidate until then)
         self._on_learners("set_anchor")

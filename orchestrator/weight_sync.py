@@ -35,6 +35,8 @@ class WeightSync:
 
     def __init__(self, cfg: Any, plan: Any, actors: TrialActors) -> None:
         self.cfg, self.plan, self.actors = cfg, plan, actors
+        self.params = getattr(cfg.method, "params", "all")
+        """Which weights a candidate moves (`method.params`)."""
         self.version = 0
         self.weights = WeightsHandle(0, [])
         """What the rollout workers should hold: the learner's newest weights."""
@@ -78,7 +80,7 @@ class WeightSync:
         return scores
 
     def _candidate(self, coef: float) -> WeightsHandle:
-        refs = self._learners("publish_weights", self.cfg.learner.sync_bucket_mb, "candidate", coef)
+        refs = self._learners("publish_weights", self.cfg.learner.sync_bucket_mb, "candidate", coef, self.params)
         return WeightsHandle(-1, refs[0])
 
 
@@ -128,7 +130,7 @@ class NcclSync(WeightSync):
         scores = []
         for coef in coefs:
             received = [a.score_received.remote(self.meta, share) for a, share in zip(pool.actors, shares)]
-            sent = self.actors.learner.call("nccl_send", group, "candidate" if coef else "current", coef)
+            sent = self.actors.learner.call("nccl_send", group, "candidate" if coef else "current", coef, self.params)
             parts = ray.get(received + sent)[:len(received)]
             scores.append(sum(total for total, _ in parts) / max(sum(n for _, n in parts), 1))
         return scores

@@ -167,6 +167,26 @@ def test_nccl_sync_scores_by_sharing_d_v_across_the_pool(cluster):
     assert all(torch.equal(s[k], p[k]) for s, p in zip(sent, published) for k in p)
 
 
+def test_attn_mlp_moves_only_the_authors_parameters_in_candidate_and_jump_alike(cluster):
+    """`method.params: attn_mlp`: the candidate published for scoring moves exactly the tensors the
+    authors' name rule selects (the others are W_t bit for bit), and the jump lands on that point."""
+    from core.extrapolation import extrapolated
+
+    learners = cluster["learners"]
+    w, a = fetch_state_dict(publish(learners, version=60)), fetch_state_dict(publish(learners, "anchor", 61))
+    coef = coefficient(2)
+    scored = fetch_state_dict(WeightsHandle(-1, ray.get(learners.call("publish_weights", 64.0, "candidate", coef,
+                                                                      "attn_mlp"))[0]))
+    moved = {k for k in w if extrapolated(k, "attn_mlp")}
+    assert moved and moved != set(w) and any(not torch.equal(w[k], a[k]) for k in moved)
+    for k in w:
+        assert torch.equal(scored[k], extrapolate(w[k], a[k], coef) if k in moved else w[k]), k
+    ray.get(learners.call("extrapolate", coef, "attn_mlp"))
+    jumped = fetch_state_dict(publish(learners, version=62))
+    assert all(torch.equal(jumped[k], scored[k]) for k in w)
+    ray.get(learners.call("set_anchor"))
+
+
 def test_anchor_is_the_accepted_point_after_accepted_and_rejected_searches(cluster):
     """After a search the next direction starts from where the search left the weights: the jumped
     point when a candidate was accepted, W_t itself when none was."""

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from core.extrapolation import accept, coefficient, extrapolate, is_search_step
+from core.extrapolation import accept, coefficient, extrapolate, extrapolated, is_search_step
 
 NAN = math.nan
 
@@ -29,6 +29,33 @@ NAN = math.nan
 ])
 def test_accept_rule(base, scores, comparison, want):
     assert accept(base, scores, comparison) == want
+
+
+@pytest.mark.parametrize("base, scores, comparison, want", [
+    (0.0, [0.0, 0.0, 0.0, 0.0, 0.0], ">=", 5),      # the paper's sequential rule: every tie accepts
+    (0.0, [0.0, 0.04, 0.06, 0.0, 0.0], ">=", 3),    # ... up to the first drop (the guard stops at 0)
+    (0.0, [0.0, 0.04, 0.06, 0.0, 0.0], ">", 0),     # the authors' '>': a tie is no improvement
+    (1.0, [1.0, 1.0, 1.0, 1.0, 1.0], ">=", 5),      # a tie at 1.0 jumps with or without the guard
+])
+def test_the_papers_rule_without_the_zero_guard(base, scores, comparison, want):
+    """Hand cases of the paper's rule (section 4.1: accept while V(W~_k) >= v_acc), which has no guard."""
+    assert accept(base, scores, comparison, zero_guard=False) == want
+    assert accept(base, scores, comparison) == (want if base > 0 or comparison == ">" else 0)
+
+
+@pytest.mark.parametrize("name, moves", [
+    ("model.layers.0.self_attn.q_proj.weight", True), ("model.layers.0.self_attn.o_proj.weight", True),
+    ("model.layers.0.self_attn.k_proj.bias", True), ("model.layers.3.mlp.down_proj.weight", True),
+    ("model.layers.3.mlp.gate_proj.weight", True),
+    ("model.layers.0.post_attention_layernorm.weight", True),   # the authors' "attention" catches it
+    ("model.layers.0.input_layernorm.weight", False), ("model.embed_tokens.weight", False),
+    ("model.norm.weight", False), ("lm_head.weight", False),
+    ("transformer.h.0.attn.c_attn.weight", True), ("transformer.h.0.ffn.fc1.weight", True),  # other namings
+])
+def test_attn_mlp_is_the_authors_name_rule(name, moves):
+    """`_should_modify_param` (caiyuchen-ustc/EffOPD fsdp_workers.py:1106) on Qwen2 and GPT-style names."""
+    assert extrapolated(name, "attn_mlp") is moves
+    assert extrapolated(name, "all")
 
 
 @pytest.mark.parametrize("comparison", [">=", ">"])
