@@ -325,9 +325,11 @@ class LossConfig(_Strict):
     """rho: share of response tokens kept in the loss (token sparsification), rescaled by total / kept."""
     token_select: Literal["top_kl", "random"] = "top_kl"
     """Which tokens sparsification keeps: largest per-token reverse KL, or a seeded random subset."""
-    importance_correction: bool = True
+    importance_correction: bool | None = None
     """Multiply each sampled token's loss term by min(pi_learner/pi_rollout, threshold) (detached;
-    the full-vocabulary losses sum over the token analytically and are not weighted)."""
+    the full-vocabulary losses sum over the token analytically and are not weighted). None: on when
+    the student samples, off for the off-policy control (`rollout.source: teacher`), where the ratio
+    pi_s / pi_teacher would pull the control back toward on-policy (`importance_correction_of`)."""
     importance_threshold: float = Field(5.0, ge=1.0, le=1000.0)
     """Clip for the token-level rollout importance ratio (>= 1: a clip below 1 down-weights tokens the
     rollout and learner agree on)."""
@@ -635,6 +637,13 @@ def _scalar(raw: str, key: str = "") -> Any:
         return _load_yaml(raw, "<command line>", key)
     except ConfigError as err:
         raise ConfigError("<command line>", key if err.key.startswith("line") else err.key, err.reason) from None
+
+
+def importance_correction_of(cfg: "ExperimentConfig") -> bool:
+    """`loss.importance_correction` as set, else on for on-policy rollouts and off when the teacher samples."""
+    if cfg.loss.importance_correction is not None:
+        return cfg.loss.importance_correction
+    return cfg.rollout.source == "student"
 
 
 def trial_dict(base: dict[str, Any], assignment: dict[str, Any], trial: str, sweep: str, file: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from core.config import ConfigError
+from core.config import ConfigError, importance_correction_of
 from core.extrapolation import Decision, accept
 from core.losses import NEEDS_TEACHER_DISTRIBUTION
 
@@ -44,10 +44,12 @@ class Method:
     def lam(self) -> float:
         return 1.0
 
-    def loss_spec(self, loss: Any) -> dict[str, Any]:
-        """The learner's loss: the configured kind with this method's lam."""
+    def loss_spec(self, cfg: Any) -> dict[str, Any]:
+        """The learner's loss: the configured kind with this method's lam (and the importance
+        correction resolved for the rollout source, `importance_correction_of`)."""
+        loss = cfg.loss
         return {"kind": loss.type, "lam": self.lam, "rlvr_mix": loss.rlvr_mix,
-                "importance_correction": loss.importance_correction, "importance_threshold": loss.importance_threshold}
+                "importance_correction": importance_correction_of(cfg), "importance_threshold": loss.importance_threshold}
 
     def teacher_scores(self, loss: Any) -> dict[str, Any]:
         """What the teacher returns besides log pi_t(y_t): its distribution (full, or top-k) for the

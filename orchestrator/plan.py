@@ -505,6 +505,10 @@ def pipeline_overlap(cfg: ExperimentConfig) -> float:
 
 def _check_combinations(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
     """Checks that need resolved values (world size, backends, devices)."""
+    if cfg.rollout.source == "teacher" and cfg.loss.importance_correction is None:
+        plan.notes.append("rollout.source=teacher (the off-policy control): importance correction off "
+                          "(min(pi_s / pi_teacher, threshold) would pull it back toward on-policy); "
+                          "set loss.importance_correction to override")
     ws = plan.role("learner").actors
     total = cfg.rollout.batch_prompts * cfg.rollout.samples_per_prompt
     if total < ws:

@@ -129,7 +129,7 @@ class OPDTrainer:
 
     @property
     def _loss_spec(self) -> dict[str, Any]:
-        return self.method.loss_spec(self.cfg.loss)
+        return self.method.loss_spec(self.cfg)
 
     @property
     def weights(self) -> WeightsHandle:

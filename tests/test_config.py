@@ -344,6 +344,24 @@ def test_exopd_at_lam_1_runs_vanilla_opds_step():
     assert lam125._wanted_scores["ref"] and lam125._loss_spec["lam"] == 1.25
 
 
+def test_off_policy_control_trains_without_importance_correction_by_default(fake_models):
+    """`rollout.source: teacher`: weighting the teacher's tokens by min(pi_s / pi_teacher, 5) would pull
+    the control back toward on-policy, so it is off unless set (and the plan says so); on-policy keeps it."""
+    from orchestrator.trainer import OPDTrainer
+
+    def spec(*overrides: str) -> dict:
+        t = OPDTrainer.__new__(OPDTrainer)
+        t.cfg = load_config(None, ["loss.type=pg_reverse_kl", *overrides])
+        return t._loss_spec
+
+    assert spec()["importance_correction"] is True
+    assert spec("rollout.source=teacher")["importance_correction"] is False
+    assert spec("rollout.source=teacher", "loss.importance_correction=true")["importance_correction"] is True
+    assert spec("loss.importance_correction=false")["importance_correction"] is False
+    plan = resolve(load_config(None, model_overrides(fake_models) + ["rollout.source=teacher"]), "x.yaml", cpus=2)
+    assert any("importance correction off" in n for n in plan.notes)
+
+
 def test_models_must_hold_prompt_plus_response_and_share_one_tokenizer(tmp_path, models):
     """Checked on the model folders before launch: a context shorter than the longest prompt +
     rollout.max_new_tokens (vLLM would refuse the engine), and a teacher whose tokenizer differs."""
