@@ -390,9 +390,12 @@ class EffOPD(SearchSchedule):
     """Evaluator-pool size P (candidates are scored in parallel; at most 16, the most candidates);
     None: min(5, what the free resources allow, at least 1). On GPU scales each evaluator is an engine of the scale's
     evaluator TP on spare GPUs."""
-    score: Literal["accuracy", "teacher_kl"] = "accuracy"
-    """V: greedy accuracy on D_v (paper), or teacher_kl = -mean reverse KL to the teacher on the
-    candidate's own samples of D_v (same sampling seed for every candidate; lower variance)."""
+    score: Literal["accuracy", "sampled", "teacher_kl"] = "accuracy"
+    """V: greedy accuracy on D_v; `sampled`: the accuracy of one answer per item sampled at T = 1.0,
+    seeded (the same samples' noise for every candidate and after a resume), as the authors' code
+    scores candidates, so the paper's numbers come from this one (with `comparison: '>'`);
+    teacher_kl = -mean reverse KL to the teacher on the candidate's own samples of D_v (same sampling
+    seed for every candidate; lower variance; HF engines only)."""
     evaluator_cpus: float = Field(0.25, ge=0, le=MAX_CPUS)
     """Ray CPUs per evaluator."""
     evaluators: Literal["dedicated", "borrowed"] = "dedicated"

@@ -307,6 +307,25 @@ def test_teacher_kl_validation_score(cluster):
     assert got[0] < 0 and got[1] != got[0]
 
 
+def test_sampled_validation_score_is_the_accuracy_of_one_seeded_t1_answer_per_item(cluster):
+    """`method.score: sampled` (the authors' V: one answer per D_v item at T = 1.0), recomputed
+    independently here; a second evaluator scores the same (a resumed run decides the same)."""
+    from core.modeling import decode_responses, generate, load_model, load_tokenizer
+    from core.task import build_task, exact_match
+
+    learners, acfg = cluster["learners"], {**cluster["acfg"], "val_score": "sampled"}
+    handles = candidates(learners, [0.0, 4.0])
+    got = CandidateEvaluator(acfg).score(handles)
+    assert CandidateEvaluator(acfg).score(handles) == got
+    student, tok = load_model(acfg["student_path"]), load_tokenizer(acfg["student_path"])
+    student.load_state_dict(fetch_state_dict(handles[0]), strict=False)
+    val = build_task(acfg["task_cfg"]).validation_set(acfg["val_size"], acfg["seed"])
+    out = generate(student, tok, [e.prompt for e in val], acfg["rollout"]["max_new_tokens"], greedy=False,
+                   temperature=1.0, seed=acfg["seed"] + 12345)
+    texts = decode_responses(tok, out["response"], out["response_mask"])
+    assert got[0] == sum(exact_match(t, e.answer) for t, e in zip(texts, val)) / len(val)
+
+
 def test_non_finite_step_is_skipped_on_every_rank(cluster):
     """A NaN in one step's teacher scores: the global gradient norm is non-finite, ZeRO-3 skips the
     optimizer step on both ranks (master and working partitions unchanged), and the next finite

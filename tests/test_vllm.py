@@ -209,6 +209,11 @@ def test_vllm_evaluator_scores_candidates_like_the_hf_evaluator(ray_local, acfg,
     shares = [ray_local.get(evaluator.score_received.remote(meta, part)) for part in (range(n // 3), range(n // 3, n))]
     assert [c for _, c in shares] == [n // 3, n - n // 3]
     assert abs(sum(t for t, _ in shares) / n - got[1]) <= 0.04, (shares, got)
+    # method.score: sampled: item i sampled with its own seed, so the shares add up to the whole exactly
+    ray_local.get(evaluator.__ray_call__.remote(lambda self: self.cfg.__setitem__("val_score", "sampled")))
+    whole = ray_local.get(evaluator.validation_score.remote())
+    parts = [ray_local.get(evaluator.score_received.remote(meta, part)) for part in (range(n // 2), range(n // 2, n))]
+    assert sum(t for t, _ in parts) / n == whole == ray_local.get(evaluator.validation_score.remote())
     ray_local.kill(evaluator)
     want = CandidateEvaluator(acfg).score(handles)
     assert len(set(want)) > 1, f"the candidates should score differently: {want}"
