@@ -16,10 +16,12 @@ Notation per response token t of a sampled sequence y ~ pi_s(.|x):
 - `sft`:             loss = -(1/N) sum_t w_t * s_t  (cross-entropy on the sampled tokens).
 
 Full-vocabulary terms with the teacher's top-k only (152k vocabularies; verl, TRL and OpenRLHF do
-the same): with K the teacher's top-k ids at t, P = p_s(K), Q = p_t(K),
-    reverse: sum_{v in K} p_s(v) (log p_s(v) - log p_t(v)) + (1 - P) log((1 - P) / (1 - Q))
-    forward: sum_{v in K} p_t(v) (log p_t(v) - log p_s(v)) + (1 - Q) log((1 - Q) / (1 - P))
-i.e. the KL between the distributions coarsened to K plus one tail bucket: exact at k = V, and
+the same), plus the sampled token (SPEC: "top-k plus the sampled token"): with K_t the teacher's
+top-k ids at t, and the sampled y_t added when it is not among them (its teacher log-prob q_t comes
+from the sampled-token score, which every teacher returns), P = p_s(K_t), Q = p_t(K_t),
+    reverse: sum_{v in K_t} p_s(v) (log p_s(v) - log p_t(v)) + (1 - P) log((1 - P) / (1 - Q))
+    forward: sum_{v in K_t} p_t(v) (log p_t(v) - log p_s(v)) + (1 - Q) log((1 - Q) / (1 - P))
+i.e. the KL between the distributions coarsened to K_t plus one tail bucket: exact at k = V, and
 a lower bound of the full KL that tightens as k grows (the log-sum inequality).
 
 w_t = min(exp(s_t - r_t), threshold), detached: the token-level rollout importance correction for
@@ -116,11 +118,17 @@ def _sft(spec: LossSpec, x: TokenBatch, logp_BRV: torch.Tensor, s_BR: torch.Tens
     return -(w_BR * s_BR)
 
 
-def _topk_kl(logp_BRV: torch.Tensor, ids_BRK: torch.Tensor, t_BRK: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """KL over the teacher's top-k ids plus one tail bucket (see the module docstring). A teacher id
-    past the student's vocabulary (a teacher with more embedding rows for the same tokenizer:
-    Qwen2.5-7B's 152,064 vs 1.5B's 151,936) is no bucket of its own: its teacher mass joins the tail."""
-    valid_BRK = ids_BRK < logp_BRV.shape[-1]
+def _topk_kl(logp_BRV: torch.Tensor, ids_BRK: torch.Tensor, t_BRK: torch.Tensor, reverse: bool,
+             y_BR: torch.Tensor, t_y_BR: torch.Tensor) -> torch.Tensor:
+    """KL over the teacher's top-k ids, the sampled token y_t when it is not among them (teacher
+    log-prob `t_y_BR`), and one tail bucket (see the module docstring). A teacher id past the
+    student's vocabulary (a teacher with more embedding rows for the same tokenizer: Qwen2.5-7B's
+    152,064 vs 1.5B's 151,936) is no bucket of its own: its teacher mass joins the tail."""
+    V = logp_BRV.shape[-1]
+    outside_BR = ~(ids_BRK == y_BR[..., None]).any(-1) & (y_BR < V)
+    ids_BRK = torch.cat([ids_BRK, torch.where(outside_BR, y_BR, V)[..., None]], -1)  # V: no bucket
+    t_BRK = torch.cat([t_BRK, t_y_BR[..., None]], -1)
+    valid_BRK = ids_BRK < V
     s_BRK = logp_BRV.gather(-1, torch.where(valid_BRK, ids_BRK, 0))
     ps_BRK = torch.where(valid_BRK, s_BRK.exp(), 0.0)
     pt_BRK = torch.where(valid_BRK, t_BRK.exp(), 0.0)
@@ -139,13 +147,13 @@ def _topk_kl(logp_BRV: torch.Tensor, ids_BRK: torch.Tensor, t_BRK: torch.Tensor,
 
 def _full_reverse_kl(spec: LossSpec, x: TokenBatch, logp_BRV: torch.Tensor, s_BR: torch.Tensor) -> torch.Tensor:
     if x.teacher_topk_ids_BRK is not None:
-        return _topk_kl(logp_BRV, x.teacher_topk_ids_BRK, x.teacher_topk_logp_BRK, reverse=True)
+        return _topk_kl(logp_BRV, x.teacher_topk_ids_BRK, x.teacher_topk_logp_BRK, True, x.tokens_BR, x.teacher_logp_BR)
     return (logp_BRV.exp() * (logp_BRV - x.teacher_logp_BRV)).sum(-1)
 
 
 def _forward_kl(spec: LossSpec, x: TokenBatch, logp_BRV: torch.Tensor, s_BR: torch.Tensor) -> torch.Tensor:
     if x.teacher_topk_ids_BRK is not None:
-        return _topk_kl(logp_BRV, x.teacher_topk_ids_BRK, x.teacher_topk_logp_BRK, reverse=False)
+        return _topk_kl(logp_BRV, x.teacher_topk_ids_BRK, x.teacher_topk_logp_BRK, False, x.tokens_BR, x.teacher_logp_BR)
     t_BRV = x.teacher_logp_BRV
     return (t_BRV.exp() * (t_BRV - logp_BRV)).sum(-1)
 

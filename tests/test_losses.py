@@ -205,3 +205,30 @@ def test_topk_ids_past_the_student_vocabulary_join_the_tail():
     want = head + tail_s * (math.log(tail_s) - math.log(tail_t))
     got = token_terms(LossSpec("full_reverse_kl"), s, x)[0].item()
     assert math.isfinite(got) and math.isclose(got, want, rel_tol=1e-4), (got, want)
+
+
+def test_topk_losses_give_the_sampled_token_its_own_bucket():
+    """SPEC: top-k plus the sampled token. By hand: V = 4, teacher top-2 = {0, 1}, the sampled y = 3 is
+    outside, so the buckets are {0}, {1}, {3} (teacher log-prob from the sampled-token score) and the
+    tail {2}; when y is inside the top-k nothing is added."""
+    from core.losses import token_terms
+
+    ps = [0.1, 0.2, 0.3, 0.4]
+    pt = [0.5, 0.3, 0.15, 0.05]
+    s = torch.log(torch.tensor([[ps]]))
+    t_ids, t_top = torch.tensor([[[0, 1]]]), torch.log(torch.tensor([[[pt[0], pt[1]]]]))
+
+    def loss(kind: str, y: int) -> float:
+        x = TokenBatch(torch.tensor([[y]]), torch.ones(1, 1), torch.log(torch.tensor([[pt[y]]])), torch.zeros(1, 1),
+                       teacher_topk_ids_BRK=t_ids, teacher_topk_logp_BRK=t_top)
+        return token_terms(LossSpec(kind), s, x)[0].item()
+
+    def coarse_kl(buckets: list[list[int]], reverse: bool) -> float:
+        a = [sum(ps[v] for v in b) for b in buckets]
+        b = [sum(pt[v] for v in bk) for bk in buckets]
+        p, q = (a, b) if reverse else (b, a)
+        return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+    for kind, reverse in (("full_reverse_kl", True), ("forward_kl", False)):
+        assert math.isclose(loss(kind, 3), coarse_kl([[0], [1], [3], [2]], reverse), rel_tol=1e-5), kind
+        assert math.isclose(loss(kind, 1), coarse_kl([[0], [1], [2, 3]], reverse), rel_tol=1e-5), kind
