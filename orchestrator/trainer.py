@@ -36,22 +36,22 @@ import ray
 from actors.evalsets import mean_over
 from actors.group import ActorGroup, split
 from actors.weights import WeightsHandle, fetch_state_dict
-from orchestrator import checkpoint as ckpt
-from orchestrator.actor_spec import actor_config
 from core.config import ExperimentConfig
-from orchestrator.controls import GradProjection
 from core.data_order import batch_indices
 from core.extrapolation import is_search_step
 from core.faults import fires
 from core.methods import Method, method_of
+from core.step_metrics import NonFiniteSteps, count_skip, staleness, train_metrics, utilization
+from core.task import summarize
+from orchestrator import checkpoint as ckpt
+from orchestrator.actor_spec import actor_config
+from orchestrator.controls import GradProjection
 from orchestrator.monitor import GeometryMonitor
 from orchestrator.pipeline import Launched, RolloutPipeline
 from orchestrator.placement import LearnerLost, TrialActors, check_shared_output, get_all, start_learners
 from orchestrator.plan import ResolvedPlan
 from orchestrator.progress import ProgressFile, Timer, progress_bar
 from orchestrator.run_record import close_record, open_record
-from core.step_metrics import NonFiniteSteps, count_skip, staleness, train_metrics, utilization
-from core.task import summarize
 from orchestrator.tracking import MlflowLogger
 from orchestrator.weight_sync import WeightSync, open_sync
 

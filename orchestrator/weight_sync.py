@@ -22,6 +22,7 @@ import ray
 
 from actors.group import ActorGroup, split
 from actors.weights import WeightsHandle
+from core.methods import method_of
 from orchestrator.placement import TrialActors, get_all, nccl_layout
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class WeightSync:
 
     def __init__(self, cfg: Any, plan: Any, actors: TrialActors) -> None:
         self.cfg, self.plan, self.actors = cfg, plan, actors
-        self.params = getattr(cfg.method, "params", "all")
+        self.params = method_of(cfg.method).params
         """Which weights a candidate moves (`method.params`)."""
         self.version = 0
         self.weights = WeightsHandle(0, [])

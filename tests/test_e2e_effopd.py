@@ -150,7 +150,7 @@ def test_nccl_sync_scores_by_sharing_d_v_across_the_pool(cluster):
     learners = cluster["learners"]
     record_nccl(learners, "evaluator")
     evaluators = ActorGroup(Engine, 3, lambda i: (), {"num_cpus": 0.1})
-    cfg = SimpleNamespace(method=SimpleNamespace(val_size=10), learner=SimpleNamespace(sync_bucket_mb=64.0))
+    cfg = SimpleNamespace(method=SimpleNamespace(type="effopd", val_size=10), learner=SimpleNamespace(sync_bucket_mb=64.0))
     plan = SimpleNamespace(role=lambda name: SimpleNamespace(backend="vllm"))
     sync = NcclSync(cfg, plan, SimpleNamespace(learner=learners, evaluators=evaluators, rollout=None))
     sync.meta = ray.get(learners.actors[0].nccl_meta.remote())
