@@ -196,6 +196,9 @@ class Learner(Placed):
         B = sum(int(n) for _, _, n in parts)
         lo, hi = self.rank * B // self.world_size, (self.rank + 1) * B // self.world_size
         batch, x = fetch_rows(parts, lo, hi, self.cfg["rollout"]["samples_per_prompt"], self.cfg["loss"])
+        # every rank has its rows: the ranks' first collective would otherwise wait for the slowest
+        # rank's parts (a later teacher call) inside what is timed as the learner's own work
+        self._all_reduce(torch.zeros(1), "sum")
         t0 = time.perf_counter()  # busy from here: the wait for the rollout and teacher parts is theirs
         if fires("nan_teacher", step):  # test hook: one corrupted teacher score, whatever the loss reads
             for name in ("teacher_logp_BR", "teacher_logp_BRV", "teacher_topk_logp_BRK"):

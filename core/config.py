@@ -496,6 +496,28 @@ class PipelineConfig(_Strict):
     across an EffOPD search, an evaluation or a checkpoint (the pipeline drains there)."""
 
 
+class PlanConfig(_Strict):
+    layout: Literal["balanced", "registry"] = "balanced"
+    """GPU scales: how the counts the YAML leaves unset are chosen. balanced: the planner searches the
+    layouts (rollout engines, teacher replicas, learner ranks, evaluators, colocation) for the best
+    `objective` under the memory model and the cluster (`orchestrator/balance.py`); registry: the
+    scale's fixed row (`core/scales.py`)."""
+    objective: Literal["gpu_time", "time"] = "gpu_time"
+    """What a balanced layout minimizes: reserved GPUs x wall time per step, or wall time per step."""
+    colocate: Literal["auto", "rollout_teacher", "none"] = "auto"
+    """Rollout engines and teacher replicas on the same GPUs (TP 1 each, half a GPU each in Ray):
+    auto lets the search decide."""
+    calibration: Path | None = None
+    """A fit of the cost model's constants (`foresight plan --calibrate RUN`): its calibration.json
+    or the run folder holding it. None: the device type's defaults."""
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        value = expand_path(value)
+        return Path(value) if isinstance(value, str) else value
+
+
 class CheckpointConfig(_Strict):
     every: int = Field(25, ge=0, le=MAX_STEPS)
     """Save learner + driver state every N steps (0: only at the end)."""
@@ -518,6 +540,7 @@ class ExperimentConfig(_Strict):
     geometry: GeometryConfig = GeometryConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    plan: PlanConfig = PlanConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""Scale registry, GPU types, memory formulas and the cost model: all checkable without GPUs.
+"""Scale registry, GPU types, memory formulas and placement: all checkable without GPUs (the cost
+model is `core/cost_model.py`).
 
 `SCALES` is a plain dict. GPU scales follow the papers (Qwen3 / Qwen2.5 students; the teacher is
 a larger or RL-tuned model of the same family); their checkpoints are local folders under
@@ -49,10 +50,9 @@ on CPU), T = the learner's tokens per micro-batch per GPU (`learner.max_tokens_p
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 GB = 1e9
@@ -381,99 +381,19 @@ def concurrent_trials(bundle_gpus: list[int], cluster: ClusterSpec) -> int:
     return count
 
 
-# ----------------------------------------------------------------------------- cost model
-@dataclass(frozen=True)
-class Workload:
-    """What one OPD step processes (from the config)."""
+# ----------------------------------------------------------------------------- model folders
+def shape_of(folder: str | Path) -> ModelShape:
+    """A local checkpoint's shape from its `config.json` (parameters counted from the architecture:
+    embeddings, q/k/v/o with their biases, SwiGLU MLP, norms, an untied lm_head unless tied)."""
+    import json
 
-    sequences: int
-    prompt_len: int
-    response_len: int
-    fill: float = 0.5
-    """Mean response length as a share of the cap (finished sequences stop early)."""
-
-    @property
-    def tokens(self) -> float:
-        return self.sequences * (self.prompt_len + self.fill * self.response_len)
-
-
-def learner_padding(work: Workload, ranks: int, max_tokens: int) -> float:
-    """Tokens the learner computes per real token. Each rank packs its rows into micro-batches by length
-    and trims each to its own width (`actors/batching.py`): with response lengths spread over [0, R]
-    and n micro-batches per rank, a micro-batch spans ~R / n of that range, so a row carries ~R / (2n)
-    padding: 1 + R / (2 n (prompt + fill R)). (Untrimmed, every row would cost prompt + R.)"""
-    real = work.prompt_len + work.fill * work.response_len
-    rows = max(1, math.ceil(work.sequences / max(ranks, 1)))
-    n = max(1, math.ceil(rows * real / max(max_tokens, 1)))
-    return 1.0 + work.response_len / (2 * n * real) if n < rows else (work.prompt_len + work.response_len) / real
-
-
-@dataclass
-class StepCost:
-    """Seconds per OPD step by phase (serial loop) and the FLOPs behind them."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    flops: float = 0.0
-    padding: float = 1.0
-    """Learner tokens computed per real token (`learner_padding`), already in `seconds["learner"]`."""
-    overlap: float = 0.0
-    """Share of steps whose rollout + teacher half runs while the learner trains the step before
-    (`pipeline.max_staleness >= 1`: every step except those after a pipeline barrier; 0: serial)."""
-
-    @property
-    def step_seconds(self) -> float:
-        """Serial: the sum of the phases. Pipelined: on the overlapped share of steps the critical
-        path max(rollout + teacher, learner + sync), on the rest their sum; plus eval and search."""
-        s = self.seconds
-        produce, consume = s.get("rollout", 0) + s.get("teacher", 0), s.get("learner", 0) + s.get("sync", 0)
-        core = self.overlap * max(produce, consume) + (1 - self.overlap) * (produce + consume)
-        return core + sum(v for k, v in s.items() if k not in ("rollout", "teacher", "learner", "sync"))
-
-
-MFU_PREFILL = 0.40
-"""Achieved share of peak for scoring (prefill) and training; decoding is bandwidth-bound."""
-MFU_TRAIN = 0.35
-NCCL_BYTES_PER_S = 25e9
-"""Effective broadcast bandwidth of the weight sync (cross-node InfiniBand; NVLink is faster)."""
-
-
-def decode_seconds(shape: ModelShape, gpu: GpuType, engines: int, tp: int, work: Workload) -> float:
-    """Decoding `work` on `engines` vLLM engines of TP GPUs: every decode step reads the weights
-    once and the batch's KV cache, or is compute-bound, whichever is slower:
-        per step = max((2 Psi / TP + b * ctx * kv / TP) / (0.7 BW),  2 Psi b / (TP * 0.4 peak))
-    with b sequences per engine, ctx their mean context; `response_len` steps (the longest sequence
-    sets the batch's end)."""
-    if engines < 1:
-        return 0.0
-    b = math.ceil(work.sequences / engines)
-    ctx = work.prompt_len + 0.5 * work.fill * work.response_len
-    memory = (2 * shape.params_b * 1e9 + b * ctx * shape.kv_bytes_per_token()) / tp / (0.7 * gpu.hbm_bytes_per_s)
-    compute = 2 * shape.params_b * 1e9 * b / (tp * MFU_PREFILL * gpu.peak_flops)
-    return work.response_len * max(memory, compute)
-
-
-def step_cost(scale: Scale, gpu: GpuType, *, rollout: tuple[int, int], teacher: tuple[int, int], learner_ranks: int,
-              evaluators: tuple[int, int], work: Workload, steps: int, eval_every: int, eval_work: Workload,
-              search_candidates: int = 0, val_work: Workload | None = None, overlap: float = 0.0,
-              max_tokens: int = 22_000) -> StepCost:
-    """Serial wall time of one step (rollout -> teacher -> learner -> sync, plus searches and evaluations
-    amortized over the run) on the roles' own GPUs; (engines, TP) pairs for the engine roles.
-
-    FLOPs: decoding 2 Psi_s per generated token, teacher scoring 2 Psi_t and learner 8 Psi_s per token
-    (forward, backward, recompute with gradient checkpointing)."""
-    ps, pt = scale.student.params_b * 1e9, scale.teacher.params_b * 1e9
-    gen_tokens = work.sequences * work.fill * work.response_len
-    cost = StepCost(overlap=overlap, padding=learner_padding(work, learner_ranks, max_tokens))
-    cost.seconds["rollout"] = decode_seconds(scale.student, gpu, rollout[0], rollout[1], work)
-    cost.seconds["teacher"] = 2 * pt * work.tokens / (teacher[0] * teacher[1] * MFU_PREFILL * gpu.peak_flops)
-    cost.seconds["learner"] = 8 * ps * work.tokens * cost.padding / (learner_ranks * MFU_TRAIN * gpu.peak_flops)
-    cost.seconds["sync"] = 2 * ps / NCCL_BYTES_PER_S
-    cost.seconds["eval"] = decode_seconds(scale.student, gpu, rollout[0], rollout[1], eval_work) / max(eval_every, 1)
-    cost.flops = 2 * ps * gen_tokens + 2 * pt * work.tokens + 8 * ps * work.tokens
-    if search_candidates and val_work is not None:
-        searches = math.floor(math.log2(max(steps, 1))) + 1
-        engines, tp = evaluators if evaluators[0] else rollout
-        rounds = math.ceil((search_candidates + 1) / max(engines, 1))
-        one = decode_seconds(scale.student, gpu, 1, tp, val_work) * rounds
-        cost.seconds["search"] = one * searches / max(steps, 1)
-    return cost
+    hf = json.loads((Path(folder) / "config.json").read_text())
+    h, layers, vocab = hf["hidden_size"], hf["num_hidden_layers"], hf["vocab_size"]
+    heads = hf["num_attention_heads"]
+    kv, d = hf.get("num_key_value_heads", heads), hf.get("head_dim") or h // heads
+    inter = hf.get("intermediate_size", 4 * h)
+    attn = h * heads * d + 2 * h * kv * d + heads * d * h + heads * d + 2 * kv * d
+    per_layer = attn + 3 * h * inter + 2 * h
+    params = vocab * h * (1 if hf.get("tie_word_embeddings") else 2) + layers * per_layer + h
+    return ModelShape(Path(folder).name, params / 1e9, layers, h, kv, d, vocab,
+                      context=hf.get("max_position_embeddings") or 32_768, intermediate=inter)

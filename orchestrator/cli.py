@@ -1,7 +1,8 @@
 """`foresight` command line (also `python -m orchestrator`).
 
     foresight prepare [--workload addition|math_twin|real_shape] [--out DIR] [--force]   build teacher + student
-    foresight plan CONFIG [key=value ...] [--cluster SPEC]  validate, print resolved config + layout
+    foresight plan CONFIG [key=value ...] [--cluster SPEC] [--objective gpu_time|time] [--calibrate RUN_DIR]
+                                                            validate, print resolved config + layout
     foresight run CONFIG [key=value ...] [--no-resume]     run (resumes from the last checkpoint)
     foresight geometry --base DIR --updated DIR [--final DIR] --out FILE.json   update geometry
     foresight intervene {scale,beta,rank,window,embedding} --base DIR --final DIR [--values ...]
@@ -95,6 +96,21 @@ def _load(args: argparse.Namespace) -> tuple[str | None, list, dict]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.objective:
+        args.overrides = [*args.overrides, f"plan.objective={args.objective}"]
+    if args.calibrate:
+        from orchestrator.calibrate import calibrate
+
+        path, cal, notes = calibrate(args.calibrate, args.calibrate_uri)
+        t = cal.throughput
+        print(f"# calibration from {args.calibrate} ({cal.steps} steady steps), written to {path}:")
+        print(f"  decode_bw {t.decode_bw:.4g}, prefill_mfu {t.prefill_mfu:.4g}, train_mfu {t.train_mfu:.4g}, "
+              f"sync {t.sync_bytes_per_s:.3g} B/s, driver {t.latency_step:.3g} s/step; fill {cal.fill:.3f}, "
+              f"prompt {cal.prompt_len:.1f} tokens")
+        print("  measured median s: " + ", ".join(f"{k} {v:.4g}" for k, v in cal.measured.items()))
+        for note in notes:
+            print(f"  note: {note}")
+        args.overrides = [*args.overrides, f"plan.calibration={path}"]
     sweep, plans, extras = _load(args)
     if "search" in extras:
         s = extras["search"]
@@ -375,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--brief", action="store_true", help="print only the plans, not the resolved configs")
             p.add_argument("--probe", action="store_true", help="place the actors on the live Ray cluster as `run` "
                                                                 "would (loading nothing) and print where each landed")
+            p.add_argument("--objective", choices=("gpu_time", "time"),
+                           help="what a balanced GPU layout minimizes: GPUs x wall time (default) or wall time")
+            p.add_argument("--calibrate", metavar="RUN_DIR",
+                           help="fit the cost model to a run folder's measured busy times, save "
+                                "RUN_DIR/calibration.json and plan with it (plan.calibration)")
+            p.add_argument("--calibrate-uri", help="MLflow store of the --calibrate run (default: "
+                                                   "<its output_dir>/mlflow.db)")
         if name == "run":
             p.add_argument("--no-resume", action="store_true",
                            help="start from W_0; refused if the run folder already holds a run")

@@ -38,6 +38,34 @@ class Launched:
         return (self.step - 1) - self.weights_step
 
 
+def evaluates_at(cfg: Any, step: int) -> bool:
+    """Evaluation steps: every `eval.every`, the last, and with `eval.at_powers_of_two` each search step."""
+    from core.extrapolation import is_search_step
+
+    return step % cfg.eval.every == 0 or step == cfg.run.steps or (cfg.eval.at_powers_of_two and is_search_step(step))
+
+
+def is_barrier(cfg: Any, method: Any, step: int) -> bool:
+    """Steps after which something reads or replaces the weights outside a learner step (search,
+    evaluation, the gradient projection's start, checkpoint): the pipeline does not run past them."""
+    projection = cfg.learner.grad_project_rank and step == max(1, round(cfg.learner.grad_project_at * cfg.run.steps))
+    return bool(method.searches_at(step) or evaluates_at(cfg, step) or projection
+                or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
+
+
+def overlap_share(cfg: Any, pipelined: bool | None = None) -> float:
+    """Share of steps whose producer half overlaps the learner's step before: 0 in the strict loop,
+    else the steps that follow no barrier (the first step of a run or after a barrier runs alone).
+    `pipelined`: as if `pipeline.max_staleness` were >= 1 (True) or 0 (False)."""
+    from core.methods import method_of
+
+    if not (cfg.pipeline.max_staleness >= 1 if pipelined is None else pipelined):
+        return 0.0
+    method, steps = method_of(cfg.method), min(cfg.run.steps, 100_000)
+    alone = 1 + sum(is_barrier(cfg, method, s) for s in range(1, steps))
+    return max(0.0, 1.0 - alone / steps)
+
+
 class RolloutPipeline:
     """Batches launched ahead of the learner, oldest first."""
 

@@ -24,9 +24,12 @@ from pathlib import Path
 
 from core.config import ConfigError, ExperimentConfig
 from core.methods import method_of
-from core.scales import (FRAGMENTATION, GB, GPU_RESERVE_GB, GPU_TYPES, SCALES, ClusterSpec, Scale, StepCost,
-                                 Workload, concurrent_trials, decode_seconds, engine_mem_gb, first_fit, learner_host_terms,
-                                 learner_mem_gb, scorer_mem_terms, step_cost, usable_gb)
+from core.calibration import Calibration
+from core.cost_model import CPU_THREAD, Device, Model, StepCost, Throughput, Workload, defaults
+from core.scales import (FRAGMENTATION, GB, GPU_RESERVE_GB, GPU_TYPES, SCALES, ClusterSpec, ModelShape, Scale,
+                         concurrent_trials, engine_mem_gb, first_fit, learner_host_terms, learner_mem_gb,
+                         scorer_mem_terms, shape_of, usable_gb)
+from orchestrator.balance import Costing, Layout, balance, candidates
 from orchestrator.tracking import resolve_uri
 
 ROLES = ("rollout", "teacher", "learner", "evaluator")
@@ -48,13 +51,17 @@ class RoleSpec:
     mem_gb: float = 0.0
     """Predicted memory per GPU (GPU plans)."""
     note: str = ""
+    share: float = 1.0
+    """Share of each of its GPUs the actor asks Ray for: 0.5 for colocated rollout and teacher engines."""
+    host: str = ""
+    """The role whose bundles this role's actors sit in (a colocated teacher: `rollout`); "" for its own."""
 
     def bundle(self) -> dict[str, float]:
         return {"CPU": self.cpus, **({"GPU": float(self.gpus)} if self.gpus else {})}
 
     def options(self) -> dict[str, float]:
         """Ray actor options for one actor of this role."""
-        return {"num_cpus": self.cpus, "num_gpus": self.gpus}
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus * self.share}
 
 
 @dataclass
@@ -84,6 +91,18 @@ class ResolvedPlan:
     where a model sits beside the engine on its GPUs (ExOPD's reference on the teacher's)."""
     host_gb: list[float] = field(default_factory=list)
     """GPU plans: predicted peak host memory per node (GB, node order), see `host_memory`."""
+    layout: Layout | None = None
+    """The counts the plan runs (GPU plans: chosen by `orchestrator/balance.py` unless pinned)."""
+    layout_source: str = "config"
+    """balanced (objective) | registry | config (CPU plans: the YAML's counts)."""
+    registry: tuple[Layout, StepCost | None] | None = None
+    """GPU plans: the scale registry's layout and its cost (None: it does not fit), printed beside."""
+    throughput: Throughput | None = None
+    """The cost model's constants: the device type's defaults or a calibration."""
+    costing: Costing | None = None
+    """What the plan's layouts cost with (for the comparisons `describe` prints)."""
+    overlap_if_pipelined: float = 0.0
+    """The overlap share this config's barriers leave at staleness >= 1."""
     notes: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ queries
@@ -91,15 +110,28 @@ class ResolvedPlan:
         return next((r for r in self.roles if r.role == name), None)
 
     def bundles(self) -> list[dict[str, float]]:
-        """One bundle per actor, roles in plan order: the trial's placement group."""
-        return [r.bundle() for r in self.roles for _ in range(r.actors)]
+        """One bundle per actor, roles in plan order: the trial's placement group. A colocated role's
+        actors sit in its host's bundles, whose CPUs include theirs."""
+        out = []
+        for r in self.roles:
+            if r.host:
+                continue
+            guests = [g for g in self.roles if g.host == r.role]
+            for _ in range(r.actors):
+                b = r.bundle()
+                b["CPU"] += sum(g.cpus for g in guests)
+                out.append(b)
+        return out
 
     def first_bundle(self, name: str) -> int:
         at = 0
+        spec = self.role(name)
+        if spec is not None and spec.host:
+            return self.first_bundle(spec.host)
         for r in self.roles:
             if r.role == name:
                 return at
-            at += r.actors
+            at += 0 if r.host else r.actors
         raise KeyError(name)
 
     @property
@@ -112,7 +144,7 @@ class ResolvedPlan:
 
     @property
     def total_gpus(self) -> int:
-        return sum(r.gpus * r.actors for r in self.roles)
+        return sum(r.gpus * r.actors for r in self.roles if not r.host)
 
     @property
     def num_evaluators(self) -> int:
@@ -125,15 +157,16 @@ class ResolvedPlan:
         return self.total_gpus * self.cost.step_seconds * self.steps / 3600 if self.cost else float("nan")
 
     @property
-    def ideal_gpu_hours(self) -> float:
-        """FLOPs / (peak x MFU), as if every GPU were busy all the time."""
-        if not self.cost or not self.cluster or not self.cluster.gpu_type:
-            return float("nan")
-        return self.cost.flops * self.steps / (0.35 * self.cluster.gpu_type.peak_flops) / 3600
+    def busy_gpu_hours(self) -> float:
+        """GPU-seconds the roles work per step (`StepCost.busy`) x steps."""
+        return sum(self.cost.busy().values()) * self.steps / 3600 if self.cost else float("nan")
 
     def params(self) -> dict[str, str]:
         """The plan as flat MLflow params: plan/<role>/{actors,gpus,tp,backend}."""
-        out = {"plan/scale": self.scale, "plan/weight_sync": self.weight_sync}
+        out = {"plan/scale": self.scale, "plan/weight_sync": self.weight_sync, "plan/layout": self.layout_source,
+               "plan/device": self.cluster.gpu if self.cluster else "cpu"}
+        if self.layout is not None:
+            out["plan/colocated"] = str(self.layout.colocated)
         for r in self.roles:
             out.update({f"plan/{r.role}/actors": str(r.actors), f"plan/{r.role}/gpus": str(r.gpus),
                         f"plan/{r.role}/tp": str(r.tp), f"plan/{r.role}/backend": r.backend})
@@ -144,33 +177,29 @@ class ResolvedPlan:
         lines = [f"run dir:       {self.run_dir}", f"mlflow:        {self.tracking_uri}"]
         if self.gpu:
             lines.append(f"scale {self.scale} on {self.cluster}: {self.total_gpus} GPUs per trial, "
-                         f"{self.concurrent} trial(s) at once")
+                         f"{self.concurrent} trial(s) at once; layout {self.layout_source}")
         lines.append(f"  {'role':<10} {'actors':>6} {'CPU':>5} {'GPU':>4} {'TP':>3}  {'backend':<9} "
                      + ("GB/GPU  " if self.gpu else "") + "what")
         for r in self.roles:
             mem = f"{r.mem_gb:6.1f}  " if self.gpu else ""
-            lines.append(f"  {r.role:<10} {r.actors:>6} {r.cpus:>5g} {r.gpus:>4} {r.tp:>3}  {r.backend:<9} {mem}{r.note}")
+            gpus = f"{r.gpus * r.share:g}" if r.share != 1 else str(r.gpus)
+            lines.append(f"  {r.role:<10} {r.actors:>6} {r.cpus:>5g} {gpus:>4} {r.tp:>3}  {r.backend:<9} {mem}{r.note}")
         if self.gpu and self.nodes:
             per_node: dict[int, list[str]] = {}
-            i = 0
             for r in self.roles:
-                for _ in range(r.actors):
-                    per_node.setdefault(self.nodes[i], []).append(f"{r.role}x{r.gpus}")
-                    i += 1
+                if r.host:
+                    continue
+                guests = "".join(f"+{g.role}" for g in self.roles if g.host == r.role)
+                first = self.first_bundle(r.role)
+                for k in range(r.actors):
+                    per_node.setdefault(self.nodes[first + k], []).append(f"{r.role}{guests}x{r.gpus}")
             for node in sorted(per_node):
                 ram = f"  (host RAM ~{self.host_gb[node]:,.0f} GB)" if node < len(self.host_gb) else ""
                 lines.append(f"  node {node}: {', '.join(per_node[node])}{ram}")
         if self.engine_util:
             lines.append("  vLLM gpu_memory_utilization: " + ", ".join(f"{k} {v:g}" for k, v in self.engine_util.items()))
         if self.cost:
-            parts = ", ".join(f"{k} {v:.1f}" for k, v in self.cost.seconds.items())
-            loop = (f"pipelined on {self.cost.overlap:.0%} of steps: max(rollout + teacher, learner + sync)"
-                    if self.cost.overlap else "serial loop")
-            lines.append(f"  per step ({loop}): {self.cost.step_seconds:.1f} s ({parts})")
-            lines.append(f"  learner: {self.cost.padding:.3f} computed tokens per real token (micro-batches packed by "
-                         "length and trimmed to their own width)")
-            lines.append(f"  {self.steps} steps: ~{self.reserved_gpu_hours:,.0f} reserved GPU-hours "
-                         f"({self.total_gpus} GPUs x wall time); ideal FLOPs ~{self.ideal_gpu_hours:,.0f} GPU-hours")
+            lines += self._describe_cost()
         elif self.gpu:
             lines.append("  GPU-hours: unknown GPU type on this cluster (no accelerator_type resource)")
         if self.gpu:
@@ -179,6 +208,55 @@ class ResolvedPlan:
             lines.append(f"total:         {self.total_cpus:g} of {self.available_cpus:g} CPUs")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _describe_cost(self) -> list[str]:
+        c, unit = self.cost, ("GPU" if self.gpu else "CPU")
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in c.seconds.items())
+        if c.overlap:
+            produce = "rollout + teacher" if c.staleness <= 1 or c.colocated else "max(rollout, teacher)"
+            loop = f"pipelined, staleness {c.staleness}, on {c.overlap:.0%} of steps: max({produce}, learner + sync)"
+        else:
+            loop = "strict loop"
+        lines = [f"  cost model: {self.throughput.source if self.throughput else 'defaults'}",
+                 f"  per step ({loop}): {c.step_seconds:.3g} s ({parts})"]
+        shares = {r: b / (c.gpus[r] * c.step_seconds) for r, b in c.busy().items() if c.gpus.get(r) and c.step_seconds}
+        lines.append(f"  busy share of each role's {unit}s: " + ", ".join(f"{r} {v:.0%}" for r, v in shares.items())
+                     + f"; all {c.busy_share:.0%}")
+        if self.gpu:
+            lines.append(f"  learner: {c.padding:.3f} computed tokens per real token (micro-batches packed by "
+                         "length and trimmed to their own width)")
+            lines.append(f"  {self.steps} steps: ~{self.reserved_gpu_hours:,.0f} reserved GPU-hours ({self.total_gpus} GPUs "
+                         f"x wall time), ~{self.busy_gpu_hours:,.0f} busy ({self.reserved_gpu_hours / self.busy_gpu_hours:.2f}x)")
+            lines += self._comparison()
+        return lines
+
+    def _comparison(self) -> list[str]:
+        """This layout and the registry's, in the strict loop and pipelined at staleness max(1, s)."""
+        from dataclasses import replace as copy
+
+        if self.costing is None or self.layout is None:
+            return []
+        s = max(1, self.costing.staleness)
+        overlap = self.overlap_if_pipelined
+        modes = {"strict": copy(self.costing, staleness=0, overlap=0.0), f"staleness {s}": copy(self.costing, staleness=s, overlap=overlap)}
+        rows = [("this plan", self.layout)]
+        if self.registry is not None and self.registry[0] != self.layout:
+            rows.append(("registry", self.registry[0]))
+        out = [f"  {'':<48} {'':>4}" + "".join(f"  | {m:<27}" for m in modes),
+               f"  {'layout':<48} {'GPUs':>4}" + "".join(f"  | {'s/step':>8} {'GPU-h':>7} {'res/busy':>9}" for _ in modes)]
+        for name, lay in rows:
+            cells = ""
+            fits = name == "this plan" or self.registry[1] is not None
+            for costing in modes.values():
+                if not fits:
+                    cells += f"  | {'(does not fit)':<27}"
+                    continue
+                cost = costing.cost(lay)
+                reserved = cost.reserved_devices * cost.step_seconds
+                cells += (f"  | {cost.step_seconds:>8.1f} {reserved * self.steps / 3600:>7,.0f} "
+                          f"{reserved / max(sum(cost.busy().values()), 1e-9):>8.2f}x")
+            out.append(f"  {name + ': ' + lay.describe():<48} {lay.gpus:>4}{cells}")
+        return out
 
 
 # ----------------------------------------------------------------------------- live cluster
@@ -249,6 +327,7 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
         _gpu_roles(cfg, scale, plan, cluster, file)
     else:
         _cpu_roles(cfg, plan, file)
+        _cpu_cost(cfg, plan, file)
     _check_combinations(cfg, plan, file)
     if not plan.dry_run:
         from core.config import check_paths
@@ -338,71 +417,163 @@ def _role_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, role: 
     return engine + extra, extra if backend == "vllm" else 0.0
 
 
-def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec, file) -> None:
-    counts = _counts(cfg, scale)
-    cpus = {"rollout": cfg.rollout.num_cpus, "teacher": cfg.teacher.num_cpus, "learner": cfg.learner.num_cpus_per_rank}
-    outside: dict[str, float] = {}
-    for role, (n, tp, backend) in counts.items():
-        gpus = 1 if role == "learner" else tp
-        mem, outside[role] = _role_memory(cfg, scale, plan, role, n, tp, backend)
-        plan.roles.append(RoleSpec(role, n, cpus[role], gpus, tp, backend, mem, ROLE_NOTES[(role, backend)]))
-    method = method_of(cfg.method)
-    if method.evaluators == "dedicated":
-        etp = scale.evaluator_tp
-        spare = cluster.gpus - plan.total_gpus
-        n = method.cfg.num_evaluators or auto_evaluators(spare, etp, method.candidates)
-        mem, outside["evaluator"] = _role_memory(cfg, scale, plan, "evaluator", n, etp, counts["rollout"][2])
-        plan.roles.append(RoleSpec("evaluator", n, method.cfg.evaluator_cpus, etp, etp, counts["rollout"][2], mem,
-                                   f"EffOPD candidate scoring, {method.candidates} candidates"))
-    plan.cluster = cluster
-    errors = []
-    usable = usable_gb(cluster.gpu_mem_gb)
-    for r in plan.roles:
-        if r.gpus > cluster.gpus_per_node:
-            errors.append(f"{r.role}: tensor parallel {r.gpus} > {cluster.gpus_per_node} GPUs per node")
-        if r.backend == "hf" and r.tp > 1:
-            errors.append(f"{r.role}: backend hf runs on one GPU; tensor parallel {r.tp} needs backend vllm")
-        if not cluster.gpu_mem_gb:
+@dataclass
+class MemoryCheck:
+    """A layout's memory per GPU: (GB, GB outside a vLLM engine) per role, each vLLM role's
+    `gpu_memory_utilization`, and what does not fit."""
+
+    mem: dict[str, tuple[float, float]] = field(default_factory=dict)
+    util: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, layout: Layout, cluster: ClusterSpec,
+                 backends: dict[str, str]) -> MemoryCheck:
+    """Each role's memory per GPU under `layout` against the cluster's GPUs. A vLLM engine gets
+    `rollout.gpu_memory_utilization` of each GPU less what sits beside it (ExOPD's reference);
+    colocated rollout and teacher engines split that share: the teacher 1.5x its minimum (weights
+    and one sequence's KV: room to batch), the rollout engine the rest (its KV cache)."""
+    out = MemoryCheck()
+    usable, mem_gb = usable_gb(cluster.gpu_mem_gb), cluster.gpu_mem_gb
+    tps = {"rollout": layout.rollout_tp, "teacher": layout.teacher_tp, "learner": 1, "evaluator": layout.evaluator_tp}
+    counts = {"rollout": layout.rollout, "teacher": layout.teacher, "learner": layout.learner, "evaluator": layout.evaluators}
+    for role, n in counts.items():
+        if n:
+            out.mem[role] = _role_memory(cfg, scale, plan, role, n, tps[role], backends[role])
+    for role, (gb, outside) in out.mem.items():
+        tp = tps[role]
+        model = scale.teacher.name if role == "teacher" else scale.student.name
+        if tp > cluster.gpus_per_node:
+            out.errors.append(f"{role}: tensor parallel {tp} > {cluster.gpus_per_node} GPUs per node")
+        if backends[role] == "hf" and tp > 1:
+            out.errors.append(f"{role}: backend hf runs on one GPU; tensor parallel {tp} needs backend vllm")
+        if not mem_gb or (layout.colocated and role in ("rollout", "teacher")):
             continue
-        model = scale.teacher.name if r.role == "teacher" else scale.student.name
-        if r.backend == "vllm":  # the engine within its share; what sits beside it within the rest
-            util = min(cfg.rollout.gpu_memory_utilization, (usable - outside.get(r.role, 0.0)) / cluster.gpu_mem_gb)
-            plan.engine_util[r.role] = round(util, 3)
-            if r.mem_gb - outside.get(r.role, 0.0) > util * cluster.gpu_mem_gb:
-                errors.append(f"{r.role}: its engine needs {r.mem_gb - outside.get(r.role, 0.0):.1f} GB per GPU, "
-                              f"{util * cluster.gpu_mem_gb:.1f} GB available at gpu_memory_utilization {util:.2f} "
-                              f"({model}, TP {r.tp})")
+        if backends[role] == "vllm":  # the engine within its share; what sits beside it within the rest
+            util = min(cfg.rollout.gpu_memory_utilization, (usable - outside) / mem_gb)
+            out.util[role] = round(util, 3)
+            if gb - outside > util * mem_gb:
+                out.errors.append(f"{role}: its engine needs {gb - outside:.1f} GB per GPU, {util * mem_gb:.1f} GB "
+                                  f"available at gpu_memory_utilization {util:.2f} ({model}, TP {tp})")
             elif util < cfg.rollout.gpu_memory_utilization:
-                plan.notes.append(f"{r.role}: vLLM gpu_memory_utilization {util:.2f} (of {cfg.rollout.gpu_memory_utilization}) "
-                                  f"leaves {outside[r.role]:.1f} GB per GPU for ExOPD's reference model beside it")
-        elif r.mem_gb > usable:
-            errors.append(f"{r.role}: needs {r.mem_gb:.1f} GB per GPU, {usable:.1f} GB usable of {cluster.gpu_mem_gb:g} "
-                          f"({model}, TP {r.tp}, backend {r.backend}; {FRAGMENTATION:.0%} fragmentation and "
-                          f"{GPU_RESERVE_GB:g} GB of CUDA/NCCL context kept free)")
+                out.notes.append(f"{role}: vLLM gpu_memory_utilization {util:.2f} (of {cfg.rollout.gpu_memory_utilization}) "
+                                 f"leaves {outside:.1f} GB per GPU for ExOPD's reference model beside it")
+        elif gb > usable:
+            out.errors.append(f"{role}: needs {gb:.1f} GB per GPU, {usable:.1f} GB usable of {mem_gb:g} ({model}, TP {tp}, "
+                              f"backend {backends[role]}; {FRAGMENTATION:.0%} fragmentation and {GPU_RESERVE_GB:g} GB "
+                              "of CUDA/NCCL context kept free)")
+    if layout.colocated and mem_gb:
+        (r_gb, r_out), (t_gb, t_out) = out.mem["rollout"], out.mem["teacher"]
+        if "vllm" in (backends["rollout"], backends["teacher"]):
+            total = min(cfg.rollout.gpu_memory_utilization, (usable - r_out - t_out) / mem_gb)
+            t_util = min(1.5 * (t_gb - t_out), total * mem_gb - (r_gb - r_out)) / mem_gb
+            out.util.update(rollout=round(total - t_util, 3), teacher=round(t_util, 3))
+            if (r_gb - r_out) + (t_gb - t_out) > total * mem_gb:
+                out.errors.append(f"rollout + teacher on one GPU: their engines need {r_gb - r_out + t_gb - t_out:.1f} GB, "
+                                  f"{total * mem_gb:.1f} GB available at gpu_memory_utilization {total:.2f}")
+        elif r_gb + t_gb > usable:
+            out.errors.append(f"rollout + teacher on one GPU: {r_gb + t_gb:.1f} GB, {usable:.1f} GB usable")
+    return out
+
+
+def _backends(cfg: ExperimentConfig, scale: Scale) -> dict[str, str]:
+    engine = "vllm" if scale.gpu else "hf"
+    rollout = cfg.rollout.backend or engine
+    return {"rollout": rollout, "teacher": cfg.teacher.backend or engine, "learner": "deepspeed", "evaluator": rollout}
+
+
+def _registry_layout(cfg: ExperimentConfig, scale: Scale, cluster: ClusterSpec) -> Layout:
+    """The scale's row, with the YAML's pinned counts; evaluators: pinned, else what the spare GPUs allow."""
+    counts = _counts(cfg, scale)
+    method = method_of(cfg.method)
+    lay = Layout(counts["rollout"][0], counts["teacher"][0], counts["learner"][0], 0, counts["rollout"][1],
+                 counts["teacher"][1], scale.evaluator_tp if scale.gpu else 1)
+    if method.evaluators == "dedicated":
+        spare = cluster.gpus - lay.gpus if scale.gpu else 0
+        n = method.cfg.num_evaluators or auto_evaluators(spare, lay.evaluator_tp, method.candidates)
+        lay = Layout(lay.rollout, lay.teacher, lay.learner, n, lay.rollout_tp, lay.teacher_tp, lay.evaluator_tp)
+    return lay
+
+
+def _choose_layout(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec,
+                   backends: dict[str, str], costing: Costing | None) -> Layout:
+    """The registry's layout, or with `plan.layout: balanced` and a cost model the best one found."""
+    registry = _registry_layout(cfg, scale, cluster)
+    places = lambda lay: first_fit(lay.bundles(), cluster.per_node) is not None  # noqa: E731
+    fits = lambda lay: not check_memory(cfg, scale, plan, lay, cluster, backends).errors  # noqa: E731
+    if costing is not None:
+        plan.registry = (registry, costing.cost(registry) if fits(registry) and places(registry) else None)
+    if costing is None or cfg.plan.layout == "registry":
+        plan.layout_source = "registry" if costing is not None or cfg.plan.layout == "registry" else "registry (no cost model)"
+        return registry
+    method = method_of(cfg.method)
+    pinned = {"rollout": cfg.rollout.num_workers, "teacher": cfg.teacher.num_workers, "learner": cfg.learner.world_size,
+              "evaluator": method.cfg.num_evaluators if method.evaluators == "dedicated" else None}
+    tps = {"rollout": registry.rollout_tp, "teacher": registry.teacher_tp, "evaluator": registry.evaluator_tp}
+    layouts = candidates(pinned, tps, cluster.gpus, evaluators=method.evaluators == "dedicated",
+                         max_evaluators=method.candidates + 1, colocate=cfg.plan.colocate)
+    best = balance(costing, layouts, fits, places, cfg.plan.objective)
+    if best is None:
+        plan.notes.append("no balanced layout fits this cluster; the registry's is checked instead")
+        plan.layout_source = "registry"
+        return registry
+    plan.layout_source = f"balanced ({cfg.plan.objective})"
+    return best[0]
+
+
+def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec, file) -> None:
+    plan.cluster = cluster
+    backends = _backends(cfg, scale)
+    costing = plan.costing = _costing(cfg, scale, plan, cluster, backends, file) if cluster.gpu_type else None
+    layout = plan.layout = _choose_layout(cfg, scale, plan, cluster, backends, costing)
+    memory = check_memory(cfg, scale, plan, layout, cluster, backends)
+    _add_roles(cfg, plan, layout, backends, memory)
+    method = method_of(cfg.method)
+    errors, plan.engine_util = list(memory.errors), memory.util
+    plan.notes += memory.notes
     if not cluster.gpu_mem_gb:
         plan.notes.append("GPU memory unknown on this cluster: memory per GPU not checked")
-    gpus_each = [r.gpus for r in plan.roles for _ in range(r.actors)]
-    nodes = first_fit(gpus_each, cluster.per_node)
+    nodes = first_fit(layout.bundles(), cluster.per_node)
     if nodes is None and not errors:
-        without_pool = [g for r in plan.roles if r.role != "evaluator" for g in [r.gpus] * r.actors]
-        pool = "an evaluator pool with no spare GPUs: " if plan.num_evaluators and first_fit(without_pool, cluster.per_node) else ""
+        lean = Layout(layout.rollout, layout.teacher, layout.learner, 0, layout.rollout_tp, layout.teacher_tp,
+                      colocated=layout.colocated)
+        pool = "an evaluator pool with no spare GPUs: " if layout.evaluators and first_fit(lean.bundles(), cluster.per_node) else ""
         errors.append(f"{pool}the trial needs {plan.total_gpus} GPUs, the cluster has {cluster.gpus} ({cluster})")
     if errors:
         raise ConfigError(file, "run.scale", f"{scale.name} on {cluster}: " + "; ".join(errors))
     plan.nodes = nodes or []
-    plan.concurrent = concurrent_trials(gpus_each, cluster)
+    plan.concurrent = concurrent_trials(layout.bundles(), cluster)
     _check_shared_output(cfg, plan, file)
     plan.host_gb = host_memory(cfg, scale, plan)
     if method.evaluators == "dedicated":  # the other evaluator mode, for comparison
-        lean = [r.gpus for r in plan.roles if r.role != "evaluator" for _ in range(r.actors)]
+        lean = [g for g in layout.bundles()][: len(layout.bundles()) - layout.evaluators]
         plan.notes.append(f"method.evaluators=borrowed: {sum(lean)} GPUs per trial, {concurrent_trials(lean, cluster)} "
                           "trial(s) at once (the rollout engines score the candidates while the loop waits)")
     elif method.evaluators == "borrowed":
         plan.notes.append("method.evaluators=borrowed: the rollout engines score the candidates (no evaluator GPUs)")
     wanted = cfg.learner.weight_sync
-    plan.weight_sync = "nccl" if wanted == "nccl" or (wanted == "auto" and counts["rollout"][2] == "vllm") else "object_store"
-    if cluster.gpu_type:
-        plan.cost = _cost(cfg, scale, plan, cluster)
+    plan.weight_sync = "nccl" if wanted == "nccl" or (wanted == "auto" and backends["rollout"] == "vllm") else "object_store"
+    if costing is not None:
+        plan.cost = costing.cost(layout)
+
+
+def _add_roles(cfg: ExperimentConfig, plan: ResolvedPlan, layout: Layout, backends: dict[str, str],
+               memory: MemoryCheck) -> None:
+    """The plan's RoleSpecs for `layout` (GPU plans)."""
+    method = method_of(cfg.method)
+    share = 0.5 if layout.colocated else 1.0
+    spec = {"rollout": (layout.rollout, layout.rollout_tp, cfg.rollout.num_cpus, share, ""),
+            "teacher": (layout.teacher, layout.teacher_tp, cfg.teacher.num_cpus, share, "rollout" if layout.colocated else ""),
+            "learner": (layout.learner, 1, cfg.learner.num_cpus_per_rank, 1.0, "")}
+    if layout.evaluators:
+        spec["evaluator"] = (layout.evaluators, layout.evaluator_tp, method.cfg.evaluator_cpus, 1.0, "")
+    for role, (n, tp, cpus, frac, host) in spec.items():
+        backend = backends[role]
+        note = ROLE_NOTES.get((role, backend), f"EffOPD candidate scoring, {method.candidates} candidates")
+        if host:
+            note += f" (on the {host} GPUs)"
+        plan.roles.append(RoleSpec(role, n, cpus, tp, tp, backend, memory.mem.get(role, (0.0, 0.0))[0], note, frac, host))
 
 
 def host_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan) -> list[float]:
@@ -416,10 +587,10 @@ def host_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan) -> list
         return []
     host = [0.0] * (max(plan.nodes) + 1)
     model = DTYPE_BYTES["bf16"] * scale.student.params_b
-    i = 0
     for r in plan.roles:
+        first = plan.first_bundle(r.role)
         for k in range(r.actors):
-            node = plan.nodes[i]
+            node = plan.nodes[first + k]
             if r.role == "learner":
                 host[node] += sum(learner_host_terms(scale.student, r.actors, bucket_mb=cfg.learner.sync_bucket_mb,
                                                      rank0=k == 0).values()) / GB
@@ -428,7 +599,6 @@ def host_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan) -> list
                     host[node] += model * (1 + (pool if method_of(cfg.method).candidates else 0))
             else:
                 host[node] += HOST_PROCESS_GB["engine"]
-            i += 1
     return [round(h, 1) for h in host]
 
 
@@ -448,25 +618,86 @@ def _check_shared_output(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> Non
         raise ConfigError(file, "run.output_dir", why)
 
 
-def _cost(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec) -> StepCost:
+def _throughput(cfg: ExperimentConfig, device: str, file) -> tuple[Throughput, Calibration | None]:
+    """The cost model's constants: `plan.calibration`'s fit, else the device type's defaults."""
+    if cfg.plan.calibration is None:
+        return defaults(device), None
+    try:
+        cal = Calibration.load(cfg.plan.calibration)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ConfigError(file, "plan.calibration", f"{cfg.plan.calibration}: not a calibration ({err}); "
+                          "make one with `foresight plan CONFIG --calibrate RUN_DIR`") from None
+    if cal.device != device:
+        raise ConfigError(file, "plan.calibration", f"{cfg.plan.calibration} was measured on {cal.device}; this plan "
+                          f"runs on {device}")
+    return cal.throughput, cal
+
+
+def costing_for(cfg: ExperimentConfig, student: ModelShape, teacher: ModelShape, device: Device, thr: Throughput,
+                backends: dict[str, str], *, weight_bytes: int, cal: Calibration | None, checkpointing: bool,
+                cores: float = float("inf"), notes: list[str] | None = None) -> Costing:
+    """What every layout of this config costs with (`orchestrator/balance.py`): the step's workload
+    (a calibration's measured fill and prompt length, else half the response cap and a quarter of
+    the prompt cap), evaluation, the EffOPD search's share of steps, the pipeline's overlap."""
+    from orchestrator.pipeline import overlap_share
+
     rc = cfg.rollout
-    work = Workload(rc.batch_prompts * rc.samples_per_prompt, rc.max_prompt_tokens // 4, rc.max_new_tokens)
-    eval_work = Workload(cfg.eval.num_examples or 512, rc.max_prompt_tokens // 4, rc.max_new_tokens)
-    ev = plan.role("evaluator")
+    fill, prompt = (cal.fill, round(cal.prompt_len)) if cal else (0.5, rc.max_prompt_tokens // 4)
+    wl = lambda n: Workload(n, prompt, rc.max_new_tokens, fill)  # noqa: E731
     method = method_of(cfg.method)
-    search = method.candidates
-    val = Workload(method.val_size, rc.max_prompt_tokens // 4, rc.max_new_tokens) if search else None
-    r, t = plan.role("rollout"), plan.role("teacher")
-    cost = step_cost(scale, cluster.gpu_type, rollout=(r.actors, r.tp), teacher=(t.actors, t.tp),
-                     learner_ranks=plan.role("learner").actors, evaluators=(ev.actors, ev.tp) if ev else (0, 1),
-                     work=work, steps=cfg.run.steps, eval_every=cfg.eval.every, eval_work=eval_work,
-                     search_candidates=search, val_work=val, overlap=pipeline_overlap(cfg),
-                     max_tokens=cfg.learner.max_tokens_per_gpu)
-    sequences = eval_set_sequences(cfg, plan.notes)
-    if sequences:
-        sets = Workload(sequences, rc.max_prompt_tokens // 4, rc.max_new_tokens)
-        cost.seconds["eval_sets"] = decode_seconds(scale.student, cluster.gpu_type, r.actors, r.tp, sets) / cfg.eval.every
-    return cost
+    steps = min(cfg.run.steps, 100_000)
+    sequences = eval_set_sequences(cfg, notes if notes is not None else [])
+    model = lambda m: Model(m.params_b * 1e9, weight_bytes, m.kv_bytes_per_token() * weight_bytes / 2)  # noqa: E731
+    mem, seq_len = device.mem_gb, rc.max_prompt_tokens + rc.max_new_tokens
+
+    def kv_tokens(layout: Layout) -> float:
+        """KV-cache tokens of one vLLM rollout engine: its memory share less weights and ~1 GB of activations."""
+        if backends["rollout"] != "vllm" or not mem:
+            return float("inf")
+        gb = rc.gpu_memory_utilization * mem - weight_bytes * student.params_b / layout.rollout_tp - 1.0
+        if layout.colocated:
+            gb -= 1.5 * engine_mem_gb(teacher, 1, seq_len)
+        return max(gb, 0.0) * GB * layout.rollout_tp / student.kv_bytes_per_token()
+
+    return Costing(student=model(student), teacher=model(teacher), device=device, thr=thr,
+                   work=wl(rc.batch_prompts * rc.samples_per_prompt), eval_work=wl(cfg.eval.num_examples or 512),
+                   eval_every=cfg.eval.every, sets_work=wl(sequences) if sequences else None,
+                   val_work=wl(method.val_size) if method.candidates else None, candidates=method.candidates,
+                   searches_per_step=sum(method.searches_at(s) for s in range(1, steps + 1)) / steps,
+                   max_tokens=cfg.learner.max_tokens_per_gpu, checkpointing=checkpointing,
+                   rollout_backend=backends["rollout"], teacher_backend=backends["teacher"],
+                   staleness=cfg.pipeline.max_staleness, overlap=overlap_share(cfg), cores=cores, kv_tokens=kv_tokens)
+
+
+def _costing(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec,
+             backends: dict[str, str], file) -> Costing:
+    gpu = cluster.gpu_type
+    from orchestrator.pipeline import overlap_share
+
+    thr, cal = _throughput(cfg, cluster.gpu, file)
+    plan.throughput, plan.overlap_if_pipelined = thr, overlap_share(cfg, pipelined=True)
+    return costing_for(cfg, scale.student, scale.teacher, Device(gpu.peak_flops, gpu.hbm_bytes_per_s, cluster.gpu_mem_gb),
+                       thr, backends, weight_bytes=2, cal=cal, checkpointing=plan.gradient_checkpointing, notes=plan.notes)
+
+
+def _cpu_cost(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
+    """CPU plans: the step's cost on one-thread actors from the model folders' shapes (none when a
+    folder has no config.json yet: `check_paths` says so next)."""
+    student, teacher = cfg.model_paths
+    try:
+        shapes = shape_of(student), shape_of(teacher)
+    except (OSError, ValueError, KeyError, TypeError):  # no checkpoint yet, or one without the usual keys
+        return
+    thr, cal = _throughput(cfg, "cpu", file)
+    plan.throughput = thr
+    lay = Layout(*(plan.role(r).actors for r in ("rollout", "teacher", "learner")), evaluators=plan.num_evaluators)
+    backends = {r.role: r.backend for r in plan.roles}
+    backends.setdefault("evaluator", backends["rollout"])
+    plan.layout = lay
+    costing = costing_for(cfg, *shapes, CPU_THREAD, thr, backends, weight_bytes=4, cal=cal,
+                          checkpointing=plan.gradient_checkpointing, cores=plan.available_cpus or 1.0, notes=plan.notes)
+    plan.cost = costing.cost(lay)
+    plan.costing = costing
 
 
 def eval_set_sequences(cfg: ExperimentConfig, notes: list[str]) -> int:
@@ -492,15 +723,6 @@ def count_rows(path: Path) -> int | None:
         return pq.ParquetFile(path).metadata.num_rows
     with path.open() as f:
         return sum(1 for line in f if line.strip())
-
-
-def pipeline_overlap(cfg: ExperimentConfig) -> float:
-    """Share of steps whose rollout + teacher overlap the learner: 0 without pipelining, else every
-    step but the one after each barrier (evaluations and checkpoints; searches are rare)."""
-    if cfg.pipeline.max_staleness < 1:
-        return 0.0
-    barriers = 1 / cfg.eval.every + (1 / cfg.checkpoint.every if cfg.checkpoint.every else 0.0)
-    return max(0.0, 1.0 - barriers)
 
 
 def _check_combinations(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:

@@ -38,7 +38,6 @@ from actors.group import ActorGroup, split
 from actors.weights import WeightsHandle, fetch_state_dict
 from core.config import ExperimentConfig
 from core.data_order import batch_indices
-from core.extrapolation import is_search_step
 from core.faults import fires
 from core.methods import Method, method_of
 from core.step_metrics import NonFiniteSteps, count_skip, staleness, train_metrics, utilization
@@ -47,7 +46,7 @@ from orchestrator import checkpoint as ckpt
 from orchestrator.actor_spec import actor_config
 from orchestrator.controls import GradProjection
 from orchestrator.monitor import GeometryMonitor
-from orchestrator.pipeline import Launched, RolloutPipeline
+from orchestrator.pipeline import Launched, RolloutPipeline, evaluates_at, is_barrier
 from orchestrator.placement import LearnerLost, TrialActors, check_shared_output, get_all, start_learners
 from orchestrator.plan import ResolvedPlan
 from orchestrator.progress import ProgressFile, Timer, progress_bar
@@ -307,16 +306,11 @@ class OPDTrainer:
                         rollout_meta, [m for _, m in scored])
 
     def _evaluates_at(self, step: int) -> bool:
-        cfg = self.cfg
-        return step % cfg.eval.every == 0 or step == cfg.run.steps or (cfg.eval.at_powers_of_two and is_search_step(step))
+        return evaluates_at(self.cfg, step)
 
     def _barrier(self, step: int) -> bool:
-        """Steps after which something reads or replaces the weights outside a learner step (search,
-        evaluation, gradient projection, checkpoint): the pipeline does not run past them."""
-        cfg = self.cfg
-        return bool(self.method.searches_at(step) or self._evaluates_at(step)
-                    or self.projection.starts_at(step)
-                    or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
+        """Steps the pipeline does not run past (`orchestrator/pipeline.py::is_barrier`)."""
+        return is_barrier(self.cfg, self.method, step)
 
     def _step_metrics(self, batch: Launched, stats: list[dict[str, float]], times: dict[str, float]) -> dict[str, float]:
         """Busy time and utilization of each role, the critical path, the batch's staleness

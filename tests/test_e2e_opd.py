@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, foresight
+from conftest import ROOT, SMOKE_PIPELINED, foresight, run_overrides
 from e2e_helpers import assert_student_learned, history
 
 pytestmark = pytest.mark.e2e
@@ -72,6 +72,34 @@ def test_smoke_run_improves_student_and_logs_to_mlflow(smoke_reference):
     assert {"resolved_config.yaml", "final_checkpoint.txt"} <= arts
     assert (smoke_reference["out"] / "smoke" / "final" / "model.safetensors").is_file()
     print(f"smoke run wall time {smoke_reference['seconds']:.0f}s; accuracy {acc[0][1]:.3f} -> {acc[-1][1]:.3f}")
+
+
+def test_plan_calibrates_from_the_smoke_run_and_predicts_its_step(smoke_reference, models):
+    """`foresight plan --calibrate RUN_DIR`: the constants fitted to the run's busy times, written beside
+    it, and the plan of the same config (pipelined, staleness 1) predicting its measured step within
+    25% (the per-role fits composed through the pipeline's step model; evaluation left out on both
+    sides). Another config predicted from a calibration: benchmarks/plan_calibration.py."""
+    import statistics
+
+    from core.calibration import Calibration, steady_steps
+    from core.config import load_config
+    from orchestrator.plan import resolve
+
+    out, client, run = smoke_reference["out"], smoke_reference["client"], smoke_reference["run"]
+    args = [*run_overrides(models, out), *SMOKE_PIPELINED]
+    proc = foresight("plan", str(ROOT / "experiments" / "smoke.yaml"), *args, "--calibrate", str(out / "smoke"), "--brief")
+    assert f"cost model: measured: {out / 'smoke'}" in proc.stdout and "pipelined, staleness 1" in proc.stdout
+    cal = Calibration.load(out / "smoke")
+    assert cal.device == "cpu" and cal.steps > 50 and 0 < cal.fill <= 1
+    assert all(getattr(cal.throughput, k) > 0 for k in ("decode_bw", "prefill_mfu", "train_mfu", "sync_bytes_per_s"))
+    plan = resolve(load_config(ROOT / "experiments" / "smoke.yaml", [*args, f"plan.calibration={out / 'smoke'}"]), "smoke")
+    s = plan.cost.seconds
+    predicted = plan.cost.step_seconds - sum(s.get(k, 0.0) for k in ("eval", "eval_sets", "search"))
+    keys = ("timing/step", "timing/rollout_busy", "timing/teacher_busy", "timing/learner_busy", "timing/sync",
+            "timing/eval", "timing/search")
+    hist = {k: dict(history(client, run.info.run_id, k)) for k in keys}
+    measured = statistics.mean(hist["timing/step"][step] for step in steady_steps(hist))
+    assert abs(predicted / measured - 1) <= 0.25, (predicted, measured, s)
 
 
 def test_pipelined_run_keeps_its_staleness_bound_and_resumes_exactly(smoke_reference, models, tmp_path):

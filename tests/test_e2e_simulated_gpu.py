@@ -2,9 +2,10 @@
 actor gets the CUDA_VISIBLE_DEVICES Ray assigned it, and compute falls back to CPU (torch sees no
 CUDA device; the learner and vLLM engines log it). Tiny models stand in for 1.5B-32B.
 
-1. One node with 8 declared GPUs: the 1.5B plan with 2 rollout workers and 2 teacher scorers runs
-   end to end as planned (actors == plan, one GPU each, no GPU shared, learner rendezvous on
-   loopback), learns, and nothing it opens listens beyond 127.0.0.1.
+1. One node with 8 declared GPUs: the 1.5B plan the planner balances around 4 pinned learner ranks
+   (2 rollout workers with a teacher scorer colocated on each one's GPU) runs end to end as planned
+   (actors == plan, one GPU each but for the colocated pairs, learner rendezvous on loopback),
+   learns, and nothing it opens listens beyond 127.0.0.1.
 2. Four nodes with 8 declared GPUs each (`ray.cluster_utils.Cluster`): the 1.5B EffOPD plan and the
    32B plan are placed as planned (placement probes stand in for actors whose models cannot load
    here; the 1.5B plan as `foresight plan --probe` places it, the 32B plan inside a one-trial Ray
@@ -32,14 +33,19 @@ SMOKE = ROOT / "experiments" / "smoke.yaml"
 
 
 def check_matches_plan(plan, placements: dict[str, list[dict]]) -> None:
-    """Every role has the planned actors, each holds exactly its planned GPUs, none shares one."""
+    """Every role has the planned actors, each holds exactly its planned GPUs, none shares one except a
+    colocated role's actor i, which holds exactly the GPUs of its host role's actor i."""
     seen: dict[tuple[str, str], str] = {}
-    for spec in plan.roles:
+    for spec in sorted(plan.roles, key=lambda r: bool(r.host)):
         got = placements.get(spec.role, [])
         assert len(got) == spec.actors, (spec.role, len(got), spec.actors)
         for i, p in enumerate(got):
             assert len(p["gpu_ids"]) == spec.gpus, (spec.role, i, p["gpu_ids"])
             assert p["cuda_visible_devices"] == ",".join(p["gpu_ids"]), (spec.role, p)
+            if spec.host:
+                host = placements[spec.host][i]
+                assert (p["node_id"], p["gpu_ids"]) == (host["node_id"], host["gpu_ids"]), (spec.role, i, p, host)
+                continue
             for gpu in p["gpu_ids"]:
                 key = (p["node_id"], gpu)
                 assert key not in seen, f"{spec.role} {i} shares GPU {gpu} with {seen[key]}"
@@ -56,18 +62,23 @@ def check_device_contract(actors) -> None:
             assert all(0 <= r["index"] < len(r["visible"]) for r in asked), (role, i, asked)
 
 
-def test_simulated_gpu_node_runs_the_1p5b_plan_with_2_rollout_workers_and_2_teachers(models, tmp_path, monkeypatch):
+def test_simulated_gpu_node_runs_the_balanced_1p5b_plan_with_colocated_rollout_and_teacher(models, tmp_path, monkeypatch):
     from orchestrator.cli import start_local_ray
 
     # one corrupted step on the way, and learner rank 2 dies in its first set-up (Ray's workers inherit the variable)
     monkeypatch.setenv("FORESIGHT_FAULTS", "nan_teacher:7,learner_dies_in_setup:2")
-    start_local_ray(num_cpus=4, num_gpus=8, logging_level="ERROR")
+    # 8 declared H100s (Ray's accelerator_type resource, as on a real node: the planner costs and balances)
+    start_local_ray(num_cpus=4, num_gpus=8, resources={"accelerator_type:H100": 1.0}, logging_level="ERROR")
     try:
         cfg = load_config(SMOKE, run_overrides(models, tmp_path) + [
-            "run.scale=1.5B", "rollout.backend=hf", "teacher.backend=hf", "teacher.num_workers=2",
+            "run.scale=1.5B", "rollout.backend=hf", "teacher.backend=hf", "learner.world_size=4",
             "run.steps=30", "eval.every=15", "geometry.every=0", "checkpoint.every=0", "eval.num_examples=200"])
         plan = resolve(cfg, SMOKE)
-        assert {r.role: (r.actors, r.gpus) for r in plan.roles} == {"rollout": (2, 1), "teacher": (2, 1), "learner": (4, 1)}
+        # the planner's choice around the pinned ranks: each teacher scorer on its rollout worker's GPU
+        assert plan.layout_source == "balanced (gpu_time)" and plan.layout.colocated
+        assert {r.role: (r.actors, r.gpus, r.share, r.host) for r in plan.roles} == {
+            "rollout": (2, 1, 0.5, ""), "teacher": (2, 1, 0.5, "rollout"), "learner": (4, 1, 1.0, "")}
+        assert plan.total_gpus == 6 and len(plan.bundles()) == 6
         trainer = OPDTrainer(cfg, plan, show_progress=False)
         trainer.start()
         try:

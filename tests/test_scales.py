@@ -15,7 +15,8 @@ H100x32 = ClusterSpec(4, 8, "H100", 80)
 
 
 def gpu_plan(*overrides: str, cluster: ClusterSpec = H100x32):
-    return resolve(load_config(None, list(overrides)), "exp.yaml", cluster=cluster)
+    """The registry's layout unless the overrides ask for the balanced one (tests of it: test_balance.py)."""
+    return resolve(load_config(None, ["plan.layout=registry", *overrides]), "exp.yaml", cluster=cluster)
 
 
 def test_parse_cluster_specs(tmp_path):
@@ -117,7 +118,10 @@ def test_reserved_gpu_hours_are_gpus_times_serial_wall_time():
     seconds = plan.cost.seconds
     assert set(seconds) >= {"rollout", "teacher", "learner", "sync", "eval"}
     assert plan.reserved_gpu_hours == pytest.approx(plan.total_gpus * sum(seconds.values()) * 100 / 3600)
-    assert plan.reserved_gpu_hours > 3 * plan.ideal_gpu_hours  # the serial loop leaves most GPUs idle
+    # busy: 2 rollout engines sample and evaluate, 1 teacher scores, 4 ranks train and sync
+    busy = 2 * (seconds["rollout"] + seconds["eval"]) + seconds["teacher"] + 4 * (seconds["learner"] + seconds["sync"])
+    assert plan.busy_gpu_hours == pytest.approx(busy * 100 / 3600)
+    assert plan.reserved_gpu_hours > 3 * plan.busy_gpu_hours  # the registry's serial loop leaves most GPUs idle
 
 
 def test_nccl_rank_offsets_are_disjoint_at_tp2():
@@ -148,7 +152,8 @@ def test_plan_cli_dry_run_and_rejection(fake_models):
     unknown = foresight("plan", "experiments/paper_grid.yaml", "--cluster", "4x8xTPU-80GB", "--brief", check=False)
     assert unknown.returncode == 2 and "unknown GPU type" in unknown.stderr
     paper = foresight("plan", "experiments/paper_1p5b_math.yaml", "--cluster", "1x8xH100-80GB")
-    assert "scale 1.5B on 1x8xH100-80GB: 8 GPUs per trial" in paper.stdout and "303 steps" in paper.stdout
+    assert "scale 1.5B on 1x8xH100-80GB:" in paper.stdout and "layout balanced (gpu_time)" in paper.stdout
+    assert "registry: rollout 2, teacher 1, learner 4" in paper.stdout and "303 steps" in paper.stdout
     assert "format: verl" in paper.stdout and "enable_thinking: false" in paper.stdout
     gpu_here = foresight("plan", "experiments/smoke.yaml", "run.scale=4B", f"models.student={fake_models / 'student'}",
                          f"models.teacher={fake_models / 'teacher'}", check=False)
@@ -158,20 +163,26 @@ def test_plan_cli_dry_run_and_rejection(fake_models):
 def test_pipelined_gpu_hours_use_the_critical_path_on_the_steps_that_overlap():
     args = ("run.scale=1.5B", "run.steps=100", "rollout.batch_prompts=1024", "rollout.max_new_tokens=16384",
             "eval.every=10", "checkpoint.every=20")
-    serial, piped = gpu_plan(*args), gpu_plan(*args, "pipeline.max_staleness=2")
-    s = piped.cost.seconds
-    assert s == serial.cost.seconds and piped.cost.overlap == pytest.approx(1 - 1 / 10 - 1 / 20)
-    produce, consume = s["rollout"] + s["teacher"], s["learner"] + s["sync"]
-    per_step = 0.85 * max(produce, consume) + 0.15 * (produce + consume) + s["eval"]
-    assert piped.reserved_gpu_hours == pytest.approx(piped.total_gpus * per_step * 100 / 3600)
-    assert piped.reserved_gpu_hours < serial.reserved_gpu_hours
-    assert "pipelined on 85% of steps" in piped.describe()
+    serial, one, two = gpu_plan(*args), gpu_plan(*args, "pipeline.max_staleness=1"), gpu_plan(*args, "pipeline.max_staleness=2")
+    s = two.cost.seconds
+    # barriers (evaluations every 10, checkpoints every 20) at 9 of steps 1..99: steps 1, 11, ..., 91 run alone
+    assert s == serial.cost.seconds and two.cost.overlap == pytest.approx(0.9) and serial.cost.overlap == 0
+    rest = sum(v for k, v in s.items() if k not in ("rollout", "teacher", "learner", "sync"))
+    consume, serial_step = s["learner"] + s["sync"], s["rollout"] + s["teacher"] + s["learner"] + s["sync"]
+    # staleness 1: the batch of step t+1 is sampled once W_t exists, so its rollout and scoring run in turn
+    piped1 = 0.9 * max(s["rollout"] + s["teacher"], consume) + 0.1 * serial_step + rest
+    # staleness 2: the teacher scores batch t+1 while the rollout samples batch t+2
+    piped2 = 0.9 * max(s["rollout"], s["teacher"], consume) + 0.1 * serial_step + rest
+    assert one.cost.step_seconds == pytest.approx(piped1) and two.cost.step_seconds == pytest.approx(piped2)
+    assert two.reserved_gpu_hours == pytest.approx(two.total_gpus * piped2 * 100 / 3600)
+    assert two.reserved_gpu_hours < one.reserved_gpu_hours < serial.reserved_gpu_hours
+    assert "pipelined, staleness 2, on 90% of steps" in two.describe()
 
 
 def test_gpu_hours_count_the_named_evaluation_sets(tmp_path):
     """eval.sets sampling (the paper: avg@32 every 2 steps) is decoding on the rollout engines:
     (greedy + k) sequences per prompt, prompts from num_examples or the file's rows, per eval.every."""
-    from core.scales import SCALES, Workload, decode_seconds
+    from core.cost_model import Workload, decode_seconds
 
     rows = tmp_path / "aime.jsonl"
     rows.write_text("".join(f'{{"prompt": "p{i}", "answer": "{i}"}}\n' for i in range(30)))
@@ -183,7 +194,8 @@ def test_gpu_hours_count_the_named_evaluation_sets(tmp_path):
                            f"gone: {{path: {tmp_path / 'gone.jsonl'}, k: 4}}}}")
     r = sets.role("rollout")
     work = Workload(30 * 32, 2048 // 4, 16384)  # rollout.max_prompt_tokens 2048: the cost model's prompt is a quarter
-    want = decode_seconds(SCALES["1.5B"].student, sets.cluster.gpu_type, r.actors, r.tp, work) / 2
+    c = sets.costing
+    want = decode_seconds(c.student, c.device, c.thr, r.actors, r.tp, work, "vllm", c.kv_tokens(sets.layout)) / 2
     assert "eval_sets" not in plain.cost.seconds and sets.cost.seconds["eval_sets"] == pytest.approx(want)
     assert sets.reserved_gpu_hours > plain.reserved_gpu_hours
     assert any("eval.sets.gone" in n and "not in the GPU-hours" in n for n in sets.notes)
