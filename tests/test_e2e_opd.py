@@ -91,6 +91,11 @@ def test_plan_calibrates_from_the_smoke_run_and_predicts_its_step(smoke_referenc
     assert f"cost model: measured: {out / 'smoke'}" in proc.stdout and "pipelined, staleness 1" in proc.stdout
     cal = Calibration.load(out / "smoke")
     assert cal.device == "cpu" and cal.steps > 50 and 0 < cal.fill <= 1
+    from orchestrator.calibrate import calibrate
+
+    by_id = calibrate(run.info.run_id, f"sqlite:///{out / 'mlflow.db'}")  # the MLflow run id, its store named
+    assert by_id[0] == out / "smoke" / "calibration.json" and by_id[1].throughput.train_mfu == pytest.approx(
+        cal.throughput.train_mfu)
     assert all(getattr(cal.throughput, k) > 0 for k in ("decode_bw", "prefill_mfu", "train_mfu", "sync_bytes_per_s"))
     plan = resolve(load_config(ROOT / "experiments" / "smoke.yaml", [*args, f"plan.calibration={out / 'smoke'}"]), "smoke")
     s = plan.cost.seconds

@@ -25,6 +25,7 @@ from conftest import ROOT, run_overrides
 from listeners import is_loopback, listeners, tree
 from core.config import load_config
 from orchestrator.placement import learner_env, nccl_layout, probe_placements
+from core.scales import ClusterSpec
 from orchestrator.plan import resolve
 from orchestrator.trainer import OPDTrainer
 
@@ -108,6 +109,15 @@ def test_simulated_gpu_node_runs_the_balanced_1p5b_plan_with_colocated_rollout_a
     assert [s for s, v in skipped if v] == [7]  # the NaN step was skipped on all 4 ranks, the run went on
     assert acc[-1][0] == 30 and acc[-1][1] > acc[0][1], acc
     assert final["train/response_tokens"] > 0
+    # the run calibrates the cost model for its GPU type (the layout from its plan params; the figures
+    # are CPU ones here), and a plan for that GPU type takes the fit
+    from orchestrator.calibrate import calibrate
+
+    path, cal, _ = calibrate(plan.run_dir)
+    assert path == plan.run_dir / "calibration.json" and cal.device == "H100" and cal.steps > 20
+    again = resolve(load_config(SMOKE, run_overrides(models, tmp_path) + [
+        "run.scale=1.5B", "rollout.backend=hf", "teacher.backend=hf", f"plan.calibration={path}", "run.name=next"]), SMOKE, cluster=ClusterSpec(1, 8, "H100", 80))
+    assert again.throughput == cal.throughput and "cost model: measured:" in again.describe()
 
 
 @pytest.fixture(scope="module")
