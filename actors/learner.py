@@ -26,7 +26,8 @@ import torch
 from actors.group import Placed
 from actors.batching import fetch_rows
 from core.faults import fires, once
-from core.extrapolation import extrapolate, extrapolated
+from core.extrapolation import (DIRECTION_GROUPS, direction_group, direction_metrics, extrapolate, extrapolated,
+                                leading_triple)
 from core.modeling import quiet_hf
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class Learner(Placed):
     # set in setup()
     engine: Any
     anchor: list[torch.Tensor] | None
+    direction: list[torch.Tensor] | None
+    """Delta_{n-1} = W - anchor at the last search, this rank's partitions in the working dtype
+    (`direction_stats`; a diagnostic: bf16's 2^-8 relative rounding moves a cosine by < 1e-2)."""
 
     def __init__(self, rank: int, world_size: int, cfg: dict[str, Any]) -> None:
         from actors import devices
@@ -92,7 +96,8 @@ class Learner(Placed):
         quiet_hf()
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         torch.set_num_threads(1)
-        self.engine, self.anchor, self._listen = None, None, None
+        self.engine, self.anchor, self.direction, self._listen = None, None, None, None
+        self._moves, self._rank1_cache = 0, None  # weight/anchor changes; `_rank1`'s cache of them
         self.senders: dict[str, Any] = {}  # rank 0: NCCL weight-transfer groups by name (GPU, vLLM engines)
         self.cuda = torch.cuda.is_available()
         # the one GPU Ray made visible to this rank is cuda:0 (checked against CUDA_VISIBLE_DEVICES)
@@ -247,6 +252,7 @@ class Learner(Placed):
                 padded += mb["input_ids"].numel()
                 real += int(mb["attention_mask"].sum())
         self.engine.step()
+        self._moves += 1
         out = dict(zip(STAT_KEYS, stats.tolist()))
         out["skipped"] = 0.0 if self.engine.was_step_applied() else 1.0
         out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
@@ -509,13 +515,23 @@ class Learner(Placed):
                 w.data.copy_(m)
 
     def _candidate(self, coef: float, params: str = "all"):
-        """The fp32 values of W + coef (W - anchor) on this rank's partitions, slice by slice; with
-        `params` = attn_mlp the parameters the authors' rule leaves out keep W (`_kept`)."""
+        """The fp32 values of W + coef (W - anchor) on this rank's partitions, slice by slice. `params`
+        (`method.params`): `all` | `attn_mlp`, where the parameters the authors' rule leaves out keep W
+        (`_kept`); a `:rank1` suffix: every matrix takes W + coef s1 u1 v1^T instead (`_rank1`)."""
         masters, _ = self._flats()
-        kept = self._kept(params)
+        names, _, subspace = params.partition(":")
+        kept = self._kept(names)
+        rank1 = self._rank1() if subspace == "rank1" else {}
 
         def values(i: int, lo: int, hi: int) -> torch.Tensor:
             out = extrapolate(masters[i].data[lo:hi], self.anchor[i][lo:hi], coef)
+            for (gi, a), (u, sigma, v, first, count, cols) in rank1.items():
+                x, y = max(a, lo), min(a + count, hi)
+                if gi != i or x >= y:
+                    continue
+                e = torch.arange(first + x - a, first + y - a, device=u.device)
+                step = (coef * sigma) * u[e // cols] * v[e % cols]
+                out[x - lo:y - lo] = masters[i].data[x:y] + step.to(out.dtype)
             for start, end in kept[i]:
                 if start < hi and end > lo:
                     a, b = max(start, lo), min(end, hi)
@@ -524,28 +540,95 @@ class Learner(Placed):
 
         return values
 
-    def _kept(self, params: str) -> list[list[tuple[int, int]]]:
-        """Per flat group, the element ranges of this rank's partitions that a jump leaves alone: in a
-        ZeRO-3 sub-group each parameter's partition takes `partition_numel()` elements, in the order of
+    def _param_ranges(self) -> list[list[tuple[int, int, str, tuple[int, ...]]]]:
+        """Per flat group, (start, end, name, full shape) of each parameter's partition within this rank's flat
+        partition: in a ZeRO-3 sub-group each takes `partition_numel()` elements, in the order of
         `optimizer.fp16_groups` (DeepSpeed stage3 `_create_fp16_partitions_with_defragmentation`)."""
-        if params == "all":
-            return [[] for _ in self._flats()[0]]
         names = {id(p): n for n, p in self.engine.module.named_parameters()}
         out = []
         for group in self.engine.optimizer.fp16_groups:
             ranges, pos = [], 0
             for p in group:
                 n = p.partition_numel()
-                if not extrapolated(names[id(p)], params):
-                    ranges.append((pos, pos + n))
+                ranges.append((pos, pos + n, names[id(p)], tuple(p.ds_shape)))
                 pos += n
             out.append(ranges)
         return out
+
+    def _kept(self, params: str) -> list[list[tuple[int, int]]]:
+        """Per flat group, the element ranges of this rank's partitions that a jump leaves alone."""
+        if params == "all":
+            return [[] for _ in self._flats()[0]]
+        return [[(a, b) for a, b, name, _ in group if not extrapolated(name, params)] for group in self._param_ranges()]
+
+    def _rank1(self) -> dict[tuple[int, int], tuple[torch.Tensor, float, torch.Tensor, int, int, int]]:
+        """`subspace: rank1`: per matrix (flat group i, its start in this rank's partition) the leading
+        singular triple (u1, s1, v1) of Delta = W - anchor (`core.extrapolation.leading_triple`), and
+        where this rank's elements sit in it: (u1, s1, v1, first flat index, count, columns). Rank r
+        holds flat elements [r n, r n + n) of each parameter (n = `partition_numel`, the last padded);
+        D v and D^T u are summed over those, slice by slice, and all-reduced: no gather. Cached until
+        the weights or the anchor move."""
+        import zlib
+
+        if self._rank1_cache is not None and self._rank1_cache[0] == self._moves:
+            return self._rank1_cache[1]
+        masters, _ = self._flats()
+        out = {}
+        for i, group in enumerate(self._param_ranges()):
+            for a, b, name, shape in group:
+                if len(shape) != 2:
+                    continue
+                rows, cols = shape
+                first = self.rank * (b - a)
+                count = max(0, min(b - a, rows * cols - first))
+                dev = masters[i].device
+
+                def product(block: torch.Tensor, transpose: bool, i=i, a=a, first=first, count=count, rows=rows,
+                            cols=cols, dev=dev) -> torch.Tensor:
+                    """D @ block (or D^T @ block) from this rank's elements of D, all-reduced."""
+                    block = block.to(dev)
+                    acc = torch.zeros(cols if transpose else rows, block.shape[1], dtype=torch.float64, device=dev)
+                    for lo, hi in _slices(count, RANK1_SLICE):
+                        e = torch.arange(first + lo, first + hi, device=dev)
+                        r, c = e // cols, e % cols
+                        d = (masters[i].data[a + lo:a + hi].double() - self.anchor[i][a + lo:a + hi].double())[:, None]
+                        acc.index_add_(0, c, d * block[r]) if transpose else acc.index_add_(0, r, d * block[c])
+                    return self._all_reduce(acc, "sum")
+
+                u, sigma, v = leading_triple(lambda x: product(x, False), lambda y: product(y, True), rows, cols,
+                                             seed=zlib.crc32(name.encode()))
+                out[(i, a)] = (u.to(dev), sigma, v.to(dev), first, count, cols)
+        self._rank1_cache = (self._moves, out)
+        return out
+
+    def direction_stats(self) -> dict[str, float]:
+        """At a search: Delta_n = W - anchor on this rank's fp32 master partitions against Delta_{n-1}
+        (kept from the last search, in the working dtype), per parameter group, slice by slice: <Delta_{n-1}, Delta_n>,
+        ||Delta_{n-1}||^2, ||Delta_n||^2 summed here and all-reduced across ranks (no gather); then
+        Delta_{n-1} <- Delta_n in place. `core.extrapolation.direction_metrics` turns the sums into
+        cosines and norm ratios."""
+        masters, working = self._flats()
+        first = self.direction is None
+        if first:
+            self.direction = [torch.zeros_like(w) for w in working]
+        sums = torch.zeros(len(DIRECTION_GROUPS), 3, dtype=torch.float64)
+        for i, group in enumerate(self._param_ranges()):
+            for a, b, name, _ in group:
+                g = DIRECTION_GROUPS.index(direction_group(name))
+                for lo, hi in _slices(b - a):
+                    new = (masters[i].data[a + lo:a + hi].float() - self.anchor[i][a + lo:a + hi]).double()
+                    prev = self.direction[i][a + lo:a + hi]
+                    old = prev.double()
+                    sums[g] += torch.stack([old @ new, old @ old, new @ new]).cpu()
+                    prev.copy_(new)  # rounded to the working dtype
+        sums = self._all_reduce(sums, "sum").cpu()
+        return direction_metrics({g: tuple(sums[k].tolist()) for k, g in enumerate(DIRECTION_GROUPS)}, first)
 
     def set_anchor(self) -> None:
         """anchor <- current fp32 master partitions (the accepted point W_acc)."""
         masters, _ = self._flats()
         self.anchor = [m.detach().clone() for m in masters]
+        self._moves += 1
 
     def extrapolate(self, coef: float, params: str = "all") -> None:
         """W <- W + coef * (W - anchor) on the fp32 master partitions, then working <- master (cast to
@@ -559,6 +642,7 @@ class Learner(Placed):
             for lo, hi in _slices(m.numel()):
                 m.data[lo:hi].copy_(values(i, lo, hi))
             w.data.copy_(m.data)
+        self._moves += 1
 
     def zero_layout(self) -> dict[str, int]:
         """How ZeRO-3 holds this rank's parameters: `persistent` (kept gathered, DeepSpeed's persistence
@@ -585,14 +669,15 @@ class Learner(Placed):
     def save_checkpoint(self, ckpt_dir: str, tag: str) -> None:
         """DeepSpeed checkpoint (weights, optimizer, per-rank) + this rank's anchor and RNG."""
         self.engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
-        extra = {"anchor": self.anchor, "rng": rng_state()}
+        extra = {"anchor": self.anchor, "direction": self.direction, "rng": rng_state()}
         torch.save(extra, Path(ckpt_dir) / tag / f"foresight_rank{self.rank}.pt")
 
     def load_checkpoint(self, ckpt_dir: str, tag: str) -> None:
         self.engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True,
                                     load_optimizer_states=True, load_lr_scheduler_states=True)
         extra = torch.load(Path(ckpt_dir) / tag / f"foresight_rank{self.rank}.pt", weights_only=False)
-        self.anchor = extra["anchor"]
+        self.anchor, self.direction = extra["anchor"], extra.get("direction")
+        self._moves += 1
         set_rng_state(extra["rng"])
 
     def shutdown(self) -> None:
@@ -609,8 +694,13 @@ SLICE = 1 << 24
 """Elements per slice when a partition is edited in place (a 64 MB fp32 temporary, not a partition-sized one)."""
 
 
-def _slices(n: int) -> list[tuple[int, int]]:
-    return [(lo, min(lo + SLICE, n)) for lo in range(0, n, SLICE)]
+RANK1_SLICE = 1 << 20
+"""Elements per slice in `_rank1`'s block products (each element gathers a row of the block: 8 float64)."""
+
+
+def _slices(n: int, size: int = 0) -> list[tuple[int, int]]:
+    size = size or SLICE
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
 def _skip_muon_import() -> None:

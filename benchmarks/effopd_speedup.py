@@ -5,7 +5,14 @@ Ray actors, ZeRO-3 learner, two trials at a time), on the shipped models.
 
 Per lr (the grid spans the stability edge: at 4e-4 the first step already costs accuracy):
   vanilla          OPD, full-vocabulary reverse KL (`loss.type: full_reverse_kl`)
-  effopd           the paper: ladder 2k, k = 1..5, V = greedy accuracy on |D_v| = 50, '>=', t = 2^n
+  effopd           today's defaults: the paper's rule (ladder 2k, k = 1..5, '>=', no zero-tie guard,
+                   t = 2^n), V = greedy accuracy on |D_v| = 50, the authors' parameters (attention and
+                   MLP weights by name: `method.params: attn_mlp`)
+  effopd_prev      the defaults before: every tensor moves (`params: all`), zero-tie guard on
+  effopd_authors   as the authors' verl fork ran it: attn_mlp, V = one sample per item at T = 1.0
+                   (`score: sampled`, seeded), accept on '>' (their code), no guard
+  effopd_rank1     beyond the paper: each matrix jumps along the leading singular direction of its
+                   Delta (`subspace: rank1`, as RELEX does for RLVR), today's defaults otherwise
   effopd_wide      beyond the paper (not at the highest lr): ladder [0.5, 1, 2, 4, 8, 16], V = -reverse
                    KL to the teacher on 200 D_v prompts (denser), same rule and cadence
 At the lowest lr also fixed_extrapolation (k = 1, always jump). The methods comparison
@@ -50,6 +57,10 @@ WIDE = {"method.type": "effopd", "method.ladder": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0
 METHODS = {
     "vanilla": {"method.type": "vanilla"},
     "effopd": {"method.type": "effopd"},
+    "effopd_prev": {"method.type": "effopd", "method.params": "all", "method.zero_guard": True},
+    "effopd_authors": {"method.type": "effopd", "method.params": "attn_mlp", "method.zero_guard": False,
+                       "method.score": "sampled", "method.comparison": ">"},
+    "effopd_rank1": {"method.type": "effopd", "method.subspace": "rank1"},
     "effopd_wide": WIDE,
     "fixed": {"method.type": "fixed_extrapolation", "method.k": 1},
     "vanilla_pg": {"method.type": "vanilla", "loss.type": "pg_reverse_kl"},
@@ -60,7 +71,7 @@ METHODS = {
 def trials(lrs: list[float], seeds: list[int], pg_lr: float) -> list[dict]:
     out = []
     for lr in lrs:
-        labels = ["vanilla", "effopd"] + (["effopd_wide"] if lr < max(lrs) else []) + (["fixed"] if lr == min(lrs) else [])
+        labels = ["vanilla", "effopd", "effopd_prev", "effopd_authors", "effopd_rank1"] + (["effopd_wide"] if lr < max(lrs) else []) + (["fixed"] if lr == min(lrs) else [])
         out += [{"name": f"{m}_lr{lr:g}_s{s}", "learner.lr": lr, "run.seed": s, **METHODS[m]} for m in labels for s in seeds]
     out += [{"name": f"{m}_lr{pg_lr:g}_s{s}", "learner.lr": pg_lr, "run.seed": s, **METHODS[m]}
             for m in ("vanilla_pg", "exopd_pg") for s in seeds]

@@ -166,6 +166,7 @@ def check(name: str, args: argparse.Namespace, cuda: bool) -> dict:
     env = rank1_env()
     learner.setup(env, port)
     learner.set_anchor()
+    learner.direction_stats()  # EffOPD's state after a search: anchor + direction (the planner counts both)
     batch, scores = synthetic_batch(args.rows, args.prompt, args.response, MODELS[name]["vocab_size"])
     x = token_batch(batch, scores)
     spec = {"kind": "pg_reverse_kl", "lam": 1.0, "rlvr_mix": 1.0, "importance_correction": True,

@@ -275,9 +275,10 @@ def main() -> int:
             rows[name] = learner_row(shape, lbase, setup, after, spec, B, width, R)
             print(f"{name}: {args.steps} steps, {-(-B // ws) * width} tokens per rank, in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
-        # the last group takes the EffOPD anchor (4 bytes/param/N more) and one more step
+        # the last group takes the EffOPD anchor and direction (8 bytes/param/N more) and one more step
         t0 = time.perf_counter()
         ray.get(group.call("set_anchor"))
+        ray.get(group.call("direction_stats"))  # and the search's direction buffer, as after a search
         ray.get(group.call("train_step", parts, SPEC, args.steps + 1))
         after = ray.get(group.call("memory"))
         name = f"{name}_anchor"
@@ -404,6 +405,7 @@ def measure_real(args: argparse.Namespace) -> int:
         group, setup, after = measure_learner(acfg, ws, parts, args.steps, True, keep=True)
         rows["learner_ws2_bf16"] = learner_row(shape, lbase, setup, after, spec, B, width, R)
         ray.get(group.call("set_anchor"))
+        ray.get(group.call("direction_stats"))
         ray.get(group.call("train_step", parts, SPEC, args.steps + 1))
         after = ray.get(group.call("memory"))
         rows["learner_ws2_bf16_anchor"] = learner_row(shape, lbase, setup, after, spec, B, width, R, anchor=True)

@@ -354,12 +354,17 @@ class SearchSchedule(_Strict):
     """Search interval for schedule=every."""
     max_search_step: int | None = Field(None, gt=0, le=MAX_STEPS)
     """Skip searches after this step (None: no limit)."""
-    params: Literal["all", "attn_mlp"] = "all"
+    params: Literal["all", "attn_mlp"] = "attn_mlp"
     """Which weights a jump moves (the learner's jump and the candidates scored alike): `all`, or
-    `attn_mlp`, the authors' rule: a parameter whose lower-cased name contains attn, self_attn,
+    `attn_mlp` (default), the authors' rule: a parameter whose lower-cased name contains attn, self_attn,
     attention, q_proj, k_proj, v_proj, o_proj, mlp, feed_forward, ffn, gate_proj, up_proj or down_proj
     (on Qwen2: self_attn.*, mlp.* and post_attention_layernorm; not the embeddings, input_layernorm,
     the final norm or lm_head). The others keep W_t."""
+    subspace: Literal["full", "rank1"] = "full"
+    """What a jump follows within each moved tensor: `full`, W + c (W - anchor) (the paper); `rank1`
+    (beyond the paper, as RELEX does for RLVR): every matrix moves along the leading singular
+    direction of its Delta = W - anchor, W + c s1 u1 v1^T (power iteration on the partitions, reduced
+    across ranks, no gather); other tensors along their full Delta. Candidates and jump alike."""
 
     def searches_at(self, step: int) -> bool:
         if self.max_search_step is not None and step > self.max_search_step:
@@ -381,9 +386,9 @@ class EffOPD(SearchSchedule):
     gain where every 2k candidate overshoots); None: the paper's 2k, k = 1..num_candidates."""
     comparison: Literal[">=", ">"] = ">="
     """Accept when V(candidate) >= v_acc (paper) or > v_acc (authors' code)."""
-    zero_guard: bool = True
+    zero_guard: bool = False
     """Never accept a tie at V = 0 (a collapsed run would otherwise jump to c_K at every search with
-    '>='); the paper's rule has no such guard (false)."""
+    '>='). The paper's rule has no such guard (false, the default)."""
     val_size: int = Field(50, gt=0, le=10**6)
     """|D_v|: validation examples sampled once from the training set with run.seed."""
     num_evaluators: int | None = Field(None, ge=1, le=16)

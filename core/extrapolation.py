@@ -80,3 +80,60 @@ def accept(base: float, scores: list[float], comparison: str = ">=", zero_guard:
         else:
             break
     return best
+
+
+RANK1_ITERS = 16
+RANK1_BLOCK = 8
+"""Subspace iterations and block width for a matrix's leading singular triple: the top vector's
+error shrinks as (s_{b+1} / s_1)^(2 iters), so a small gap between s_1 and s_2 costs nothing."""
+
+
+def leading_triple(matmul, rmatmul, rows: int, cols: int, seed: int, iters: int = RANK1_ITERS,
+                   block: int = RANK1_BLOCK) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(u1, s1, v1) of a matrix D given only D V and D^T U for blocks of vectors (each may be a sum
+    over partitions reduced across ranks): subspace iteration from a seeded start, V <- orth(D^T
+    orth(D V)), then the small SVD of D V = P S Q^T gives u1 = P[:, 0], s1 = S[0], v1 = V Q[:, 0]
+    (Halko et al.'s range finder). The rank-1 jump moves a matrix by c s1 u1 v1^T."""
+    b = max(1, min(block, rows, cols))
+    g = torch.Generator().manual_seed(seed)
+    v = torch.linalg.qr(torch.randn(cols, b, generator=g, dtype=torch.float64)).Q
+    for _ in range(iters):
+        u = torch.linalg.qr(matmul(v)).Q
+        v = torch.linalg.qr(rmatmul(u)).Q
+    p, sv, qh = torch.linalg.svd(matmul(v), full_matrices=False)
+    if float(sv[0]) == 0.0:  # D = 0: no direction
+        return p[:, 0], 0.0, v[:, 0]
+    return p[:, 0], float(sv[0]), v @ qh[0].to(v)
+
+
+DIRECTION_GROUPS = ("attention", "mlp", "embedding", "other")
+
+
+def direction_group(name: str) -> str:
+    """The parameter group a tensor's direction statistics add to: attention (q/k/v/o projections
+    and their biases), mlp, embedding (embed_tokens, lm_head), other (norms)."""
+    from core.geometry import module_type
+
+    kind = module_type(name)
+    return "attention" if kind.startswith("attention") else kind if kind in ("mlp", "embedding") else "other"
+
+
+def direction_metrics(sums: dict[str, tuple[float, float, float]], first: bool) -> dict[str, float]:
+    """Whether the direction EffOPD extrapolates along holds from one search to the next.
+
+    At search n the direction is Delta_n = W_t - anchor (the training since the last accepted point).
+    `sums[g]` = (<Delta_{n-1}, Delta_n>, ||Delta_{n-1}||^2, ||Delta_n||^2) over parameter group g,
+    summed over every rank's partitions. Per group and over `all`:
+        direction/cos/<g>        = <Delta_{n-1}, Delta_n> / (||Delta_{n-1}|| ||Delta_n||)
+        direction/norm_ratio/<g> = ||Delta_n|| / ||Delta_{n-1}||
+        direction/norm/<g>       = ||Delta_n||
+    At the first search (`first`: no Delta_{n-1}) only the norms. A group whose norms are 0 is left out."""
+    total = tuple(sum(v[i] for v in sums.values()) for i in range(3))
+    out: dict[str, float] = {}
+    for g, (dot, prev, new) in {**sums, "all": total}.items():
+        if new > 0:
+            out[f"direction/norm/{g}"] = math.sqrt(new)
+        if not first and prev > 0 and new > 0:
+            out[f"direction/cos/{g}"] = dot / math.sqrt(prev * new)
+            out[f"direction/norm_ratio/{g}"] = math.sqrt(new / prev)
+    return out

@@ -69,8 +69,10 @@ class Method:
 
     @property
     def params(self) -> str:
-        """Which weights a jump moves (`core.extrapolation.extrapolated`)."""
-        return getattr(self.cfg, "params", "all")
+        """What a jump moves, as the learner takes it: which weights (`core.extrapolation.extrapolated`:
+        `all` | `attn_mlp`), with `:rank1` when each matrix moves along its Delta's rank-1 part."""
+        names = getattr(self.cfg, "params", "all")
+        return names + (":rank1" if getattr(self.cfg, "subspace", "full") == "rank1" else "")
 
     @property
     def val_score(self) -> str:

@@ -15,7 +15,8 @@ on CPU), T = the learner's tokens per micro-batch per GPU (`learner.max_tokens_p
 - learner, DeepSpeed ZeRO-3 with fp32 master weights and Adam (the peak of three phases):
   states  (w + 16) Psi / N: working weight partitions (w), gradient partitions (4: micro-batch
           gradients accumulate in fp32, `grad_accum_dtype`), fp32 master (4), Adam m and v (8): 18 Psi / N
-          in bf16, 20 in fp32; + 4 Psi / N for the EffOPD anchor (fp32, partition-local); + the reduce
+          in bf16, 20 in fp32; + (4 + w) Psi / N for EffOPD: its fp32 anchor and the last search's
+          direction in the working dtype (partition-local); + the reduce
           bucket, w min(5e8, Psi) (DeepSpeed's `reduce_bucket_size`, 1 GB in bf16).
   + the larger of
   backward  gathered parameters, w min(Psi, 1e9) (ZeRO-3 keeps them from forward to backward, up to
@@ -273,7 +274,8 @@ def learner_mem_phases(shape: ModelShape, ranks: int, tokens_per_gpu: int, ancho
         backward = {"activations": shape.layers * layer, "gathered": gathered, "logits": logits}
     return {
         "states": {"weights": w * part, "grads": 4 * part, "master": 4 * part, "adam": 8 * part,
-                   "anchor": 4 * part if anchor else 0.0, "reduce_bucket": w * min(DS_REDUCE_BUCKET, psi)},
+                   "anchor": 4 * part if anchor else 0.0, "direction": w * part if anchor else 0.0,
+                   "reduce_bucket": w * min(DS_REDUCE_BUCKET, psi)},
         "backward": backward,
         "optimizer_step": {"master_grad": 4 * sub,
                            "temporaries": max(w * sub if w < 4 else 0.0, 0.0 if cuda else 8 * sub)},

@@ -22,7 +22,8 @@ from dashboards.store import ACC, Sweep, client_for, load_sweep
 
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = "dashboard"
-PANEL_FILES = ("accuracy_*.png", "geometry_*.png", "timing.png", "utilization.png", "effopd_decisions.png")
+PANEL_FILES = ("accuracy_*.png", "geometry_*.png", "timing.png", "utilization.png", "effopd_decisions.png",
+               "effopd_directions.png")
 
 
 @dataclass
@@ -42,7 +43,8 @@ def draw(analysis: Analysis, out: Path) -> tuple[dict[str, list[figures.Panel]],
     sections: dict[str, list[figures.Panel]] = {}
     notes: list[str] = []
     for heading, fn in (("Test accuracy", lambda: figures.accuracy_panels(analysis, out)),
-                        ("EffOPD decisions", lambda: figures.decisions_panel(analysis, out)),
+                        ("EffOPD decisions", lambda: _both(figures.decisions_panel(analysis, out),
+                                                           figures.directions_panel(analysis, out))),
                         ("Time per phase", lambda: _both(figures.timing_panel(analysis, out),
                                                          figures.utilization_panel(analysis, out))),
                         ("Update geometry", lambda: figures.geometry_panels(analysis, out))):

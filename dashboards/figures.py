@@ -253,6 +253,55 @@ def decisions_panel(analysis: Analysis, out: Path) -> tuple[list[Panel], list[st
                   "boxed in red (W_t boxed: none accepted).")], notes
 
 
+DIRECTION_GROUPS = ("all", "attention", "mlp", "embedding", "other")
+
+
+def directions_panel(analysis: Analysis, out: Path) -> tuple[list[Panel], list[str]]:
+    """Per extrapolating run: at every search n, cos(Delta_{n-1}, Delta_n) per parameter group
+    (direction/cos/<group>) and the norm ratio ||Delta_n|| / ||Delta_{n-1}|| (all parameters, right
+    axis): does the direction EffOPD extrapolates along hold from one search to the next?"""
+    runs = [t for t in analysis.sweep.trials if "direction/cos/all" in t.history]
+    if not runs:
+        return [], []
+    notes = []
+    if len(runs) > MAX_DECISION_RUNS:
+        notes.append(f"EffOPD directions: showing {MAX_DECISION_RUNS} of {len(runs)} runs")
+        runs = runs[:MAX_DECISION_RUNS]
+    ncols = min(4, len(runs))
+    nrows = math.ceil(len(runs) / ncols)
+    fig = Figure(figsize=(3.6 * ncols, 2.8 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, t in zip(axes, runs):
+        for group in DIRECTION_GROUPS:
+            key = f"direction/cos/{group}"
+            if key in t.history:
+                steps, values = t.series(key)
+                ax.plot(steps, values, marker="o", ms=3, lw=2.2 if group == "all" else 1.0, label=group,
+                        color="black" if group == "all" else None)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-1.05, 1.05)
+        ax.axhline(0, color="0.7", lw=0.6)
+        ax.set_xlabel("search step t", fontsize=8)
+        ax.set_ylabel("cos(Δ_{n-1}, Δ_n)", fontsize=8)
+        ratio = t.series("direction/norm_ratio/all")
+        if ratio[0]:
+            twin = ax.twinx()
+            twin.plot(*ratio, ls="--", color="tab:red", lw=1.0)
+            twin.set_ylabel("‖Δ_n‖ / ‖Δ_{n-1}‖ (dashed)", fontsize=7, color="tab:red")
+            twin.tick_params(labelsize=7, colors="tab:red")
+        ax.set_title(t.name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    if runs:
+        axes[0].legend(fontsize=6, loc="lower left")
+    for ax in axes[len(runs):]:
+        ax.set_visible(False)
+    name = _save(fig, out, "effopd_directions.png")
+    return [Panel(name, "EffOPD directions", "At every search n: the cosine between the direction it extrapolates "
+                  "along, Δ_n = W_t - anchor, and the previous search's Δ_{n-1}, per parameter group (black: all), "
+                  "and the norm ratio ‖Δ_n‖ / ‖Δ_{n-1}‖ (dashed, right axis). A cosine near 1 is the direction "
+                  "locking in; near 0, each search sees a new direction and a jump along it overshoots.")], notes
+
+
 def runs_steps(t: Trial) -> list[int]:
     return sorted(set(t.series("effopd/accepted_k")[0]) | set(t.series("effopd/base_score")[0]))
 

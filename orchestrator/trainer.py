@@ -353,6 +353,8 @@ class OPDTrainer:
     def search(self, step: int) -> dict[str, float]:
         """Step 5: the method decides where to jump (EffOPD: candidates scored on D_v, the accept rule);
         the ranks jump on their fp32 masters, the engines follow, the anchor moves to the accepted point."""
+        # the direction W_t - anchor against the last search's (partition-local sums, reduced)
+        directions = self._on_learners("direction_stats")[0] if self.method.extrapolates else {}
         d = self.method.decide(step, self.sync.score)
         if d.accepted_k > 0:
             self._on_learners("extrapolate", d.accepted_coef, self.method.params)
@@ -365,7 +367,7 @@ class OPDTrainer:
         out = {"effopd/base_score": d.base_score, "effopd/accepted_k": float(d.accepted_k),
                "effopd/accepted_coef": d.accepted_coef}
         out.update({f"effopd/score_k{i}": s for i, s in enumerate(d.scores, start=1)})
-        return out
+        return {**out, **directions}
 
     def save(self, step: int) -> None:
         tag = ckpt.tag_for(step)

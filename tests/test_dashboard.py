@@ -156,6 +156,9 @@ def synthetic_sweep(uri: str, artifacts: Path, name: str = "synth") -> dict:
             if method == "effopd" and step & (step - 1) == 0 and step >= 2:
                 m.update({"effopd/base_score": 0.5, "effopd/accepted_k": float(step % 3),
                           **{f"effopd/score_k{k}": 0.5 + 0.01 * k * (-1) ** step for k in range(1, 6)}})
+                if step >= 4:  # from the second search on: the direction against the last one's
+                    m.update({"direction/cos/all": 0.9 - 1 / step, "direction/cos/mlp": 0.8,
+                              "direction/norm_ratio/all": 1.5})
             _log(client, rid, step, m, t0 + step * 1000)
         if pruned_at:
             client.set_tag(rid, "pruned", "true")
@@ -217,6 +220,7 @@ def test_page_images_exist_are_pngs_and_are_referenced(rendered):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, src
     assert "geometry_layers.png" in srcs and "effopd_decisions.png" in srcs and "timing.png" in srcs
     assert "utilization.png" in srcs and "Utilization per role" in html
+    assert "effopd_directions.png" in srcs and "EffOPD directions" in html
 
 
 def test_panels_per_swept_key_and_partial_data_notes(rendered):

@@ -187,6 +187,61 @@ def test_attn_mlp_moves_only_the_authors_parameters_in_candidate_and_jump_alike(
     ray.get(learners.call("set_anchor"))
 
 
+def test_rank1_candidate_moves_each_matrix_along_its_deltas_leading_singular_direction(cluster):
+    """`method.subspace: rank1` (params `all:rank1`): from the 2 ranks' partitions, each matrix of the
+    published candidate is W + c s1 u1 v1^T of its Delta = W - anchor (the gathered tensors' SVD),
+    other tensors W + c Delta; the jump lands on the candidate bit for bit."""
+    learners = cluster["learners"]
+    opd_step(learners, cluster["acfg"], 5)  # move away from the anchor
+    w, a = fetch_state_dict(publish(learners, version=70)), fetch_state_dict(publish(learners, "anchor", 71))
+    coef = coefficient(1)
+    scored = fetch_state_dict(WeightsHandle(-1, ray.get(learners.call("publish_weights", 64.0, "candidate", coef,
+                                                                      "all:rank1"))[0]))
+    matrices = [k for k in w if w[k].dim() == 2 and not torch.equal(w[k], a[k])]
+    assert matrices
+    for k in w:
+        delta = w[k].double() - a[k].double()
+        if w[k].dim() != 2:
+            assert torch.equal(scored[k], extrapolate(w[k], a[k], coef)), k
+            continue
+        U, S, Vh = torch.linalg.svd(delta)
+        want = w[k].double() + coef * S[0] * torch.outer(U[:, 0], Vh[0])
+        assert torch.allclose(scored[k].double(), want, atol=1e-5 * max(1.0, float(S[0]) * coef)), k
+    ray.get(learners.call("extrapolate", coef, "all:rank1"))
+    jumped = fetch_state_dict(publish(learners, version=72))
+    assert all(torch.equal(jumped[k], scored[k]) for k in w)
+    ray.get(learners.call("set_anchor"))
+
+
+def test_direction_cosines_from_partitions_equal_the_full_tensors(cluster):
+    """`direction_stats`: partition-local sums reduced across the 2 ranks give, per parameter group,
+    the cosine and norm ratio of Delta_n = W - anchor against the last search's Delta_{n-1}, as the
+    gathered full tensors do; the first search gives norms only."""
+    from core.extrapolation import direction_group
+
+    learners, acfg = cluster["learners"], cluster["acfg"]
+    ray.get(learners.call("set_anchor"))
+    opd_step(learners, acfg, 3)
+    w0, a0 = fetch_state_dict(publish(learners, version=40)), fetch_state_dict(publish(learners, "anchor", 41))
+    ranks = ray.get(learners.call("direction_stats"))
+    first = ranks[0]
+    assert ranks[0] == ranks[1] and "direction/norm/all" in first and not any(k.startswith("direction/cos") for k in first)
+    prev = {k: (w0[k].double() - a0[k].double()) for k in w0}
+    ray.get(learners.call("set_anchor"))  # a rejected search: W_t becomes the anchor, the loop goes on
+    opd_step(learners, acfg, 4)
+    w1, a1 = fetch_state_dict(publish(learners, version=42)), fetch_state_dict(publish(learners, "anchor", 43))
+    got = ray.get(learners.call("direction_stats"))[0]
+    new = {k: (w1[k].double() - a1[k].double()) for k in w1}
+    for group in ("attention", "mlp", "all"):
+        keys = [k for k in new if group == "all" or direction_group(k) == group]
+        dot = sum(float((prev[k] * new[k]).sum()) for k in keys)
+        pp, nn = (sum(float((d[k] ** 2).sum()) for k in keys) for d in (prev, new))
+        assert got[f"direction/cos/{group}"] == pytest.approx(dot / (pp * nn) ** 0.5, rel=1e-6, abs=1e-9), group
+        assert got[f"direction/norm_ratio/{group}"] == pytest.approx((nn / pp) ** 0.5, rel=1e-6), group
+    assert -1.0 <= got["direction/cos/all"] <= 1.0
+    ray.get(learners.call("set_anchor"))
+
+
 def test_anchor_is_the_accepted_point_after_accepted_and_rejected_searches(cluster):
     """After a search the next direction starts from where the search left the weights: the jumped
     point when a candidate was accepted, W_t itself when none was."""

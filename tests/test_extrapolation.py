@@ -108,3 +108,32 @@ def test_candidate_ladder_and_search_schedule():
     every = EffOPD(schedule="every", every=25, max_search_step=60)
     assert [t for t in range(1, 100) if every.searches_at(t)] == [25, 50]
     assert FixedExtrapolation(k=2).coefficients()[-1] == 4.0
+
+
+def test_leading_triple_from_partitioned_products_is_the_top_singular_triple():
+    """`subspace: rank1`: D v and D^T u summed over two ranks' slices of D's flat elements (the second
+    padded past the end), as the learner reduces them, give D's top singular triple."""
+    from core.extrapolation import leading_triple
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 7, 5
+    d = (3.0 * torch.outer(torch.randn(rows, generator=g), torch.randn(cols, generator=g))
+         + 0.1 * torch.randn(rows, cols, generator=g)).double()
+    flat, n = d.flatten(), -(-rows * cols // 2)  # partition_numel: 18 of 35 elements per rank
+
+    def product(block, transpose):
+        acc = torch.zeros(cols if transpose else rows, block.shape[1], dtype=torch.float64)
+        for rank in range(2):
+            e = torch.arange(rank * n, min((rank + 1) * n, rows * cols))
+            r, c = e // cols, e % cols
+            d = flat[e][:, None]
+            acc.index_add_(0, c, d * block[r]) if transpose else acc.index_add_(0, r, d * block[c])
+        return acc
+
+    u, s, v = leading_triple(lambda x: product(x, False), lambda y: product(y, True), rows, cols, seed=1)
+    U, S, Vh = torch.linalg.svd(d)
+    assert s == pytest.approx(float(S[0]), rel=1e-9)
+    assert torch.allclose(s * torch.outer(u, v), S[0] * torch.outer(U[:, 0], Vh[0]), atol=1e-9)
+    zero = leading_triple(lambda x: torch.zeros(rows, x.shape[1], dtype=torch.float64),
+                          lambda y: torch.zeros(cols, y.shape[1], dtype=torch.float64), rows, cols, seed=1)
+    assert zero[1] == 0.0
