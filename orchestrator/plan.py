@@ -638,11 +638,14 @@ def costing_for(cfg: ExperimentConfig, student: ModelShape, teacher: ModelShape,
                 cores: float = float("inf"), notes: list[str] | None = None) -> Costing:
     """What every layout of this config costs with (`orchestrator/balance.py`): the step's workload
     (a calibration's measured fill and prompt length, else half the response cap and a quarter of
-    the prompt cap), evaluation, the EffOPD search's share of steps, the pipeline's overlap."""
+    the prompt cap, or the embedded task's exact prompt), evaluation, the EffOPD search's share of steps, the pipeline's overlap."""
     from orchestrator.pipeline import overlap_share
 
     rc = cfg.rollout
-    fill, prompt = (cal.fill, round(cal.prompt_len)) if cal else (0.5, rc.max_prompt_tokens // 4)
+    from core.config import AdditionTask
+
+    guess = longest_prompt(cfg) if isinstance(cfg.task, AdditionTask) else rc.max_prompt_tokens // 4
+    fill, prompt = (cal.fill, round(cal.prompt_len)) if cal else (0.5, guess)
     wl = lambda n: Workload(n, prompt, rc.max_new_tokens, fill)  # noqa: E731
     method = method_of(cfg.method)
     steps = min(cfg.run.steps, 100_000)
