@@ -3,6 +3,9 @@ Ray actors, ZeRO-3 learner, two trials at a time), on the shipped models.
 
     python benchmarks/effopd_speedup.py [--lrs 1e-5,3e-5,1e-4,4e-4] [--seeds 0,1,2,3,4] [--steps 300]
 
+Every EffOPD row also reports, per search step, the cosine between consecutive extrapolation
+directions and their norm ratio (`directions`), and how many searches accepted a candidate.
+
 Per lr (the grid spans the stability edge: at 4e-4 the first step already costs accuracy):
   vanilla          OPD, full-vocabulary reverse KL (`loss.type: full_reverse_kl`)
   effopd           today's defaults: the paper's rule (ladder 2k, k = 1..5, '>=', no zero-tie guard,
@@ -121,6 +124,33 @@ def _fmt(sp: dict) -> str:
     return "-" if sp["median"] is None else f"{sp['median']:.2f} [{sp['min']:.2f},{sp['max']:.2f}]"
 
 
+def directions(uri: str) -> dict:
+    """Why a jump pays or not, per lr and EffOPD variant (median [min, max] over seeds at each search
+    step t): cos(Delta_{n-1}, Delta_n) and ||Delta_n|| / ||Delta_{n-1}|| over all parameters
+    (`direction/cos/all`, `direction/norm_ratio/all`), and how many searches accepted a candidate."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(SWEEP)
+    rows: dict[str, dict[str, dict]] = {}
+    for run in client.search_runs([exp.experiment_id], max_results=5000):
+        name = (run.info.run_name or "").removeprefix(f"{SWEEP}_")
+        if "_lr" not in name or "effopd/accepted_k" not in run.data.metrics:
+            continue
+        label, lr = name.rsplit("_lr", 1)[0], name.rsplit("_lr", 1)[1].rsplit("_s", 1)[0]
+        cell = rows.setdefault(lr, {}).setdefault(label, {"cos": {}, "norm_ratio": {}, "accepted": []})
+        for key, short in (("direction/cos/all", "cos"), ("direction/norm_ratio/all", "norm_ratio")):
+            for m in client.get_metric_history(run.info.run_id, key):
+                cell[short].setdefault(str(m.step), []).append(m.value)
+        accepted = client.get_metric_history(run.info.run_id, "effopd/accepted_k")
+        cell["accepted"].append(sum(1 for m in accepted if m.value > 0))
+    return {lr: {label: {"cos_by_search_step": {t: spread(v) for t, v in sorted(c["cos"].items(), key=lambda x: int(x[0]))},
+                         "norm_ratio_by_search_step": {t: spread(v) for t, v in sorted(c["norm_ratio"].items(),
+                                                                                       key=lambda x: int(x[0]))},
+                         "accepted_searches_per_run": c["accepted"]}
+                 for label, c in cells.items()} for lr, cells in rows.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lrs", default="1e-5,1e-4,4e-4")
@@ -170,7 +200,8 @@ def main() -> int:
         "seconds": round(time.time() - t0), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     results = ROOT / "benchmarks" / "results"
-    speedup = {"benchmark": "effopd_speedup", "per_lr": per_lr, **common}
+    speedup = {"benchmark": "effopd_speedup", "per_lr": per_lr, "directions": directions(sweep["base"]["tracking"]["uri"]),
+               **common}
     methods = {"benchmark": "methods", "full_reverse_kl_at_lowest_lr": per_lr[f"{min(lrs):g}"],
                "pg_reverse_kl": {"lr": args.pg_lr, "table": pg_table}, **common}
     (results / "effopd_speedup.json").write_text(json.dumps(speedup, indent=2, default=str))

@@ -32,7 +32,7 @@ def main() -> int:
             parts.append(f"{int(float(f) * 100)}%: " + ("-" if sp["median"] is None else
                                                       f"{sp['median']:.2f}x [{sp['min']:.2f}, {sp['max']:.2f}]"))
         acc = cell["final_acc"]["median"]
-        print(f"  {method:<12} {'   '.join(parts)}   final accuracy {acc:.3f} (vanilla {cell['vanilla_final_acc']['median']:.3f})")
+        print(f"  {method:<15} {'   '.join(parts)}   final accuracy {acc:.3f} (vanilla {cell['vanilla_final_acc']['median']:.3f})")
     return 0
 
 

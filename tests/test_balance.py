@@ -154,3 +154,14 @@ def test_calibration_file_round_trips_and_a_wrong_device_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="plan.calibration: .*not a calibration"):
         paper_plan(f"plan.calibration={tmp_path / 'missing.json'}")
     assert math.isfinite(paper_plan().cost.step_seconds)
+
+
+def test_calibrate_refuses_what_is_not_a_run_with_the_reason(tmp_path):
+    from orchestrator.calibrate import calibrate
+
+    with pytest.raises(ConfigError, match="--calibrate: .* is neither a run folder"):
+        calibrate(tmp_path / "nothing")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "mlflow_run_id").write_text("0" * 32)
+    with pytest.raises(ConfigError, match="is not in sqlite:///"):
+        calibrate(tmp_path / "run")
