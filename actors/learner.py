@@ -521,7 +521,7 @@ class Learner(Placed):
         masters, _ = self._flats()
         names, _, subspace = params.partition(":")
         kept = self._kept(names)
-        rank1 = self._rank1() if subspace == "rank1" else {}
+        rank1 = self._rank1(names) if subspace == "rank1" else {}
 
         def values(i: int, lo: int, hi: int) -> torch.Tensor:
             out = extrapolate(masters[i].data[lo:hi], self.anchor[i][lo:hi], coef)
@@ -561,22 +561,22 @@ class Learner(Placed):
             return [[] for _ in self._flats()[0]]
         return [[(a, b) for a, b, name, _ in group if not extrapolated(name, params)] for group in self._param_ranges()]
 
-    def _rank1(self) -> dict[tuple[int, int], tuple[torch.Tensor, float, torch.Tensor, int, int, int]]:
+    def _rank1(self, params: str = "all") -> dict[tuple[int, int], tuple[torch.Tensor, float, torch.Tensor, int, int, int]]:
         """`subspace: rank1`: per matrix (flat group i, its start in this rank's partition) the leading
         singular triple (u1, s1, v1) of Delta = W - anchor (`core.extrapolation.leading_triple`), and
         where this rank's elements sit in it: (u1, s1, v1, first flat index, count, columns). Rank r
         holds flat elements [r n, r n + n) of each parameter (n = `partition_numel`, the last padded);
         D v and D^T u are summed over those, slice by slice, and all-reduced: no gather. Cached until
-        the weights or the anchor move."""
+        the weights or the anchor move. Matrices `params` leaves out keep W: they are skipped."""
         import zlib
 
-        if self._rank1_cache is not None and self._rank1_cache[0] == self._moves:
+        if self._rank1_cache is not None and self._rank1_cache[0] == (self._moves, params):
             return self._rank1_cache[1]
         masters, _ = self._flats()
         out = {}
         for i, group in enumerate(self._param_ranges()):
             for a, b, name, shape in group:
-                if len(shape) != 2:
+                if len(shape) != 2 or not extrapolated(name, params):
                     continue
                 rows, cols = shape
                 first = self.rank * (b - a)
@@ -598,7 +598,7 @@ class Learner(Placed):
                 u, sigma, v = leading_triple(lambda x: product(x, False), lambda y: product(y, True), rows, cols,
                                              seed=zlib.crc32(name.encode()))
                 out[(i, a)] = (u.to(dev), sigma, v.to(dev), first, count, cols)
-        self._rank1_cache = (self._moves, out)
+        self._rank1_cache = ((self._moves, params), out)
         return out
 
     def direction_stats(self) -> dict[str, float]:

@@ -18,7 +18,7 @@ actors and placement groups from it and from nothing else, so what is printed is
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from core.config import ConfigError, ExperimentConfig
@@ -232,13 +232,12 @@ class ResolvedPlan:
 
     def _comparison(self) -> list[str]:
         """This layout and the registry's, in the strict loop and pipelined at staleness max(1, s)."""
-        from dataclasses import replace as copy
-
         if self.costing is None or self.layout is None:
             return []
         s = max(1, self.costing.staleness)
         overlap = self.overlap_if_pipelined
-        modes = {"strict": copy(self.costing, staleness=0, overlap=0.0), f"staleness {s}": copy(self.costing, staleness=s, overlap=overlap)}
+        modes = {"strict": replace(self.costing, staleness=0, overlap=0.0),
+                 f"staleness {s}": replace(self.costing, staleness=s, overlap=overlap)}
         rows = [("this plan", self.layout)]
         if self.registry is not None and self.registry[0] != self.layout:
             rows.append(("registry", self.registry[0]))
@@ -536,8 +535,7 @@ def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster:
         plan.notes.append("GPU memory unknown on this cluster: memory per GPU not checked")
     nodes = first_fit(layout.bundles(), cluster.per_node)
     if nodes is None and not errors:
-        lean = Layout(layout.rollout, layout.teacher, layout.learner, 0, layout.rollout_tp, layout.teacher_tp,
-                      colocated=layout.colocated)
+        lean = replace(layout, evaluators=0)
         pool = "an evaluator pool with no spare GPUs: " if layout.evaluators and first_fit(lean.bundles(), cluster.per_node) else ""
         errors.append(f"{pool}the trial needs {plan.total_gpus} GPUs, the cluster has {cluster.gpus} ({cluster})")
     if errors:
@@ -547,7 +545,7 @@ def _gpu_roles(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, cluster:
     _check_shared_output(cfg, plan, file)
     plan.host_gb = host_memory(cfg, scale, plan)
     if method.evaluators == "dedicated":  # the other evaluator mode, for comparison
-        lean = [g for g in layout.bundles()][: len(layout.bundles()) - layout.evaluators]
+        lean = replace(layout, evaluators=0).bundles()
         plan.notes.append(f"method.evaluators=borrowed: {sum(lean)} GPUs per trial, {concurrent_trials(lean, cluster)} "
                           "trial(s) at once (the rollout engines score the candidates while the loop waits)")
     elif method.evaluators == "borrowed":
