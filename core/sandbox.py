@@ -399,10 +399,33 @@ def _end(proc: subprocess.Popen, uid: int | None, bwrapped: bool, since: float) 
         pass
     proc.wait()
     proc.stdout.close()
+    _await_group_exit(proc.pid)
     if uid is not None:
         _kill_uid(uid)
         if not bwrapped:  # bwrap: /tmp was private and nothing else world-writable was mounted
             _remove_owned(uid, since)
+
+
+def _await_group_exit(pgid: int, timeout_s: float = 2.0) -> None:
+    """Wait until no live process of process group `pgid` is left. SIGKILL is asynchronous: a
+    killed child (one in the middle of an exec, say) still runs its exit for a moment after
+    killpg returns. Zombies are dead already (they await their reaper and hold nothing)."""
+    deadline = time.monotonic() + timeout_s
+    while _live_in_group(pgid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _live_in_group(pgid: int) -> bool:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):  # fields: state, ppid, pgrp, ...
+            return True
+    return False
 
 
 def new_nonce() -> str:
