@@ -74,6 +74,14 @@ class ActorGroup:
         remote_cls = ray.remote(cls)
         opts = {"runtime_env": {"env_vars": dict(ACTOR_ENV)}, **options}
         self.actors = [remote_cls.options(**opts, **_bundle(placement, i)).remote(*args(i)) for i in range(n)]
+        self.owned = True
+
+    @classmethod
+    def attach(cls, actors: list) -> "ActorGroup":
+        """A group of actors someone else owns (a shared teacher pool's): `kill` leaves them running."""
+        group = cls.__new__(cls)
+        group.actors, group.owned = list(actors), False
+        return group
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -90,9 +98,10 @@ class ActorGroup:
         return [r for r, _ in pairs], [m for _, m in pairs]
 
     def kill(self) -> None:
+        """Kill the group's actors (an attached group's are only let go)."""
         import ray
 
-        for a in self.actors:
+        for a in self.actors if self.owned else []:
             ray.kill(a, no_restart=True)
         self.actors = []
 

@@ -261,6 +261,11 @@ class TeacherConfig(_Strict):
     """Ray CPUs requested per teacher actor."""
     max_restarts: int = Field(3, ge=0, le=MAX_RESTARTS)
     """Times Ray restarts a dead teacher actor; its step is retried."""
+    shared: bool = False
+    """Call a teacher pool shared by every trial of the sweep that scores with the same teacher
+    (`orchestrator/teacher_pool.py`) instead of starting this trial's own teachers. Scores are
+    bit-identical (requests are never merged across trials). Off-policy controls
+    (`rollout.source: teacher`) keep their own: their teacher samples with the trial's settings."""
 
 
 _Beta = Annotated[float, Field(strict=True, ge=0.0, lt=1.0)]

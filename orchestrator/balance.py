@@ -31,7 +31,9 @@ COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64
 
 @dataclass(frozen=True)
 class Layout:
-    """Actors and tensor-parallel size per role; `colocated`: teacher replica i on rollout engine i's GPUs."""
+    """Actors and tensor-parallel size per role; `colocated`: teacher replica i on rollout engine i's GPUs;
+    `pooled`: the teacher replicas are the trial's share of a sweep's shared pool
+    (`orchestrator/teacher_pool.py`), whose GPUs the trial does not hold."""
 
     rollout: int
     teacher: int
@@ -41,24 +43,31 @@ class Layout:
     teacher_tp: int = 1
     evaluator_tp: int = 1
     colocated: bool = False
+    pooled: bool = False
+
+    @property
+    def own_teacher(self) -> bool:
+        """Whether the trial's bundles hold teacher engines of their own."""
+        return not (self.colocated or self.pooled)
 
     @property
     def gpus(self) -> int:
-        return (self.rollout * self.rollout_tp + (0 if self.colocated else self.teacher * self.teacher_tp)
+        return (self.rollout * self.rollout_tp + (self.teacher * self.teacher_tp if self.own_teacher else 0)
                 + self.learner + self.evaluators * self.evaluator_tp)
 
     def bundles(self) -> list[int]:
-        """GPUs per placement-group bundle (a colocated teacher adds none)."""
-        return ([self.rollout_tp] * self.rollout + ([] if self.colocated else [self.teacher_tp] * self.teacher)
+        """GPUs per placement-group bundle (a colocated or pooled teacher adds none)."""
+        return ([self.rollout_tp] * self.rollout + ([self.teacher_tp] * self.teacher if self.own_teacher else [])
                 + [1] * self.learner + [self.evaluator_tp] * self.evaluators)
 
     def role_gpus(self) -> dict[str, int]:
-        return {"rollout": self.rollout * self.rollout_tp, "teacher": self.teacher * self.teacher_tp,
+        """Devices per role the trial holds or shares with its own roles (a pooled teacher: none)."""
+        return {"rollout": self.rollout * self.rollout_tp, "teacher": 0 if self.pooled else self.teacher * self.teacher_tp,
                 "learner": self.learner, "evaluator": self.evaluators * self.evaluator_tp}
 
     def describe(self) -> str:
         tp = lambda n, t: f"{n}" + (f" x TP{t}" if t > 1 else "")  # noqa: E731
-        teacher = tp(self.teacher, self.teacher_tp) + (" (colocated)" if self.colocated else "")
+        teacher = tp(self.teacher, self.teacher_tp) + (" (colocated)" if self.colocated else "") + (" (shared pool)" if self.pooled else "")
         ev = f", evaluators {tp(self.evaluators, self.evaluator_tp)}" if self.evaluators else ""
         return f"rollout {tp(self.rollout, self.rollout_tp)}, teacher {teacher}, learner {self.learner}{ev}"
 

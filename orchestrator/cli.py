@@ -92,6 +92,10 @@ def _load(args: argparse.Namespace) -> tuple[str | None, list, dict]:
     resources = cluster_resources()
     plans = [(cfg, resolve(cfg, args.config, cluster=cluster, resources=resources)) for cfg in cfgs]
     check_tracking([plan.tracking_uri for _, plan in plans if not plan.dry_run], args.config)
+    from orchestrator.teacher_pool import assign_pools
+
+    replicas = extras["scheduler"].teacher_replicas if "scheduler" in extras else None
+    extras["pools"] = assign_pools(name or cfgs[0].run.name, plans, args.config, replicas)
     return name, plans, extras
 
 
@@ -125,12 +129,44 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
         print(f"# plan: {cfg.run.name}")
         print(plan.describe())
+    if extras["pools"]:
+        print(f"# shared teacher pools (teacher.shared): {len(extras['pools'])}")
+        for pool in extras["pools"]:
+            print(pool.describe())
     if plans[0][1].gpu:
         total = sum(p.reserved_gpu_hours for _, p in plans)
-        print(f"# total: {len(plans)} trials, ~{total:,.0f} reserved GPU-hours on {plans[0][1].cluster}")
+        print(f"# total: {len(plans)} trials, ~{total:,.0f} reserved GPU-hours on {plans[0][1].cluster} "
+              "(each trial's own GPUs x its wall time)")
+        if sweep and "search" not in extras:
+            _compare_sharing(args, plans, extras["pools"])
     if getattr(args, "probe", False):
         probe(plans)
     return 0
+
+
+def _compare_sharing(args: argparse.Namespace, plans: list, pools: list) -> None:
+    """The sweep on its cluster with shared teacher pools and with a teacher per trial
+    (`orchestrator/sweep_cost.py`): the configured way and the other one."""
+    import copy
+
+    from orchestrator.sweep_cost import describe, sweep_cost
+
+    shared = bool(pools)
+    other = copy.copy(args)
+    other.overrides = [o for o in args.overrides if not o.startswith("teacher.shared=")] + \
+        [f"teacher.shared={str(not shared).lower()}"]
+    _, alt_plans, alt_extras = _load(other)
+    ways = {True: (plans, pools), False: (alt_plans, alt_extras["pools"])} if shared else \
+        {True: (alt_plans, alt_extras["pools"]), False: (plans, pools)}
+    costs = {way: sweep_cost(*ways[way]) for way in ways}
+    print(f"# teacher: shared pools vs a teacher per trial ({'configured' if shared else 'with teacher.shared=true'}: "
+          f"shared; trials placed as Tune places them)")
+    print(describe("shared pools", costs[True]))
+    print(describe("teacher per trial", costs[False]))
+    if costs[True] and costs[False]:
+        saved = costs[False].gpu_hours - costs[True].gpu_hours
+        print(f"  shared pools save ~{saved:,.0f} reserved GPU-hours ({saved / costs[False].gpu_hours:.0%}) and "
+              f"{costs[False].hours - costs[True].hours:+,.1f} h of wall time")
 
 
 def probe(plans: list) -> None:
@@ -181,7 +217,7 @@ def start_local_ray(**kwargs) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.checkpoint import latest_tag
-    from orchestrator.sweep import close_parent_run, open_parent_run, ui_hint
+    from orchestrator.sweep import ui_hint
     from orchestrator.trainer import done_marker
 
     sweep, plans, extras = _load(args)
@@ -194,10 +230,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   "overwrite it: pick another run.name or run.output_dir, or delete the folder")
     connect_ray(plans[0][1].available_cpus)
     cfg0, plan0 = plans[0]
-    if not sweep:
-        run_single(cfg0, plan0, args)
-        print(ui_hint(plans))
-        return 0
+    from orchestrator import teacher_pool
+
+    with teacher_pool.stopped_after(extras["pools"]):
+        if not sweep:
+            run_single(cfg0, plan0, args)
+            print(ui_hint(plans))
+            return 0
+        return _run_sweep(args, sweep, plans, extras)
+
+
+def _run_sweep(args: argparse.Namespace, sweep: str, plans: list, extras: dict) -> int:
+    from orchestrator.sweep import close_parent_run, open_parent_run, ui_hint
+
     parent, ok = open_parent_run(sweep, plans), False
     try:
         from orchestrator.plan import cluster_resources
@@ -206,10 +251,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         opts = extras["scheduler"]
         if "search" in extras:
             spec = SweepSpec(sweep, parent, str(args.config), base=extras["base"], search=extras["search"],
-                             resources=cluster_resources())
+                             resources=cluster_resources(), pools=extras["pools"])
             result = run_search(spec, max_retries=opts.max_retries, max_concurrent=opts.max_concurrent)
         else:
-            spec = SweepSpec(sweep, parent, str(args.config), trials={cfg.run.name: (cfg, plan) for cfg, plan in plans})
+            spec = SweepSpec(sweep, parent, str(args.config), trials={cfg.run.name: (cfg, plan) for cfg, plan in plans},
+                             pools=extras["pools"])
             result = run_sweep(spec, max_retries=opts.max_retries, max_concurrent=opts.max_concurrent)
         ok = result.ok
     finally:

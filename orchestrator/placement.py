@@ -10,7 +10,7 @@ tensor-parallel engine's GPUs sit on one node, and Ray gives every GPU actor its
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -68,6 +68,10 @@ class TrialActors:
             spec = plan.role(role)
             if spec is None or spec.actors == 0:
                 return None
+            if spec.pool:  # a sweep's shared teacher pool (orchestrator/teacher_pool.py)
+                from orchestrator.teacher_pool import ensure
+
+                return ActorGroup.attach(ensure(plan.teacher_pool))
             n = restarts.get(role, 0)
             options = {**spec.options(), "max_restarts": n, "max_task_retries": n}
             return ActorGroup(classes[role][spec.backend], spec.actors, args, options, (pg, plan.first_bundle(role)))
@@ -117,10 +121,8 @@ class TrialActors:
         return self.learner
 
     def groups(self) -> dict[str, ActorGroup]:
-        out = {"rollout": self.rollout, "teacher": self.teacher, "learner": self.learner}
-        if self.evaluators is not None:
-            out["evaluator"] = self.evaluators
-        return out
+        out = {"rollout": self.rollout, "teacher": self.teacher, "learner": self.learner, "evaluator": self.evaluators}
+        return {role: g for role, g in out.items() if g is not None}
 
     def placements(self) -> dict[str, list[dict[str, Any]]]:
         """Where every actor runs: node id and IP, the GPUs Ray gave it, CUDA_VISIBLE_DEVICES, pid."""
@@ -147,7 +149,8 @@ def probe_placements(plan: ResolvedPlan) -> dict[str, list[dict[str, Any]]]:
     from actors.group import PlacementProbe
 
     probes = {role: {backend: PlacementProbe for backend in backends} for role, backends in role_classes().items()}
-    actors = TrialActors.launch(plan, {}, {}, classes=probes)
+    own = replace(plan, roles=[r for r in plan.roles if not r.pool])  # a shared pool is placed by its sweep
+    actors = TrialActors.launch(own, {}, {}, classes=probes)
     try:
         return actors.placements()
     finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from core.config import ConfigError, ExperimentConfig
 from core.methods import method_of
@@ -55,6 +56,14 @@ class RoleSpec:
     """Share of each of its GPUs the actor asks Ray for: 0.5 for colocated rollout and teacher engines."""
     host: str = ""
     """The role whose bundles this role's actors sit in (a colocated teacher: `rollout`); "" for its own."""
+    pool: str = ""
+    """A shared teacher pool's name (`orchestrator/teacher_pool.py`): the actors are the pool's, outside
+    the trial's placement group; "shared" until the sweep assigns the pool."""
+
+    @property
+    def own_bundles(self) -> bool:
+        """Whether this role's actors have bundles of their own in the trial's placement group."""
+        return not (self.host or self.pool)
 
     def bundle(self) -> dict[str, float]:
         return {"CPU": self.cpus, **({"GPU": float(self.gpus)} if self.gpus else {})}
@@ -104,6 +113,8 @@ class ResolvedPlan:
     overlap_if_pipelined: float = 0.0
     """The overlap share this config's barriers leave at staleness >= 1."""
     notes: list[str] = field(default_factory=list)
+    teacher_pool: Any = None
+    """The shared teacher pool this trial calls (`orchestrator.teacher_pool.PoolSpec`), else None."""
 
     # ------------------------------------------------------------------ queries
     def role(self, name: str) -> RoleSpec | None:
@@ -114,7 +125,7 @@ class ResolvedPlan:
         actors sit in its host's bundles, whose CPUs include theirs."""
         out = []
         for r in self.roles:
-            if r.host:
+            if not r.own_bundles:
                 continue
             guests = [g for g in self.roles if g.host == r.role]
             for _ in range(r.actors):
@@ -128,10 +139,12 @@ class ResolvedPlan:
         spec = self.role(name)
         if spec is not None and spec.host:
             return self.first_bundle(spec.host)
+        if spec is not None and spec.pool:
+            raise KeyError(f"{name} is served by the shared pool {spec.pool}")
         for r in self.roles:
             if r.role == name:
                 return at
-            at += 0 if r.host else r.actors
+            at += r.actors if r.own_bundles else 0
         raise KeyError(name)
 
     @property
@@ -140,11 +153,12 @@ class ResolvedPlan:
 
     @property
     def total_cpus(self) -> float:
-        return sum(r.cpus * r.actors for r in self.roles)
+        """CPUs the trial's own actors ask for (a shared pool's are counted once, by the sweep)."""
+        return sum(r.cpus * r.actors for r in self.roles if not r.pool)
 
     @property
     def total_gpus(self) -> int:
-        return sum(r.gpus * r.actors for r in self.roles if not r.host)
+        return sum(r.gpus * r.actors for r in self.roles if r.own_bundles)
 
     @property
     def num_evaluators(self) -> int:
@@ -170,6 +184,8 @@ class ResolvedPlan:
         for r in self.roles:
             out.update({f"plan/{r.role}/actors": str(r.actors), f"plan/{r.role}/gpus": str(r.gpus),
                         f"plan/{r.role}/tp": str(r.tp), f"plan/{r.role}/backend": r.backend})
+            if r.pool:
+                out[f"plan/{r.role}/pool"] = r.pool
         return out
 
     # ------------------------------------------------------------------ printing
@@ -183,11 +199,12 @@ class ResolvedPlan:
         for r in self.roles:
             mem = f"{r.mem_gb:6.1f}  " if self.gpu else ""
             gpus = f"{r.gpus * r.share:g}" if r.share != 1 else str(r.gpus)
-            lines.append(f"  {r.role:<10} {r.actors:>6} {r.cpus:>5g} {gpus:>4} {r.tp:>3}  {r.backend:<9} {mem}{r.note}")
+            pool = f" (shared pool {r.pool}: not in this trial's reservation)" if r.pool else ""
+            lines.append(f"  {r.role:<10} {r.actors:>6} {r.cpus:>5g} {gpus:>4} {r.tp:>3}  {r.backend:<9} {mem}{r.note}{pool}")
         if self.gpu and self.nodes:
             per_node: dict[int, list[str]] = {}
             for r in self.roles:
-                if r.host:
+                if not r.own_bundles:
                     continue
                 guests = "".join(f"+{g.role}" for g in self.roles if g.host == r.role)
                 first = self.first_bundle(r.role)
@@ -341,6 +358,12 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
     return plan
 
 
+def shares_teacher(cfg: ExperimentConfig) -> bool:
+    """`teacher.shared`, for a trial whose teacher only scores (an off-policy control's teacher samples
+    with the trial's own rollout settings, so it keeps its own)."""
+    return cfg.teacher.shared and cfg.rollout.source == "student"
+
+
 def _check_cpu_only(cfg: ExperimentConfig, file) -> None:
     for key, value in (("rollout.tensor_parallel", cfg.rollout.tensor_parallel),
                        ("teacher.tensor_parallel", cfg.teacher.tensor_parallel)):
@@ -376,10 +399,12 @@ def _cpu_roles(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
     cpus = {"rollout": cfg.rollout.num_cpus, "teacher": cfg.teacher.num_cpus, "learner": cfg.learner.num_cpus_per_rank}
     for role, (n, tp, backend) in counts.items():
         note = ROLE_NOTES[(role, backend)] + (" (gloo)" if role == "learner" else "")
-        plan.roles.append(RoleSpec(role, n, cpus[role], 0, tp, backend, note=note))
+        pool = "shared" if role == "teacher" and shares_teacher(cfg) else ""
+        plan.roles.append(RoleSpec(role, n, cpus[role], 0, tp, backend, note=note, pool=pool))
     method = method_of(cfg.method)
     if method.evaluators == "dedicated":
-        free = plan.available_cpus - plan.total_cpus
+        pool = plan.role("teacher")  # a shared pool takes at least this trial's share of the CPUs too
+        free = plan.available_cpus - plan.total_cpus - (pool.cpus * pool.actors if pool.pool else 0)
         n = method.cfg.num_evaluators or auto_evaluators(free, method.cfg.evaluator_cpus, method.candidates)
         plan.roles.append(RoleSpec("evaluator", n, method.cfg.evaluator_cpus, 0, 1, counts["rollout"][2],
                                    note=f"EffOPD candidate scoring, {method.candidates} candidates"))
@@ -505,18 +530,23 @@ def _choose_layout(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan, clus
         plan.registry = (registry, costing.cost(registry) if fits(registry) and places(registry) else None)
     if costing is None or cfg.plan.layout == "registry":
         plan.layout_source = "registry" if costing is not None or cfg.plan.layout == "registry" else "registry (no cost model)"
-        return registry
+        return replace(registry, pooled=shares_teacher(cfg))
     method = method_of(cfg.method)
-    pinned = {"rollout": cfg.rollout.num_workers, "teacher": cfg.teacher.num_workers, "learner": cfg.learner.world_size,
+    pooled = shares_teacher(cfg)
+    pinned = {"rollout": cfg.rollout.num_workers, "learner": cfg.learner.world_size,
+              "teacher": cfg.teacher.num_workers or (registry.teacher if pooled else None),
               "evaluator": method.cfg.num_evaluators if method.evaluators == "dedicated" else None}
     tps = {"rollout": registry.rollout_tp, "teacher": registry.teacher_tp, "evaluator": registry.evaluator_tp}
-    layouts = candidates(pinned, tps, cluster.gpus, evaluators=method.evaluators == "dedicated",
-                         max_evaluators=method.candidates + 1, colocate=cfg.plan.colocate)
+    room = cluster.gpus - (pinned["teacher"] * registry.teacher_tp if pooled else 0)  # the pool's GPUs are not the trial's
+    layouts = candidates(pinned, tps, room, evaluators=method.evaluators == "dedicated",
+                         max_evaluators=method.candidates + 1, colocate="none" if pooled else cfg.plan.colocate)
+    if pooled:  # the trial's share of the pool: the registry's replicas (or the pinned count), on no GPUs of its own
+        layouts = (replace(lay, pooled=True) for lay in layouts)
     best = balance(costing, layouts, fits, places, cfg.plan.objective)
     if best is None:
         plan.notes.append("no balanced layout fits this cluster; the registry's is checked instead")
         plan.layout_source = "registry"
-        return registry
+        return replace(registry, pooled=pooled)
     plan.layout_source = f"balanced ({cfg.plan.objective})"
     return best[0]
 
@@ -571,7 +601,8 @@ def _add_roles(cfg: ExperimentConfig, plan: ResolvedPlan, layout: Layout, backen
         note = ROLE_NOTES.get((role, backend), f"EffOPD candidate scoring, {method.candidates} candidates")
         if host:
             note += f" (on the {host} GPUs)"
-        plan.roles.append(RoleSpec(role, n, cpus, tp, tp, backend, memory.mem.get(role, (0.0, 0.0))[0], note, frac, host))
+        pool = "shared" if role == "teacher" and layout.pooled else ""
+        plan.roles.append(RoleSpec(role, n, cpus, tp, tp, backend, memory.mem.get(role, (0.0, 0.0))[0], note, frac, host, pool))
 
 
 def host_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan) -> list[float]:
@@ -586,6 +617,8 @@ def host_memory(cfg: ExperimentConfig, scale: Scale, plan: ResolvedPlan) -> list
     host = [0.0] * (max(plan.nodes) + 1)
     model = DTYPE_BYTES["bf16"] * scale.student.params_b
     for r in plan.roles:
+        if r.pool:
+            continue
         first = plan.first_bundle(r.role)
         for k in range(r.actors):
             node = plan.nodes[first + k]

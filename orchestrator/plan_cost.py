@@ -93,7 +93,8 @@ def cpu_cost(cfg: ExperimentConfig, plan: ResolvedPlan, file) -> None:
         return
     thr, cal = throughput_of(cfg, "cpu", file)
     plan.throughput = thr
-    lay = Layout(*(plan.role(r).actors for r in ("rollout", "teacher", "learner")), evaluators=plan.num_evaluators)
+    lay = Layout(*(plan.role(r).actors for r in ("rollout", "teacher", "learner")), evaluators=plan.num_evaluators,
+                 pooled=bool(plan.role("teacher").pool))
     backends = {r.role: r.backend for r in plan.roles}
     backends.setdefault("evaluator", backends["rollout"])
     plan.layout = lay

@@ -70,6 +70,7 @@ class SweepLog(tune.Callback):
         self.spec, self.max_retries = spec, max_retries
         self.board: ProgressBoard | None = None
         self.last = ""
+        self.released: set[str] = set()
 
     def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment; the board holds a stream
         return {**self.__dict__, "board": None, "last": ""}
@@ -109,6 +110,23 @@ class SweepLog(tune.Callback):
             self.last = status
         self.board = self.board or ProgressBoard()
         self.board.show({self._name(t): self.spec.trial(t.config)[2].run_dir for t in trials if t.status == "RUNNING"})
+        self._release_pools(trials)
+
+    def _release_pools(self, trials) -> None:
+        """Stop a shared teacher pool once every trial it serves has ended (a matrix sweep's trials are
+        known up front; a search's pool serves trials still to be sampled and lives to the end)."""
+        if self.spec.search is not None or not self.spec.pools:
+            return
+        from orchestrator import teacher_pool
+        from orchestrator.trainer import done_marker
+
+        ended = {self._name(t) for t in trials if t.status in ("TERMINATED", "ERROR")}
+        ended |= {n for n, (_, plan) in self.spec.trials.items() if done_marker(plan.run_dir).is_file()}
+        for pool in self.spec.pools:
+            if pool.name not in self.released and set(pool.trials) <= ended:
+                self.released.add(pool.name)
+                if teacher_pool.stop(pool):
+                    self._say(f"teacher pool {pool.name} stopped (its {len(pool.trials)} trial(s) ended)", result=True)
 
     def _name(self, trial) -> str:
         return self.spec.trial(trial.config)[0]

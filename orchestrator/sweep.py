@@ -40,6 +40,9 @@ class SchedulerOptions(_Strict):
     """Trials at once at most (None: as many as the cluster's CPUs and GPUs fit; 1024 is beyond any cluster)."""
     max_retries: int = Field(2, ge=0, le=100)
     """Retries of a failed trial (Tune's max_failures; each resumes from the trial's last checkpoint)."""
+    teacher_replicas: int | None = Field(None, gt=0, le=1024)
+    """Replicas of each shared teacher pool (trials with `teacher.shared: true`); None: sized by the
+    plan (`orchestrator/teacher_pool.py::pool_replicas`)."""
 
 
 class SweepFile(_Strict):

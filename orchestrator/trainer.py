@@ -103,6 +103,9 @@ class OPDTrainer:
         self.actors = TrialActors.launch(self.plan, acfg, restarts, pg=self.pg)
         self.rollout, self.teacher, self.learner = self.actors.rollout, self.actors.teacher, self.actors.learner
         self.evaluators = self.actors.evaluators
+        if self.plan.teacher_pool is not None:  # which processes scored this trial (the pool's, shared)
+            pids = [str(p["pid"]) for p in ray.get(self.teacher.call("placement"))]
+            self.tracker.set_tags({"teacher/pool": self.plan.teacher_pool.name, "teacher/pids": ",".join(pids)})
         envs, self.learner_restarts = self.actors.start_learner_group(acfg, cfg.learner.max_restarts)
         self.learner = self.actors.learner
         check_shared_output(lambda path, token: ray.get(self.learner.call("can_read", path, token)), envs, self.run_dir)

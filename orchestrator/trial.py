@@ -42,6 +42,8 @@ class SweepSpec:
     base: dict | None = None
     search: SearchConfig | None = None
     resources: dict[str, float] | None = None
+    pools: list = field(default_factory=list)
+    """The sweep's shared teacher pools (`orchestrator/teacher_pool.py`)."""
 
     def trial(self, config: dict[str, Any]) -> tuple[str, ExperimentConfig, ResolvedPlan]:
         """Tune config -> (trial name, config, plan)."""
@@ -56,8 +58,10 @@ class SweepSpec:
 
         config = json.loads(key)
         assignment = {k: v for k, v in config.items() if k != NUMBER}
+        from orchestrator.teacher_pool import bind
+
         cfg = trial_config(self.name, config[NUMBER], self.base, assignment, self.file)
-        return cfg.run.name, cfg, resolve(cfg, self.file, resources=self.resources)
+        return cfg.run.name, cfg, bind(cfg, resolve(cfg, self.file, resources=self.resources), self.pools)
 
     def __hash__(self) -> int:  # the lru_cache key; one spec per sweep
         return id(self)
