@@ -71,7 +71,7 @@ class TrialActors:
             if spec.pool:  # a sweep's shared teacher pool (orchestrator/teacher_pool.py)
                 from orchestrator.teacher_pool import ensure
 
-                return ActorGroup.attach(ensure(plan.teacher_pool))
+                return ActorGroup.attach(ensure(plan.teacher_pool, classes[role][spec.backend]))
             n = restarts.get(role, 0)
             options = {**spec.options(), "max_restarts": n, "max_task_retries": n}
             return ActorGroup(classes[role][spec.backend], spec.actors, args, options, (pg, plan.first_bundle(role)))

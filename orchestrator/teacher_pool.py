@@ -192,15 +192,16 @@ START_TIMEOUT_S = 1800.0
 minutes; a cluster full of other trials frees GPUs as they end)."""
 
 
-def ensure(pool: PoolSpec) -> list:
+def ensure(pool: PoolSpec, cls: type | None = None) -> list:
     """The pool's replicas, by name: started by the first trial that needs them (detached, so they
-    outlive it; Ray's `get_if_exists` makes concurrent first trials get the same actors)."""
+    outlive it; Ray's `get_if_exists` makes concurrent first trials get the same actors). `cls`: the
+    actor class (default the backend's scorer; placement probes in `foresight plan --probe`'s kind)."""
     import ray
 
     from actors.group import ACTOR_ENV
     from orchestrator.placement import role_classes
 
-    cls = ray.remote(role_classes()["teacher"][pool.role.backend])
+    cls = ray.remote(cls or role_classes()["teacher"][pool.role.backend])
     opts = {**pool.role.options(), "max_restarts": pool.restarts, "max_task_retries": pool.restarts,
             "lifetime": "detached", "namespace": NAMESPACE, "get_if_exists": True,
             "scheduling_strategy": "DEFAULT",  # not in the calling trial's placement group (Tune captures child actors)

@@ -27,6 +27,7 @@ from core.config import load_config
 from orchestrator.placement import learner_env, nccl_layout, probe_placements
 from core.scales import ClusterSpec
 from orchestrator.plan import resolve
+from orchestrator.teacher_pool import assign_pools, stop
 from orchestrator.trainer import OPDTrainer
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +36,8 @@ SMOKE = ROOT / "experiments" / "smoke.yaml"
 
 def check_matches_plan(plan, placements: dict[str, list[dict]]) -> None:
     """Every role has the planned actors, each holds exactly its planned GPUs, none shares one except a
-    colocated role's actor i, which holds exactly the GPUs of its host role's actor i."""
+    colocated role's actor i, which holds exactly the GPUs of its host role's actor i (a shared
+    teacher pool's replicas hold GPUs of their own, outside the trial's reservation)."""
     seen: dict[tuple[str, str], str] = {}
     for spec in sorted(plan.roles, key=lambda r: bool(r.host)):
         got = placements.get(spec.role, [])
@@ -51,7 +53,8 @@ def check_matches_plan(plan, placements: dict[str, list[dict]]) -> None:
                 key = (p["node_id"], gpu)
                 assert key not in seen, f"{spec.role} {i} shares GPU {gpu} with {seen[key]}"
                 seen[key] = f"{spec.role} {i}"
-    assert len(seen) == plan.total_gpus
+    pool = plan.teacher_pool
+    assert len(seen) == plan.total_gpus + (pool.gpus if pool else 0)
 
 
 def check_device_contract(actors) -> None:
@@ -133,14 +136,20 @@ def four_nodes():
     cluster.shutdown()
 
 
-@pytest.mark.parametrize("overrides", [["run.scale=1.5B", "method.type=effopd"], ["run.scale=32B"]],
-                         ids=["1.5B-effopd", "32B"])
+@pytest.mark.parametrize("overrides", [["run.scale=1.5B", "method.type=effopd"], ["run.scale=32B"],
+                                       ["run.scale=32B", "teacher.shared=true"]],
+                         ids=["1.5B-effopd", "32B", "32B-shared-teacher"])
 def test_simulated_multi_node_placement_probes_follow_the_plan(four_nodes, fake_models, tmp_path, overrides):
     cfg = load_config(None, [f"models.student={fake_models / 'student'}", f"models.teacher={fake_models / 'teacher'}",
                              f"run.output_dir={tmp_path}", *overrides])
     plan = resolve(cfg, "<test>", resources=ray.cluster_resources())
+    pools = assign_pools("s", [(cfg, plan)], "<test>")
     if plan.scale == "32B":  # what a sweep does: Tune reserves the trial's group, the trial launches into it
         placements = tune_trial_placements(cfg, plan, tmp_path)
+        if pools:  # the trial started the shared pool (TP-4 replicas outside its group), which outlives it
+            assert plan.role("teacher").pool and len(placements["teacher"]) == pools[0].replicas
+            assert all(len(p["gpu_ids"]) == 4 for p in placements["teacher"])
+            assert stop(pools[0])
     else:
         placements = probe_placements(plan)  # what `foresight plan --probe` does on a live cluster
     check_matches_plan(plan, placements)

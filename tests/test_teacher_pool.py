@@ -57,6 +57,7 @@ def test_trials_with_the_same_teacher_share_one_pool_and_reserve_no_teacher(mode
     assert ab.acfg["pid_dir"].endswith(f"teacher_pools/{ab.name}/actors")
 
 
+@pytest.mark.e2e
 def test_pool_scores_equal_the_trials_own_teacher_bit_for_bit_even_after_a_killed_replica(models, tmp_path):
     trials = [trial(models, tmp_path, "a", "teacher.shared=true", "run.seed=0"),
               trial(models, tmp_path, "b", "teacher.shared=true", "run.seed=1")]
