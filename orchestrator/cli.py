@@ -164,9 +164,9 @@ def _compare_sharing(args: argparse.Namespace, plans: list, pools: list) -> None
     print(describe("shared pools", costs[True]))
     print(describe("teacher per trial", costs[False]))
     if costs[True] and costs[False]:
-        saved = costs[False].gpu_hours - costs[True].gpu_hours
-        print(f"  shared pools save ~{saved:,.0f} reserved GPU-hours ({saved / costs[False].gpu_hours:.0%}) and "
-              f"{costs[False].hours - costs[True].hours:+,.1f} h of wall time")
+        change = costs[True].gpu_hours - costs[False].gpu_hours
+        print(f"  shared pools vs a teacher per trial: {change:+,.0f} reserved GPU-hours "
+              f"({change / costs[False].gpu_hours:+.0%}), {costs[True].hours - costs[False].hours:+,.1f} h of wall time")
 
 
 def probe(plans: list) -> None:

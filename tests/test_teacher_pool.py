@@ -112,4 +112,4 @@ def test_plan_shows_the_paper_grid_with_shared_pools_and_with_a_teacher_per_tria
     shared = next(line for line in out.splitlines() if line.startswith("  shared pools "))
     own = next(line for line in out.splitlines() if line.startswith("  teacher per trial "))
     assert "reserved GPU-hours" in shared and "pools 0 GPUs" in own
-    assert "shared pools save ~" in out
+    assert "shared pools vs a teacher per trial: " in out
