@@ -74,7 +74,13 @@ def sample_batch(model, tokenizer, task, cfg: dict[str, Any], step: int, indices
                      greedy=False, temperature=rc["temperature"], seed=sample_seed(cfg, step, index))
     texts = decode_responses(tokenizer, batch["response"], batch["response_mask"])
     batch["rewards"] = torch.tensor(task.rewards(texts, [e.answer for e in examples]))
+    batch["prompt_index"] = prompt_index(indices, rc["samples_per_prompt"])
     return batch
+
+
+def prompt_index(indices: list[int], samples: int) -> torch.Tensor:
+    """[B] each row's training example (a cross-tokenizer teacher re-renders its prompt)."""
+    return torch.tensor([i for i in indices for _ in range(samples)], dtype=torch.long)
 
 
 def sample_seed(cfg: dict[str, Any], step: int, index: int) -> int:
@@ -152,6 +158,7 @@ class VllmRolloutWorker(VllmScoresCandidates, ScoresEvalSets, HoldsWeights, Plac
         batch = to_batch(prompts, tokens, logps, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         texts = decode_responses(self.tokenizer, batch["response"], batch["response_mask"])
         batch["rewards"] = torch.tensor(self.task.rewards(texts, [e.answer for e in examples]))
+        batch["prompt_index"] = prompt_index(indices, rc["samples_per_prompt"])
         return batch
 
     def greedy(self, prompts: list[str]) -> dict[str, Any]:

@@ -47,10 +47,37 @@ class TeacherScorer(Placed):
         """{"logp": [B, R]} (masked); with `full` also the distribution "logp_full" [B, R, V]; with
         `topk` its top-k ("topk_ids", "topk_logp" [B, R, k]); with `ref` the reference policy's
         log-probs "ref_logp" [B, R] (ExOPD)."""
+        if self.cfg.get("cross_tokenizer"):
+            return self._score_cross(batch, full, topk, ref)
         out = score_responses(self.model, batch, topk=topk, full=full, **scoring_budget(self.cfg))
         if ref:
             out["ref_logp"] = reference_logp(self, batch)
         return out
+
+    def _score_cross(self, batch: dict[str, Any], full: bool, topk: int | None, ref: bool) -> dict[str, torch.Tensor]:
+        """The response text scored in the teacher's own tokens, aligned to the student's by bytes
+        (`actors/cross_teacher.py`); the plan refuses the losses this cannot serve."""
+        from actors.cross_teacher import score_cross
+
+        if full or topk:
+            raise ValueError("a different tokenizer from the student's: only the sampled-token loss runs (pg_reverse_kl)")
+        if getattr(self, "cross", None) is None:
+            self.cross = cross_context(self.cfg)
+        student_tok, teacher_tok, render, examples = self.cross
+        return score_cross(self.model, student_tok, teacher_tok, render, examples, batch, scoring_budget(self.cfg),
+                           ref_logp=reference_logp(self, batch) if ref else None)
+
+
+def cross_context(cfg: dict[str, Any]) -> tuple[Any, Any, Any, list]:
+    """(student tokenizer, teacher tokenizer, prompt renderer in the teacher's template, training
+    examples as the rollout indexes them) for cross-tokenizer scoring."""
+    from core.config import JsonlTask
+    from core.modeling import load_tokenizer
+    from core.task import PromptRenderer, task_of
+
+    task_cfg = cfg["task_cfg"]
+    render = PromptRenderer(task_cfg, cfg["teacher_path"]) if isinstance(task_cfg, JsonlTask) else (lambda raw: raw)
+    return load_tokenizer(cfg["student_path"]), load_tokenizer(cfg["teacher_path"]), render, task_of(cfg).train
 
 
 def scoring_budget(cfg: dict[str, Any]) -> dict[str, int]:

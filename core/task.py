@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +31,9 @@ TASK_SEED = 1234
 class Example:
     prompt: str
     answer: str
+    raw: Any = field(default=None, compare=False, hash=False)
+    """The record's prompt before rendering (a message list or a string; None: `prompt` is the raw
+    text): a cross-tokenizer teacher renders it with its own chat template."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,7 @@ def read_records(path: Path, cfg: JsonlTask, render: PromptRenderer) -> list[Exa
     for where, row in iter_rows(path):
         try:
             prompt, answer = record_fields(row, cfg)
-            out.append(Example(prompt=render(prompt), answer=answer))
+            out.append(Example(prompt=render(prompt), answer=answer, raw=prompt))
         except ValueError as err:
             raise DataError(path, where, str(err)) from None
     if not out:

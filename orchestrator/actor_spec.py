@@ -34,6 +34,7 @@ def actor_config(cfg: ExperimentConfig, plan: ResolvedPlan | None = None, run_di
                           "teacher_path": sequence_budget(cfg, cfg.model_paths[1])},
         "pid_dir": str((run_dir or cfg.run_dir).resolve() / "actors"),
         "vllm_cache_dir": vllm_cache_dir(),
+        "cross_tokenizer": bool(plan is not None and plan.cross_tokenizer),
     }
 
 

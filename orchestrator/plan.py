@@ -113,6 +113,8 @@ class ResolvedPlan:
     overlap_if_pipelined: float = 0.0
     """The overlap share this config's barriers leave at staleness >= 1."""
     notes: list[str] = field(default_factory=list)
+    cross_tokenizer: bool = False
+    """Student and teacher tokenizers differ: the teacher scores on the cross-tokenizer path."""
     teacher_pool: Any = None
     """The shared teacher pool this trial calls (`orchestrator.teacher_pool.PoolSpec`), else None."""
 
@@ -350,7 +352,11 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
 
         check_paths(cfg, file)
         check_backends(cfg, plan, file)
-        check_models(cfg, file)
+        why = check_models(cfg, file, plan.role("teacher").backend)
+        if why:
+            plan.cross_tokenizer = True
+            plan.notes.append(f"cross-tokenizer OPD: {why}; the teacher scores the response text in its own tokens, "
+                              "aligned to the student's by bytes (actors/cross_teacher.py)")
         check_sandbox(cfg, file)
     else:
         check_context(cfg, file, {"models.student": (scale.student.name, scale.student.context),

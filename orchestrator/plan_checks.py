@@ -54,24 +54,40 @@ def check_sandbox(cfg: ExperimentConfig, file) -> None:
         raise ConfigError(file, key, why)
 
 
-def check_models(cfg: ExperimentConfig, file) -> None:
-    """Before launch, on the model folders: contexts (`check_context`), and one tokenizer for student
-    and teacher (the same token ids mean the same text; distilling across tokenizers is not supported,
-    and a teacher id past the student's vocabulary would index outside its logits). Vocabulary sizes
-    may differ (Qwen2.5-1.5B has 151,936 embedding rows, 7B 152,064, for the same tokenizer): top-k
-    losses fold teacher ids past the student's rows into the tail bucket; full-distribution losses
-    need equal sizes."""
+def check_models(cfg: ExperimentConfig, file, teacher_backend: str = "hf") -> str | None:
+    """Before launch, on the model folders: contexts (`check_context`), and the two tokenizers.
+    Returns why they differ (None: one tokenizer, the shared-vocabulary path).
+
+    One tokenizer: the same token ids mean the same text. Vocabulary sizes may differ (Qwen2.5-1.5B
+    has 151,936 embedding rows, 7B 152,064, for the same tokenizer): top-k losses fold teacher ids
+    past the student's rows into the tail bucket; full-distribution losses need equal sizes.
+
+    Different tokenizers: the cross-tokenizer path (`actors/cross_teacher.py`) for the sampled-token
+    loss (`pg_reverse_kl`, ExOPD included) on the HF teacher; refused with the reason otherwise (a
+    full-distribution or top-k loss compares the two vocabularies id by id, which means nothing
+    across tokenizers; an off-policy control trains the student on the teacher's token ids)."""
     student, teacher = cfg.model_paths
     check_context(cfg, file, {"models.student": (str(student), model_context(student)),
                               "models.teacher": (str(teacher), model_context(teacher))})
     why = tokenizer_difference(student, teacher)
     if why:
-        raise ConfigError(file, "models.teacher", f"{teacher} has a different tokenizer from the student {student} "
-                          f"({why}); on-policy distillation here needs one tokenizer")
+        differ = f"{teacher} has a different tokenizer from the student {student} ({why})"
+        for key, bad, reason in (
+                ("loss.type", cfg.loss.type != "pg_reverse_kl",
+                 f"loss.type {cfg.loss.type} compares the two vocabularies token id by token id; across tokenizers only "
+                 "pg_reverse_kl (and ExOPD on it) runs, on chunks aligned by bytes"),
+                ("loss.teacher_topk", bool(cfg.loss.teacher_topk), "a top-k loss compares vocabularies id by id"),
+                ("rollout.source", cfg.rollout.source != "student", "the teacher's samples are in its own token ids"),
+                ("teacher.backend", teacher_backend != "hf",
+                 "cross-tokenizer scoring runs on the HF teacher (teacher.backend: hf)")):
+            if bad:
+                raise ConfigError(file, key, f"{differ}: {reason}")
+        return why
     sizes = [json.loads((p / "config.json").read_text()).get("vocab_size") for p in (student, teacher)]
     if sizes[0] != sizes[1] and cfg.loss.type in ("full_reverse_kl", "forward_kl") and not cfg.loss.teacher_topk:
         raise ConfigError(file, "loss.teacher_topk", f"student and teacher vocabularies differ in size ({sizes[0]} vs "
                           f"{sizes[1]}): a full-distribution loss cannot compare them; set loss.teacher_topk (e.g. 64)")
+    return None
 
 
 def tokenizer_difference(student: Path, teacher: Path) -> str | None:
