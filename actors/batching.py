@@ -29,7 +29,12 @@ def fetch_rows(parts: list, lo: int, hi: int, samples_per_prompt: int,
             teacher.append(slice_batch(t, a - start, b - start))
         start += int(n)
     batch, scores = concat_batches(rollout), concat_batches(teacher)
+    batch.update({k: scores[k] for k in CROSS_STATS if k in scores})  # per-row, for the learner's statistics
     return batch, token_batch(batch, scores)
+
+
+CROSS_STATS = ("chunks", "split")
+"""Per-row statistics of a cross-tokenizer teacher (`actors/cross_teacher.py`): chunks, rows not round-tripped."""
 
 
 def token_batch(batch: dict[str, Any], scores: dict[str, Any]) -> TokenBatch:

@@ -257,6 +257,8 @@ class Learner(Placed):
         out["skipped"] = 0.0 if self.engine.was_step_applied() else 1.0
         out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["reward_sum"] = float(batch["rewards"].sum())
+        if "chunks" in batch:  # a cross-tokenizer teacher's alignment
+            out["cross_chunks_sum"], out["cross_split_sum"] = float(batch["chunks"].sum()), float(batch["split"].sum())
         out["sequences"] = float(rows)
         out["micro_batches"] = float(len(micro))
         out["padded_tokens"], out["real_tokens"] = float(padded), float(real)

@@ -85,10 +85,14 @@ def run(name: str, out: Path, teacher: Path, seed: int) -> dict:
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     r = client.search_runs([client.get_experiment_by_name("cross").experiment_id], f"tags.mlflow.runName = '{name}'")[0]
     hist = lambda key: [m.value for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)]  # noqa: E731
-    acc, reward = hist("eval/accuracy"), hist("train/reward")
-    return {"accuracy_before": acc[0], "accuracy_after": acc[-1], "reward_first5": sum(reward[:5]) / 5,
-            "reward_last5": sum(reward[-5:]) / 5, "cross_tokenizer": r.data.params.get("plan/cross_tokenizer"),
-            "seconds": round(time.time() - t0, 1)}
+    acc, reward, chunks = hist("eval/accuracy"), hist("train/reward"), hist("train/cross_chunks_per_token")
+    out = {"accuracy_before": acc[0], "accuracy_after": acc[-1], "reward_first5": sum(reward[:5]) / 5,
+           "reward_last5": sum(reward[-5:]) / 5, "cross_tokenizer": r.data.params.get("plan/cross_tokenizer", "False"),
+           "seconds": round(time.time() - t0, 1)}
+    if chunks:
+        out["chunks_per_token"] = sum(chunks) / len(chunks)
+        out["split_rows"] = sum(hist("train/cross_split_rows")) / len(chunks)
+    return out
 
 
 def runs(record: dict) -> dict:

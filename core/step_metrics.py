@@ -23,7 +23,10 @@ def train_metrics(stats: list[dict[str, float]]) -> dict[str, float]:
     tokens (`tokens`), the reward per sequence, rank 0's global gradient norm and skip flag."""
     total = {k: sum(s[k] for s in stats) for k in stats[0]}
     n = max(total["tokens"], 1.0)
-    return {
+    cross = {"train/cross_chunks_per_token": total["cross_chunks_sum"] / n,
+             "train/cross_split_rows": total["cross_split_sum"] / max(total["sequences"], 1.0)} \
+        if "cross_chunks_sum" in total else {}
+    return {**cross,
         "train/loss": total["loss_sum"] / n,
         "train/reverse_kl": total["reverse_kl_sum"] / n,
         "train/is_ratio": total["is_ratio_sum"] / n,

@@ -183,6 +183,8 @@ class ResolvedPlan:
                "plan/device": self.cluster.gpu if self.cluster else "cpu"}
         if self.layout is not None:
             out["plan/colocated"] = str(self.layout.colocated)
+        if self.cross_tokenizer:
+            out["plan/cross_tokenizer"] = "True"
         for r in self.roles:
             out.update({f"plan/{r.role}/actors": str(r.actors), f"plan/{r.role}/gpus": str(r.gpus),
                         f"plan/{r.role}/tp": str(r.tp), f"plan/{r.role}/backend": r.backend})
