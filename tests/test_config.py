@@ -364,7 +364,8 @@ def test_off_policy_control_trains_without_importance_correction_by_default(fake
 
 def test_models_must_hold_prompt_plus_response_and_share_one_tokenizer(tmp_path, models):
     """Checked on the model folders before launch: a context shorter than the longest prompt +
-    rollout.max_new_tokens (vLLM would refuse the engine), and a teacher whose tokenizer differs."""
+    rollout.max_new_tokens (vLLM would refuse the engine), and a teacher whose tokenizer differs (the
+    cross-tokenizer path for pg_reverse_kl, refused for a full-distribution loss)."""
     import json
     import shutil
 
@@ -382,9 +383,10 @@ def test_models_must_hold_prompt_plus_response_and_share_one_tokenizer(tmp_path,
     other = build_tokenizer()
     other.add_tokens(["<think>"])
     other.save_pretrained(teacher)
-    with pytest.raises(ConfigError) as err:
-        resolve(load_config(None, overrides), "exp.yaml", cpus=8)
-    assert err.value.key == "models.teacher" and "different tokenizer" in err.value.reason and "<think>" in err.value.reason
+    with pytest.raises(ConfigError) as err:  # a full-distribution loss across tokenizers
+        resolve(load_config(None, overrides + ["loss.type=full_reverse_kl"]), "exp.yaml", cpus=8)
+    assert err.value.key == "loss.type" and "different tokenizer" in err.value.reason and "<think>" in err.value.reason
+    assert resolve(load_config(None, overrides + ["loss.type=pg_reverse_kl"]), "exp.yaml", cpus=8).cross_tokenizer
 
 
 def test_dry_run_checks_the_registry_context(fake_models):
