@@ -79,6 +79,7 @@ base:
   eval: {every: 20, num_examples: 200}
   geometry: {every: 20}
   checkpoint: {every: 0}
+  teacher: {shared: true}
 matrix:
   method.type: [vanilla]
   run.seed: [0, 1]
@@ -90,7 +91,9 @@ include:
 """The papers' loss (sampled-token reverse-KL policy gradient) with vanilla OPD and EffOPD x seeds 0, 1,
 and ExOPD at lam 1.25, 60 steps each (ExOPD at lam 1 runs vanilla's step exactly: test_losses.py and
 test_config.py check that). One learner rank, and EffOPD candidates scored by the
-rollout engine (method.evaluators: borrowed): 1 CPU per trial, two trials at once on 2 CPUs."""
+rollout engine (method.evaluators: borrowed): 0.75 CPU per trial, two trials at once on 2 CPUs. The
+trials score on one shared teacher pool (`teacher.shared`; ExOPD's reference is scored in the same
+HF actor)."""
 
 
 @pytest.fixture(scope="session")

@@ -166,6 +166,13 @@ def test_pg_reverse_kl_and_exopd_as_published(method_sweep):
         assert all(r[0].data.params["loss/type"] == "pg_reverse_kl" for _, r in runs)
     assert_learned_on_average(vanilla, kl_drop=0.05, min_gain=0.03)
     assert_learned_on_average(exopd, kl_drop=0.025, min_gain=0.04)
+    # the sweep on one shared teacher pool: one teacher process scored all five trials (ExOPD's reference
+    # is scored in the same HF actor), the pool stopped once when its last trial ended
+    pooled = [mlflow_run(out, f"dash_{n}", experiment="dash")[1][0]
+              for n in ("vanilla_s0", "vanilla_s1", "effopd_s0", "effopd_s1", "exopd_lam125")]
+    assert len({r.data.tags["teacher/pool"] for r in pooled}) == 1 and len({r.data.tags["teacher/pids"] for r in pooled}) == 1
+    assert method_sweep["run"].stdout.count("teacher pool dash-teacher-") == 1
+    assert not list(out.glob("dash_*/actors/teacher-*.pid")) and len(list(out.glob("teacher_pools/*/actors/teacher-0.pid"))) == 1
 
 
 def assert_learned_on_average(runs: list, kl_drop: float, min_gain: float) -> None:
