@@ -51,7 +51,20 @@ class Placed:
 
         t0 = time.perf_counter()
         result = getattr(self, method)(*args, **kwargs)
-        return result, {"busy_s": time.perf_counter() - t0, "version": float(getattr(self, "version", 0))}
+        meta = {"busy_s": time.perf_counter() - t0, "version": float(getattr(self, "version", 0))}
+        return result, {**meta, **report(method, args, result)}
+
+
+def report(method: str, args: tuple, result: Any) -> dict[str, float]:
+    """Small sums the driver reads beside a call's busy time (per-teacher metrics,
+    `orchestrator/routing.py`): a rollout batch's reward sum and rows; a teacher's scores' sum of
+    (sampling log-prob - teacher log-prob) over the response tokens, and the tokens."""
+    if method == "generate" and isinstance(result, dict) and "rewards" in result:
+        return {"reward_sum": float(result["rewards"].sum()), "rows": float(len(result["rewards"]))}
+    if method == "score" and args and isinstance(args[0], dict) and "logp" in args[0] and isinstance(result, dict):
+        mask = args[0]["response_mask"]
+        return {"kl_sum": float(((args[0]["logp"] - result["logp"]) * mask).sum()), "tokens": float(mask.sum())}
+    return {}
 
 
 class PlacementProbe(Placed):

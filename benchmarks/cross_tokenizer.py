@@ -34,7 +34,7 @@ TWIN = ROOT / "experiments" / "math_twin.yaml"
 OUT = ROOT / "models" / "math_twin_t280"
 VOCAB = 280
 SEEDS = (0, 1)
-COMMON = ["loss.type=pg_reverse_kl", "run.steps=60", "eval.every=60", "checkpoint.every=0"]
+COMMON = ["loss.type=pg_reverse_kl", "learner.lr=1.0e-4", "run.steps=60", "eval.every=30", "checkpoint.every=0"]
 
 
 def build_teacher() -> dict:

@@ -103,7 +103,11 @@ class ModelsConfig(_Strict):
     """Local HF checkpoint folder of the student (W_0); None: the scale's (tiny: models/addition/student,
     GPU scales: $FORESIGHT_MODEL_ROOT/<model>). Never downloaded."""
     teacher: Path | None = Field(None, strict=False)
-    """Local HF checkpoint folder of the teacher (a better model with the same tokenizer); None: the scale's."""
+    """Local HF checkpoint folder of the teacher (a better model; another tokenizer takes the
+    cross-tokenizer path); None: the scale's."""
+    teachers: dict[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]{0,39}$")], Annotated[Path, Field(strict=False)]] = {}
+    """More teachers by name (multi-teacher runs): `teacher.route` sends each data group to one; each
+    runs as its own shared pool (`orchestrator/teacher_pool.py`). Groups not routed go to `teacher`."""
 
 
 # ----------------------------------------------------------------------------- task
@@ -187,6 +191,9 @@ class JsonlTask(_Strict):
     are rendered too, as one user message; false: plain strings only (a message list is an error)."""
     chat_template_kwargs: dict[str, bool | int | float | str] = {}
     """Extra template variables, e.g. `{enable_thinking: false}` for Qwen3 (the EffOPD paper's setting)."""
+    group_key: str | None = Field(None, min_length=1)
+    """Column naming each record's group (verl's `data_source`, or a dotted path such as
+    `extra_info.domain`): `teacher.route` sends groups to teachers, and evaluations report each group."""
     filter_overlong_prompts: bool = True
     """Drop prompts longer than `rollout.max_prompt_tokens` (after the template) from both splits
     before training; the counts are logged to MLflow as `data/*` params."""
@@ -261,6 +268,11 @@ class TeacherConfig(_Strict):
     """Ray CPUs requested per teacher actor."""
     max_restarts: int = Field(3, ge=0, le=MAX_RESTARTS)
     """Times Ray restarts a dead teacher actor; its step is retried."""
+    route: dict[str, str] = {}
+    """Multi-teacher runs: data group (the value of `task.group_key` in a record, e.g. verl's
+    `data_source`) -> a teacher of `models.teachers`. Rollout shards are cut per group, so every
+    shard is scored by one teacher; groups not listed go to `models.teacher`. Per-teacher metrics:
+    `route/<teacher>/{reward,reverse_kl,rows}`, and `eval/group/<group>/accuracy`."""
     shared: bool = False
     """Call a teacher pool shared by every trial of the sweep that scores with the same teacher
     (`orchestrator/teacher_pool.py`) instead of starting this trial's own teachers. Scores are
@@ -562,6 +574,17 @@ class ExperimentConfig(_Strict):
         if self.eval.sets and not isinstance(self.task, JsonlTask):
             raise ValueError("eval.sets: named evaluation sets need a file task (task.type: jsonl), whose layout "
                              "and reward they share")
+        route, named = self.teacher.route, self.models.teachers
+        if route and not (isinstance(self.task, JsonlTask) and self.task.group_key):
+            raise ValueError("teacher.route: routing by data group needs task.group_key (a file task's column)")
+        unknown = sorted(set(route.values()) - set(named))
+        if unknown:
+            raise ValueError(f"teacher.route: {unknown} not among models.teachers ({sorted(named) or 'none'})")
+        if set(named) - set(route.values()):
+            raise ValueError(f"models.teachers: {sorted(set(named) - set(route.values()))} not routed to by "
+                             "teacher.route (a teacher no group reaches would load for nothing)")
+        if route and self.rollout.source != "student":
+            raise ValueError("teacher.route: an off-policy control samples from models.teacher alone")
         return self
 
     @property
@@ -762,7 +785,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
     """Model folders and data files must exist locally (nothing is ever downloaded); the columns are
     checked on the first record (a config error naming the key), then every record (`check_data`)."""
-    for key, folder in zip(("models.student", "models.teacher"), cfg.model_paths):
+    named = [(f"models.teachers.{n}", Path(f)) for n, f in cfg.models.teachers.items()]
+    for key, folder in [*zip(("models.student", "models.teacher"), cfg.model_paths), *named]:
         if not (folder / "config.json").is_file():
             hint = " (run `foresight prepare` to build the embedded models)" if "models/addition" in str(folder) else ""
             raise ConfigError(file, key, f"no HF checkpoint (config.json) at {folder}{hint}")
@@ -777,7 +801,9 @@ def check_paths(cfg: ExperimentConfig, file: str | Path | None) -> None:
                 hint = f" (is ${unset[0]} set?)" if unset else ""
                 raise ConfigError(file, key, f"no such file: {p}{hint}")
             row = first_record(p)
-            for ckey, column in zip(("task.prompt_key", "task.answer_key"), cfg.task.columns):
+            keys = [*zip(("task.prompt_key", "task.answer_key"), cfg.task.columns)]
+            keys += [("task.group_key", cfg.task.group_key)] if cfg.task.group_key else []
+            for ckey, column in keys:
                 try:
                     lookup(row, column)
                 except KeyError:

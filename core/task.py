@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.config import AdditionTask, JsonlTask
-from core.records import DataError, as_messages, iter_rows, record_fields
+from core.records import DataError, as_messages, iter_rows, lookup, record_fields
 
 TASK_SEED = 1234
 
@@ -34,6 +34,8 @@ class Example:
     raw: Any = field(default=None, compare=False, hash=False)
     """The record's prompt before rendering (a message list or a string; None: `prompt` is the raw
     text): a cross-tokenizer teacher renders it with its own chat template."""
+    group: str | None = field(default=None, compare=False)
+    """The record's `task.group_key` value (multi-teacher routing, per-group evaluation)."""
 
 
 @dataclass(frozen=True)
@@ -190,12 +192,22 @@ def read_records(path: Path, cfg: JsonlTask, render: PromptRenderer) -> list[Exa
     for where, row in iter_rows(path):
         try:
             prompt, answer = record_fields(row, cfg)
-            out.append(Example(prompt=render(prompt), answer=answer, raw=prompt))
+            out.append(Example(prompt=render(prompt), answer=answer, raw=prompt, group=record_group(row, cfg)))
         except ValueError as err:
             raise DataError(path, where, str(err)) from None
     if not out:
         raise DataError(path, "records", "the file has none")
     return out
+
+
+def record_group(row: dict, cfg: JsonlTask) -> str | None:
+    """The record's group (`task.group_key`), as a string; ValueError when the column is missing."""
+    if not cfg.group_key:
+        return None
+    try:
+        return str(lookup(row, cfg.group_key))
+    except KeyError:
+        raise ValueError(f"no column '{cfg.group_key}' (task.group_key)") from None
 
 
 def drop_overlong(examples: list[Example], render: PromptRenderer, max_tokens: int) -> list[Example]:
@@ -263,6 +275,8 @@ class DataSummary:
     n_test: int
     eval_set_sizes: dict[str, int]
     params: dict[str, int]
+    groups: tuple[list[str | None], list[str | None]] | None = None
+    """(train, test) group of every example (`task.group_key`), else None."""
 
 
 def summarize(cfg: Any) -> DataSummary:
@@ -281,4 +295,5 @@ def summarize(cfg: Any) -> DataSummary:
     for name, es in cfg.eval.sets.items():
         n = len(eval_examples(cfg.task, es.path, cfg.model_paths[0], cfg.rollout.max_prompt_tokens))
         sizes[name] = params[f"data/eval_{name}_prompts"] = min(es.num_examples or n, n)
-    return DataSummary(len(task.train), len(task.test), sizes, params)
+    groups = ([e.group for e in task.train], [e.group for e in task.test]) if getattr(cfg.task, "group_key", None) else None
+    return DataSummary(len(task.train), len(task.test), sizes, params, groups)

@@ -38,6 +38,16 @@ def actor_config(cfg: ExperimentConfig, plan: ResolvedPlan | None = None, run_di
     }
 
 
+def named_teacher_config(acfg: dict[str, Any], cfg: ExperimentConfig, folder: Path) -> dict[str, Any]:
+    """The actor config of a named teacher (`models.teachers`): the trial's, with that checkpoint as
+    the teacher, its sequence budget, and whether its tokenizer differs from the student's."""
+    from orchestrator.plan_checks import tokenizer_difference
+
+    return {**acfg, "teacher_path": str(folder.resolve()),
+            "max_model_len": {**acfg["max_model_len"], "teacher_path": sequence_budget(cfg, folder)},
+            "cross_tokenizer": tokenizer_difference(cfg.model_paths[0], folder) is not None}
+
+
 def sequence_budget(cfg: ExperimentConfig, model: Path) -> int:
     """The longest sequence an engine of `model` must hold: rollout.max_prompt_tokens +
     rollout.max_new_tokens, capped at the model's context (the plan refuses a task whose prompts and

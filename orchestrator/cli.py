@@ -130,7 +130,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"# plan: {cfg.run.name}")
         print(plan.describe())
     if extras["pools"]:
-        print(f"# shared teacher pools (teacher.shared): {len(extras['pools'])}")
+        print(f"# teacher pools (teacher.shared, models.teachers): {len(extras['pools'])}")
         for pool in extras["pools"]:
             print(pool.describe())
     if plans[0][1].gpu:

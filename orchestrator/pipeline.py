@@ -32,6 +32,8 @@ class Launched:
     """(rollout ref, teacher ref, rows) per rollout worker, in batch order (`Learner.train_step`)."""
     rollout_meta: list[Any] = field(default_factory=list)
     teacher_meta: list[Any] = field(default_factory=list)
+    teachers: list[str] = field(default_factory=list)
+    """The teacher that scored each part (`orchestrator/routing.py`)."""
 
     @property
     def staleness(self) -> int:

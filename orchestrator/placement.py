@@ -10,7 +10,7 @@ tensor-parallel engine's GPUs sit on one node, and Ray gives every GPU actor its
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -49,6 +49,8 @@ class TrialActors:
     owns_pg: bool
     plan: ResolvedPlan
     classes: dict[str, dict[str, type]]
+    routes: dict[str, ActorGroup] = field(default_factory=dict)
+    """Multi-teacher runs: `models.teachers` name -> its pool's replicas (`plan.route_pools`)."""
 
     @classmethod
     def launch(cls, plan: ResolvedPlan, acfg: dict[str, Any], restarts: dict[str, int], pg: Any = None,
@@ -77,9 +79,13 @@ class TrialActors:
             return ActorGroup(classes[role][spec.backend], spec.actors, args, options, (pg, plan.first_bundle(role)))
 
         ws = plan.role("learner").actors
+        from orchestrator.teacher_pool import ensure
+
+        routes = {name: ActorGroup.attach(ensure(pool, classes["teacher"][pool.role.backend]))
+                  for name, pool in plan.route_pools.items()}
         return cls(rollout=group("rollout", lambda i: (acfg, i)), teacher=group("teacher", lambda i: (acfg, i)),
                    learner=group("learner", lambda r: (r, ws, acfg)), evaluators=group("evaluator", lambda i: (acfg, i)),
-                   pg=pg, owns_pg=owns, plan=plan, classes=classes)
+                   pg=pg, owns_pg=owns, plan=plan, classes=classes, routes=routes)
 
     def start_learner_group(self, acfg: dict[str, Any], max_restarts: int) -> tuple[list[dict[str, Any]], int]:
         """Rendezvous and ZeRO-3 set-up of every rank (`start_learners`). A rank that dies here is
@@ -121,7 +127,8 @@ class TrialActors:
         return self.learner
 
     def groups(self) -> dict[str, ActorGroup]:
-        out = {"rollout": self.rollout, "teacher": self.teacher, "learner": self.learner, "evaluator": self.evaluators}
+        out = {"rollout": self.rollout, "teacher": self.teacher, "learner": self.learner, "evaluator": self.evaluators,
+               **{f"teacher:{name}": g for name, g in self.routes.items()}}
         return {role: g for role, g in out.items() if g is not None}
 
     def placements(self) -> dict[str, list[dict[str, Any]]]:
@@ -149,7 +156,7 @@ def probe_placements(plan: ResolvedPlan) -> dict[str, list[dict[str, Any]]]:
     from actors.group import PlacementProbe
 
     probes = {role: {backend: PlacementProbe for backend in backends} for role, backends in role_classes().items()}
-    own = replace(plan, roles=[r for r in plan.roles if not r.pool])  # a shared pool is placed by its sweep
+    own = replace(plan, roles=[r for r in plan.roles if not r.pool], route_pools={})  # shared pools: placed by their sweep
     actors = TrialActors.launch(own, {}, {}, classes=probes)
     try:
         return actors.placements()

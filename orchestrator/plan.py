@@ -117,6 +117,8 @@ class ResolvedPlan:
     """Student and teacher tokenizers differ: the teacher scores on the cross-tokenizer path."""
     teacher_pool: Any = None
     """The shared teacher pool this trial calls (`orchestrator.teacher_pool.PoolSpec`), else None."""
+    route_pools: dict[str, Any] = field(default_factory=dict)
+    """Multi-teacher runs: `models.teachers` name -> the pool serving it (`teacher_pool.route_pools`)."""
 
     # ------------------------------------------------------------------ queries
     def role(self, name: str) -> RoleSpec | None:

@@ -67,12 +67,21 @@ def check_models(cfg: ExperimentConfig, file, teacher_backend: str = "hf") -> st
     full-distribution or top-k loss compares the two vocabularies id by id, which means nothing
     across tokenizers; an off-policy control trains the student on the teacher's token ids)."""
     student, teacher = cfg.model_paths
+    named = {f"models.teachers.{n}": Path(f) for n, f in cfg.models.teachers.items()}
     check_context(cfg, file, {"models.student": (str(student), model_context(student)),
-                              "models.teacher": (str(teacher), model_context(teacher))})
+                              "models.teacher": (str(teacher), model_context(teacher)),
+                              **{k: (str(f), model_context(f)) for k, f in named.items()}})
+    for key, folder in named.items():
+        check_teacher(cfg, file, key, student, folder, teacher_backend)
+    return check_teacher(cfg, file, "models.teacher", student, teacher, teacher_backend)
+
+
+def check_teacher(cfg: ExperimentConfig, file, key: str, student: Path, teacher: Path, teacher_backend: str) -> str | None:
+    """One teacher against the student (`check_models`); returns why their tokenizers differ, or None."""
     why = tokenizer_difference(student, teacher)
     if why:
-        differ = f"{teacher} has a different tokenizer from the student {student} ({why})"
-        for key, bad, reason in (
+        differ = f"{key}: {teacher} has a different tokenizer from the student {student} ({why})"
+        for ckey, bad, reason in (
                 ("loss.type", cfg.loss.type != "pg_reverse_kl",
                  f"loss.type {cfg.loss.type} compares the two vocabularies token id by token id; across tokenizers only "
                  "pg_reverse_kl (and ExOPD on it) runs, on chunks aligned by bytes"),
@@ -81,11 +90,11 @@ def check_models(cfg: ExperimentConfig, file, teacher_backend: str = "hf") -> st
                 ("teacher.backend", teacher_backend != "hf",
                  "cross-tokenizer scoring runs on the HF teacher (teacher.backend: hf)")):
             if bad:
-                raise ConfigError(file, key, f"{differ}: {reason}")
+                raise ConfigError(file, ckey, f"{differ}: {reason}")
         return why
     sizes = [json.loads((p / "config.json").read_text()).get("vocab_size") for p in (student, teacher)]
     if sizes[0] != sizes[1] and cfg.loss.type in ("full_reverse_kl", "forward_kl") and not cfg.loss.teacher_topk:
-        raise ConfigError(file, "loss.teacher_topk", f"student and teacher vocabularies differ in size ({sizes[0]} vs "
+        raise ConfigError(file, "loss.teacher_topk", f"{key}: student and teacher vocabularies differ in size ({sizes[0]} vs "
                           f"{sizes[1]}): a full-distribution loss cannot compare them; set loss.teacher_topk (e.g. 64)")
     return None
 

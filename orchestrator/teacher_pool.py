@@ -162,8 +162,35 @@ def assign_pools(sweep: str, trials: list[tuple[ExperimentConfig, ResolvedPlan]]
             if plan.layout is not None and plan.costing is not None:  # its shards spread over the pool's replicas
                 plan.layout = replace(plan.layout, teacher=n)
                 plan.cost = plan.costing.cost(plan.layout)
-        _check_fits(pools[-1], members, file)
+    pools += route_pools(sweep, trials, replicas)
+    for cfg, plan in trials:
+        _check_fits(cfg, plan, file)
     return pools
+
+
+def route_pools(sweep: str, trials: list[tuple[ExperimentConfig, ResolvedPlan]], replicas: int | None) -> list[PoolSpec]:
+    """Multi-teacher runs: one pool per named teacher (`models.teachers`) and identity, shared by the
+    trials that route to it; each trial's `plan.route_pools` maps teacher name -> pool."""
+    from orchestrator.actor_spec import actor_config, named_teacher_config
+
+    found: dict[str, PoolSpec] = {}
+    for cfg, plan in trials:
+        base = plan.role("teacher")
+        for name, folder in cfg.models.teachers.items():
+            role = replace(base, actors=replicas or cfg.teacher.num_workers or 1, pool="shared")
+            acfg = named_teacher_config(actor_config(cfg, plan), cfg, Path(folder))
+            key = pool_key(acfg, role)
+            if key not in found:
+                pname = pool_name(sweep, key)
+                acfg["pid_dir"] = str((cfg.run.output_dir / "teacher_pools" / pname / "actors").resolve())
+                found[key] = PoolSpec(pname, key, replace(role, pool=pname), acfg, cfg.teacher.max_restarts)
+            pool = found[key]
+            pool.trials.append(cfg.run.name)
+            plan.route_pools[name] = pool
+        if cfg.teacher.route:
+            plan.notes.append("teacher route (task.group_key " f"{cfg.task.group_key}): " + ", ".join(
+                f"{g} -> {t} ({plan.route_pools[t].name})" for g, t in cfg.teacher.route.items()) + "; other groups -> models.teacher")
+    return list(found.values())
 
 
 def _at_once(members: list[tuple[ExperimentConfig, ResolvedPlan]]) -> int:
@@ -175,15 +202,18 @@ def _at_once(members: list[tuple[ExperimentConfig, ResolvedPlan]]) -> int:
     return max(1, int((plan.available_cpus + 1e-9) // max(plan.total_cpus, 1e-9)))
 
 
-def _check_fits(pool: PoolSpec, members: list[tuple[ExperimentConfig, ResolvedPlan]], file: str | Path) -> None:
-    plan = members[0][1]
+def _check_fits(cfg: ExperimentConfig, plan: ResolvedPlan, file: str | Path) -> None:
+    """A CPU trial and every pool it calls must fit the cluster's CPUs together."""
     if plan.gpu or plan.dry_run:
         return
-    need = pool.role.cpus * pool.replicas + max(p.total_cpus for _, p in members)
-    if need > plan.available_cpus + 1e-9:
-        raise ConfigError(file, "teacher.shared", f"the teacher pool {pool.name} ({pool.replicas} x {pool.role.cpus:g} CPU) "
-                          f"and a trial ({max(p.total_cpus for _, p in members):g} CPUs) need {need:g} CPUs; the Ray "
-                          f"cluster has {plan.available_cpus:g} (set scheduler.teacher_replicas, or teacher.num_cpus)")
+    pools = {p.name: p for p in [plan.teacher_pool, *plan.route_pools.values()] if p is not None}
+    need = plan.total_cpus + sum(p.role.cpus * p.replicas for p in pools.values())
+    if pools and need > plan.available_cpus + 1e-9:
+        raise ConfigError(file, "teacher.shared" if plan.teacher_pool else "models.teachers",
+                          f"{cfg.run.name}: the trial ({plan.total_cpus:g} CPUs) and the teacher pools it calls "
+                          f"({', '.join(f'{p.name}: {p.replicas} x {p.role.cpus:g}' for p in pools.values())}) need "
+                          f"{need:g} CPUs; the Ray cluster has {plan.available_cpus:g} (set scheduler.teacher_replicas, "
+                          "or teacher.num_cpus)")
 
 
 # ----------------------------------------------------------------------------- runtime

@@ -50,6 +50,7 @@ from orchestrator.pipeline import Launched, RolloutPipeline, evaluates_at, is_ba
 from orchestrator.placement import LearnerLost, TrialActors, check_shared_output, get_all, start_learners
 from orchestrator.plan import ResolvedPlan
 from orchestrator.progress import ProgressFile, Timer, progress_bar
+from orchestrator.routing import DEFAULT, group_indices, metric_name, route_metrics, shards
 from orchestrator.run_record import close_record, open_record
 from orchestrator.tracking import MlflowLogger
 from orchestrator.weight_sync import WeightSync, open_sync
@@ -89,6 +90,8 @@ class OPDTrainer:
         data = summarize(cfg)
         self.n_train, self.n_test, self.eval_set_sizes, self.data_params = data.n_train, data.n_test, \
             data.eval_set_sizes, data.params
+        self.groups = data.groups
+        """(train, test) group of every example (`task.group_key`): routes shards, splits evaluations."""
         self.test_indices = list(range(min(cfg.eval.num_examples or self.n_test, self.n_test)))
 
     # ------------------------------------------------------------------ lifecycle
@@ -209,9 +212,10 @@ class OPDTrainer:
         status = "FAILED"
         try:
             if self.state.step == 0:
-                acc0 = self.evaluate()
+                evals = self.evaluate()
+                acc0 = evals["eval/accuracy"]
                 if not self.tracker.client.get_metric_history(self.tracker.run_id, "eval/accuracy"):
-                    self.tracker.log(0, {"eval/accuracy": acc0, **self.evaluate_sets(0)})  # not again after a restart
+                    self.tracker.log(0, {**evals, **self.evaluate_sets(0)})  # not again after a restart
                 yield 0, acc0
             bar = progress_bar(self.state.step, cfg.run.steps, self.show_progress)
             progress = ProgressFile(self.run_dir, cfg.run.steps)
@@ -285,7 +289,7 @@ class OPDTrainer:
             # 6. periodic evaluation on the held-out test split (and the geometry monitor)
             if self._evaluates_at(step):
                 with timer("eval"):
-                    metrics["eval/accuracy"] = self.evaluate()
+                    metrics.update(self.evaluate())
                     metrics.update(self.evaluate_sets(step))
             if cfg.geometry.every and (step % cfg.geometry.every == 0 or step == cfg.run.steps):
                 with timer("geometry"):
@@ -298,15 +302,20 @@ class OPDTrainer:
         """Steps 1-2 of `step`, submitted without waiting: rollout shards sampled with the weights
         held now, each passed (as an object ref) to a teacher, which starts when it is ready."""
         cfg = self.cfg
-        samplers = self.rollout if cfg.rollout.source == "student" else self.teacher
-        parts = split(batch_indices(step, self.n_train, cfg.rollout.batch_prompts, cfg.run.seed, cfg.run.data_order), len(samplers))
-        rollout_refs, rollout_meta = samplers.timed_each("generate", [(step, p, self.weights) for p in parts])
-        scorers = self.teacher.actors
-        scored = [scorers[i % len(scorers)].timed.options(num_returns=2).remote("score", r, **self._wanted_scores)
-                  for i, r in enumerate(rollout_refs)]
-        rows = [len(p) * cfg.rollout.samples_per_prompt for p in parts]
-        return Launched(step, self._weights_step, list(zip(rollout_refs, [t for t, _ in scored], rows)),
-                        rollout_meta, [m for _, m in scored])
+        samplers = (self.rollout if cfg.rollout.source == "student" else self.teacher).actors
+        indices = batch_indices(step, self.n_train, cfg.rollout.batch_prompts, cfg.run.seed, cfg.run.data_order)
+        cut = shards(indices, len(samplers), cfg.teacher.route, self.groups[0] if self.groups else None)
+        sampled = [samplers[w].timed.options(num_returns=2).remote("generate", step, part, self.weights) for w, part, _ in cut]
+        scorers = {DEFAULT: self.teacher.actors, **{name: g.actors for name, g in self.actors.routes.items()}}
+        turn = dict.fromkeys(scorers, 0)  # shards of each teacher go round its replicas
+        scored = []
+        for (r, _), (_, _, teacher) in zip(sampled, cut):
+            group = scorers[teacher]
+            scored.append(group[turn[teacher] % len(group)].timed.options(num_returns=2).remote("score", r, **self._wanted_scores))
+            turn[teacher] += 1
+        rows = [len(part) * cfg.rollout.samples_per_prompt for _, part, _ in cut]
+        return Launched(step, self._weights_step, list(zip([r for r, _ in sampled], [t for t, _ in scored], rows)),
+                        [m for _, m in sampled], [m for _, m in scored], [t for _, _, t in cut])
 
     def _evaluates_at(self, step: int) -> bool:
         return evaluates_at(self.cfg, step)
@@ -321,6 +330,8 @@ class OPDTrainer:
         rmeta, tmeta = ray.get(batch.rollout_meta), ray.get(batch.teacher_meta)
         out = utilization(rmeta, tmeta, stats, times, len(self.rollout), len(self.teacher),
                           pipelined=bool(self.cfg.pipeline.max_staleness))
+        if self.cfg.teacher.route:
+            out.update(route_metrics(batch.teachers, rmeta, tmeta))
         # off-policy control (the teacher samples): no student weights to be stale
         out["pipeline/staleness"] = float(staleness(batch.step, rmeta, self._version_step)
                                           if self.cfg.rollout.source == "student" else 0)
@@ -339,10 +350,19 @@ class OPDTrainer:
             self._stop = NonFiniteSteps.at(step, self.state.consecutive_skips, self.cfg.learner.max_skipped_steps,
                                            ckpt.latest_tag(self.run_dir))
 
-    def evaluate(self) -> float:
-        parts = split(self.test_indices, len(self.rollout))
-        results = ray.get(self.rollout.call_each("evaluate", [("test", p, self.weights) for p in parts]))
-        return sum(s for s, _ in results) / max(sum(c for _, c in results), 1)
+    def evaluate(self) -> dict[str, float]:
+        """Greedy test accuracy, `eval/accuracy`, and with `task.group_key` each group's,
+        `eval/group/<group>/accuracy` (the test indices cut per group, then over the workers)."""
+        by_group = group_indices(self.test_indices, self.groups[1]) if self.groups else {None: self.test_indices}
+        calls = [(g, p) for g, idx in by_group.items() for p in split(idx, len(self.rollout)) if p]
+        workers = self.rollout.actors
+        results = ray.get([workers[i % len(workers)].evaluate.remote("test", p, self.weights) for i, (_, p) in enumerate(calls)])
+        out = {"eval/accuracy": sum(s for s, _ in results) / max(sum(c for _, c in results), 1)}
+        if self.groups:
+            for g in by_group:
+                mine = [r for (h, _), r in zip(calls, results) if h == g]
+                out[f"eval/group/{metric_name(g)}/accuracy"] = sum(s for s, _ in mine) / max(sum(c for _, c in mine), 1)
+        return out
 
     def evaluate_sets(self, step: int) -> dict[str, float]:
         """`eval.sets`: each named set split over the rollout workers; `eval/<set>/<score>` means."""

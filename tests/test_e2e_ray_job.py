@@ -2,14 +2,18 @@
 ports, token auth), stopped by PID. Inside the job, `foresight run` joins that cluster and runs a
 sweep on Ray Tune over the paper's workload at CPU size (experiments/math_twin.yaml: verl parquet,
 chat template with enable_thinking=False, math-verify, Qwen2 teacher and student, a named
-evaluation set) on the HF backend: the trial is an MLflow child run of the sweep's parent, the
-student's reward rises, and the job leaves the cluster without actors or placement groups. (Ctrl-C /
+evaluation set) on the HF backend, with two teachers routed by `data_source` (fractions to a named
+one), each a shared teacher pool: the trial is an MLflow child run of the sweep's parent, the
+student's reward rises, both teachers score every step, each group is evaluated, and the job leaves
+the cluster without actors or placement groups (Ray's state API: the two pools' actors, and no
+other teacher, all dead). (Ctrl-C /
 SIGTERM, what `ray job stop` sends, is in test_e2e_sweep.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +52,30 @@ def assert_cluster_is_clean(gcs_port: int, env: dict) -> None:
     assert actors == [] and groups == [], (actors, groups)
 
 
+def state(gcs_port: int, env: dict, expression: str):
+    """`expression` (over ray.util.state's list_actors) evaluated on the cluster, as JSON."""
+    probe = ("import ray, json; from ray.util.state import list_actors; "
+             f"ray.init(address='127.0.0.1:{gcs_port}', logging_level='ERROR'); print(json.dumps({expression}))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def routed_data(tmp_path: Path, twin_models: Path) -> dict[str, str]:
+    """The twin's splits with data_source naming each problem's domain (sum or fraction)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = {}
+    for split in ("train", "test"):
+        rows = pq.read_table(twin_models / "data" / f"{split}.parquet").to_pylist()
+        for r in rows:
+            r["data_source"] = "foresight/math_twin/" + ("fraction" if "/" in r["prompt"][0]["content"] else "sum")
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{split}.parquet")
+        out[f"{split}_path"] = str(tmp_path / f"{split}.parquet")
+    return out
+
+
 def wait_http(url: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -73,9 +101,14 @@ def test_ray_job_submit_runs_a_math_twin_sweep_on_tune(twin_models, tmp_path):
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_http(f"http://127.0.0.1:{dash_port}/api/version")
+        base = yaml.safe_load(TWIN.read_text())
+        # two teachers routed by data_source (fractions to a named one), both as shared pools
+        base["task"].update(routed_data(tmp_path, twin_models), group_key="data_source")
+        shutil.copytree(twin_models / "teacher", tmp_path / "fractions_teacher")  # its own checkpoint: its own pool
+        base["models"]["teachers"] = {"fractions": str(tmp_path / "fractions_teacher")}
+        base["teacher"] = {"route": {"foresight/math_twin/fraction": "fractions"}, "shared": True}
         sweep = tmp_path / "math_twin_sweep.yaml"
-        sweep.write_text(yaml.safe_dump({"sweep": "math_twin", "base": yaml.safe_load(TWIN.read_text()),
-                                         "matrix": {"method.type": ["vanilla"]}}))
+        sweep.write_text(yaml.safe_dump({"sweep": "math_twin", "base": base, "matrix": {"method.type": ["vanilla"]}}))
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--working-dir", str(ROOT),
              "--", "foresight", "run", str(sweep), *run_overrides(twin_models, tmp_path),
@@ -86,6 +119,8 @@ def test_ray_job_submit_runs_a_math_twin_sweep_on_tune(twin_models, tmp_path):
         assert "done: math_twin_vanilla final test accuracy" in job.stdout
         assert "Trial status: 1 TERMINATED" in job.stdout  # Tune's own table, in the job's log
         assert_cluster_is_clean(gcs, env)
+        teachers = state(gcs, env, "[[a.name, a.state] for a in list_actors(filters=[('class_name', '=', 'TeacherScorer')])]")
+        assert len(teachers) == 2 and all(n.startswith("math_twin-teacher-") and st == "DEAD" for n, st in teachers), teachers
         client, runs = mlflow_run(tmp_path, "math_twin_vanilla", "math_twin")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         _, parents = mlflow_run(tmp_path, "math_twin", "math_twin")
@@ -98,6 +133,10 @@ def test_ray_job_submit_runs_a_math_twin_sweep_on_tune(twin_models, tmp_path):
         assert params["data/eval_held_prompts"] == "40" and params["data/overlong_dropped_train"] == "0"
         assert params["task/format"] == "verl" and params["task/chat_template_kwargs/enable_thinking"] == "False"
         assert_reward_rose(client, run_id)
+        metrics = runs[0].data.metrics
+        assert metrics["route/default/rows"] > 0 and metrics["route/fractions/rows"] > 0  # every step: both teachers
+        assert {"eval/group/foresight_math_twin_sum/accuracy", "eval/group/foresight_math_twin_fraction/accuracy",
+                "route/fractions/reverse_kl", "route/default/reward"} <= set(metrics)
         dash = foresight("dashboard", "math_twin", "--uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                          "--experiment", "math_twin", "--out", str(tmp_path / "dash"), "--metric", "eval/held/mean_at_4")
         assert "target metric: eval/held/mean_at_4" in dash.stdout

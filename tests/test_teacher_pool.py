@@ -105,7 +105,7 @@ def test_sweep_simulation_on_hand_computed_cases():
 def test_plan_shows_the_paper_grid_with_shared_pools_and_with_a_teacher_per_trial():
     out = foresight("plan", "experiments/paper_grid.yaml", "teacher.shared=true", "--cluster", "4x8xH100-80GB",
                     "--brief").stdout
-    assert "# shared teacher pools (teacher.shared): " in out
+    assert "# teacher pools (teacher.shared, models.teachers): " in out
     pools = [line for line in out.splitlines() if line.startswith("  paper_grid-teacher-")]
     assert len(pools) >= 4 and all("serves" in line for line in pools)  # one per scale at least
     assert "shared pool paper_grid-teacher-" in out and "not in this trial's reservation" in out
