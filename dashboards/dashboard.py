@@ -23,7 +23,7 @@ from dashboards.store import ACC, Sweep, client_for, load_sweep
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = "dashboard"
 PANEL_FILES = ("accuracy_*.png", "geometry_*.png", "timing.png", "utilization.png", "effopd_decisions.png",
-               "effopd_directions.png")
+               "effopd_directions.png", "teacher_routes.png")
 
 
 @dataclass
@@ -47,7 +47,8 @@ def draw(analysis: Analysis, out: Path) -> tuple[dict[str, list[figures.Panel]],
                                                            figures.directions_panel(analysis, out))),
                         ("Time per phase", lambda: _both(figures.timing_panel(analysis, out),
                                                          figures.utilization_panel(analysis, out))),
-                        ("Update geometry", lambda: figures.geometry_panels(analysis, out))):
+                        ("Update geometry", lambda: figures.geometry_panels(analysis, out)),
+                        ("Teachers", lambda: figures.routes_panel(analysis, out))):
         panels, more = fn()
         sections[heading] = panels
         notes += more

@@ -302,6 +302,36 @@ def directions_panel(analysis: Analysis, out: Path) -> tuple[list[Panel], list[s
                   "locking in; near 0, each search sees a new direction and a jump along it overshoots.")], notes
 
 
+def routes_panel(analysis: Analysis, out: Path) -> tuple[list[Panel], list[str]]:
+    """Multi-teacher runs (`teacher.route`): per run, each teacher's mean sequence reward and sampled
+    reverse KL on its shards (route/<teacher>/*), and each data group's test accuracy
+    (eval/group/<group>/accuracy)."""
+    runs = [t for t in analysis.sweep.trials if any(k.startswith("route/") for k in t.history)]
+    if not runs:
+        return [], []
+    notes = []
+    if len(runs) > MAX_DECISION_RUNS:
+        notes.append(f"Teachers: showing {MAX_DECISION_RUNS} of {len(runs)} runs")
+        runs = runs[:MAX_DECISION_RUNS]
+    fig = Figure(figsize=(10.8, 2.8 * len(runs)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(runs), 3, squeeze=False))
+    for row, t in zip(axes, runs):
+        for ax, (what, key) in zip(row, (("reward", "route/{}/reward"), ("reverse KL", "route/{}/reverse_kl"),
+                                         ("test accuracy", "eval/group/{}/accuracy"))):
+            prefix, suffix = key.split("{}")
+            for k in sorted(k for k in t.history if k.startswith(prefix) and k.endswith(suffix)):
+                ax.plot(*t.series(k), lw=1.2, marker="o" if what == "test accuracy" else None, ms=3,
+                        label=k[len(prefix):len(k) - len(suffix)])
+            ax.set_title(f"{t.name}: {what}", fontsize=8)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6)
+    name = _save(fig, out, "teacher_routes.png")
+    return [Panel(name, "Teachers", "Each teacher's shards (teacher.route): the student's mean sequence reward and the "
+                  "sampled reverse KL (sampling log-prob minus the teacher's, per token) on them, and each data group's "
+                  "greedy test accuracy.")], notes
+
+
 def runs_steps(t: Trial) -> list[int]:
     return sorted(set(t.series("effopd/accepted_k")[0]) | set(t.series("effopd/base_score")[0]))
 

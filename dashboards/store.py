@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-METRIC_PREFIXES = ("eval/", "timing/", "util/", "effopd/", "direction/", "geometry/")
+METRIC_PREFIXES = ("eval/", "timing/", "util/", "effopd/", "direction/", "geometry/", "route/")
 """Metric histories read per trial (train/* is not drawn: it would only add requests)."""
 ACC = "eval/accuracy"
 

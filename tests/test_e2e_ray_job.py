@@ -140,6 +140,7 @@ def test_ray_job_submit_runs_a_math_twin_sweep_on_tune(twin_models, tmp_path):
         dash = foresight("dashboard", "math_twin", "--uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                          "--experiment", "math_twin", "--out", str(tmp_path / "dash"), "--metric", "eval/held/mean_at_4")
         assert "target metric: eval/held/mean_at_4" in dash.stdout
+        assert (tmp_path / "dash" / "teacher_routes.png").is_file()  # the per-teacher panel
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
