@@ -271,11 +271,19 @@ def stopped_after(pools: list[PoolSpec]) -> Iterator[None]:
                 print(f"teacher pool {pool.name} stopped", flush=True)
 
 
-def bind(cfg: ExperimentConfig, plan: ResolvedPlan, pools: list[PoolSpec]) -> ResolvedPlan:
-    """A search's trial (planned when Optuna samples it) pointed at the running pool of its identity;
-    a trial whose sampled values changed its teacher's identity gets its own teacher instead."""
+def bind(cfg: ExperimentConfig, plan: ResolvedPlan, pools: list[PoolSpec], sweep: str) -> ResolvedPlan:
+    """A search's trial (planned when Optuna samples it) pointed at the running pools of its
+    identities: the shared teacher's (a trial whose sampled values changed its teacher's identity
+    gets its own teacher instead) and its named teachers' (the sweep's pool of that name, else a
+    pool of its own, stopped with the sweep's by name)."""
     from orchestrator.actor_spec import actor_config
 
+    by_name = {p.name: p for p in pools}
+    for spec in route_pools(sweep, [(cfg, plan)], None):
+        if spec.name not in by_name:
+            pools.append(spec)
+            by_name[spec.name] = spec
+    plan.route_pools = {name: by_name[pool.name] for name, pool in plan.route_pools.items()}
     role = plan.role("teacher")
     if role is None or role.pool != "shared":
         return plan

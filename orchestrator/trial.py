@@ -61,7 +61,7 @@ class SweepSpec:
         from orchestrator.teacher_pool import bind
 
         cfg = trial_config(self.name, config[NUMBER], self.base, assignment, self.file)
-        return cfg.run.name, cfg, bind(cfg, resolve(cfg, self.file, resources=self.resources), self.pools)
+        return cfg.run.name, cfg, bind(cfg, resolve(cfg, self.file, resources=self.resources), self.pools, self.name)
 
     def __hash__(self) -> int:  # the lru_cache key; one spec per sweep
         return id(self)
