@@ -105,11 +105,6 @@ class ActorGroup:
     def call_each(self, method: str, per_actor_args: list[tuple]) -> list:
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args)]
 
-    def timed_each(self, method: str, per_actor_args: list[tuple]) -> tuple[list, list]:
-        """`call_each` through `Placed.timed`: (result refs, busy-time refs)."""
-        pairs = [a.timed.options(num_returns=2).remote(method, *args) for a, args in zip(self.actors, per_actor_args)]
-        return [r for r, _ in pairs], [m for _, m in pairs]
-
     def kill(self) -> None:
         """Kill the group's actors (an attached group's are only let go)."""
         import ray
