@@ -10,7 +10,8 @@
     8. ckpt      every N steps: learner + anchor + driver state, then `latest`
 
 Steps 1-2 run as one pipeline (`orchestrator/pipeline.py`): each rollout shard goes to a teacher as
-soon as it is sampled, and with `pipeline.max_staleness` s >= 1 the batches of the next s steps
+soon as it is sampled (its data group's teacher with `teacher.route`: `routing.py`; a shared pool's
+replicas with `teacher.shared`: `teacher_pool.py`), and with `pipeline.max_staleness` s >= 1 the batches of the next s steps
 are sampled and scored while the learner trains this one (never across a search, evaluation or
 checkpoint).
 
