@@ -1,18 +1,22 @@
-"""Cross-tokenizer OPD at CPU size: the math-twin student (its byte-level BPE of 306 tokens) distilled
-from a teacher with a different tokenizer (a BPE of 280 tokens trained on the same corpus: "What"
-is `Wh`+`at`, "user" `u`+`ser`, ...; different ids throughout), against the same student distilled
-from the shared-tokenizer twin teacher, on `pg_reverse_kl` (the loss the cross path serves).
+"""Cross-tokenizer OPD at CPU size: the math-twin student distilled through the cross-tokenizer path
+from a teacher whose tokenizer shares none of the student's token ids, against the same student
+distilled from the twin teacher on the shared path, on `pg_reverse_kl` (the loss the cross path
+serves) at lr 1e-4.
 
-1. `teacher` step: builds models/math_twin_t280/teacher (the twin teacher's architecture and recipe,
-   SFT to the same 0.97 target on the same problems rendered in its own tokens), cached by its
-   record (`prepare.json` there), ~15-20 min on one core the first time.
-2. `runs` step: experiments/math_twin.yaml with loss.type=pg_reverse_kl, for each teacher and seed:
-   the run's eval accuracy before and after, reward at the start and the end, and for the cross
-   path the chunk statistics the teacher logged.
+The different-tokenizer teacher is the twin teacher with its vocabulary permuted: every text token
+gets another id (specials keep theirs), and the embedding and LM-head rows move with their tokens,
+so it is the same function of the text. Every id the cross path hands on is therefore wrong unless
+it goes through the text: a run that learns as the shared path's does shows the re-rendering,
+re-tokenization, alignment and per-chunk values are right end to end. Its segmentation is the
+student's own (chunks are single tokens except where the student sampled a non-canonical split or
+an invalid byte sequence); alignment across different segmentations is covered by the hand cases
+in tests/test_token_alignment.py. (A teacher trained on a 280-token BPE, a different segmentation,
+did not reach the twin teacher's 0.97 target within this session's CPU time: 0.75 after 3,093 SFT
+steps, where the twin teacher needed 2,100.)
 
 Writes benchmarks/results/cross_tokenizer.json (machine, settings, the models' checksums) and logs
 it to MLflow (experiment `benchmarks`).
-    python benchmarks/cross_tokenizer.py [teacher|runs|all]
+    python benchmarks/cross_tokenizer.py           # ~7 min on 2 cores
 """
 
 from __future__ import annotations
@@ -31,46 +35,38 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TWIN = ROOT / "experiments" / "math_twin.yaml"
-OUT = ROOT / "models" / "math_twin_t280"
-VOCAB = 280
 SEEDS = (0, 1)
-COMMON = ["loss.type=pg_reverse_kl", "learner.lr=1.0e-4", "run.steps=60", "eval.every=30", "checkpoint.every=0"]
+COMMON = ["loss.type=pg_reverse_kl", "learner.lr=1.0e-4", "run.steps=60", "eval.every=30", "checkpoint.every=0",
+          "eval.num_examples=500", "eval.sets={}"]
 
 
-def build_teacher() -> dict:
-    """The different-tokenizer teacher (cached by its record)."""
+def permuted_teacher(out: Path) -> dict:
+    """The twin teacher with its text tokens' ids reversed (module docstring); returns its record."""
     import torch
+    from safetensors.torch import load_file, save_file
 
-    from core.modeling import quiet_hf
-    from core.task import Example, Task, math_verify_reward
-    from orchestrator.prepare import RECIPES, WORKLOADS, init_model, sha256, train_sft
-    from orchestrator.twin import build_tokenizer, problems, render
+    from orchestrator.prepare import sha256
 
-    recipe, wl = RECIPES["default"], WORKLOADS["math_twin"]
-    twin = json.loads((ROOT / "models" / "math_twin" / "prepare.json").read_text())
-    want = {"vocab_size": VOCAB, "recipe": twin["recipe"], "teacher_arch": twin["teacher_arch"], "task": twin["task"]}
-    record = OUT / "prepare.json"
-    if record.is_file() and {k: json.loads(record.read_text()).get(k) for k in want} == want \
-            and (OUT / "teacher" / "model.safetensors").is_file():
-        return json.loads(record.read_text())
-    quiet_hf()
-    torch.set_num_threads(1)
-    train, test = problems(twin["task"]["train_size"], twin["task"]["test_size"])
-    corpus = [piece for q, _, s in train for piece in (f"user\n{q}", "\n", f"assistant\n<think>\n\n</think>\n\n{s}")]
-    tokenizer = build_tokenizer(corpus, vocab_size=VOCAB)
-    task = Task(train=[Example(render(tokenizer, q), s) for q, _, s in train],
-                test=[Example(render(tokenizer, q), g) for q, g, _ in test], reward=math_verify_reward)
-    model = init_model(wl.teacher_arch, tokenizer, recipe.seed * 100 + 1, wl.family)
-    t0 = time.time()
-    steps, acc = train_sft(model, tokenizer, task, lr=recipe.teacher_lr, recipe=recipe, max_new_tokens=wl.max_new_tokens,
-                           stop=lambda a: a >= recipe.teacher_target, label="teacher t280")
-    model.eval()
-    model.save_pretrained(OUT / "teacher", safe_serialization=True)
-    tokenizer.save_pretrained(OUT / "teacher")
-    out = {**want, "teacher": {"sft_steps": steps, "stop_accuracy": acc, "seconds": round(time.time() - t0, 1),
-                               "tokens": len(tokenizer), "sha256": sha256(OUT / "teacher" / "model.safetensors")}}
-    record.write_text(json.dumps(out, indent=2))
-    return out
+    src = ROOT / "models" / "math_twin" / "teacher"
+    out.mkdir(parents=True, exist_ok=True)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    specials = {a["id"] for a in tok["added_tokens"]}
+    vocab = tok["model"]["vocab"]
+    text_ids = sorted(i for i in vocab.values() if i not in specials)
+    new_id = {**{i: i for i in specials}, **dict(zip(text_ids, reversed(text_ids)))}
+    tok["model"]["vocab"] = {t: new_id[i] for t, i in vocab.items()}
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json", "generation_config.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            (out / name).write_text((src / name).read_text())
+    order = torch.tensor([old for old, _ in sorted(new_id.items(), key=lambda kv: kv[1])])  # row new <- row old
+    weights = load_file(str(src / "model.safetensors"))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[key] = weights[key][order].contiguous()
+    save_file(weights, str(out / "model.safetensors"))
+    moved = sum(1 for i in text_ids if new_id[i] != i)
+    return {"from": str(src.relative_to(ROOT)), "ids_moved": moved, "text_tokens": len(text_ids),
+            "sha256": sha256(out / "model.safetensors")}
 
 
 def run(name: str, out: Path, teacher: Path, seed: int) -> dict:
@@ -95,38 +91,36 @@ def run(name: str, out: Path, teacher: Path, seed: int) -> dict:
     return out
 
 
-def runs(record: dict) -> dict:
+def runs(teacher: Path, record: dict) -> dict:
     twin = json.loads((ROOT / "models" / "math_twin" / "prepare.json").read_text())
-    rows: dict[str, list[dict]] = {"shared_tokenizer_teacher": [], "t280_teacher_cross": []}
+    rows: dict[str, list[dict]] = {"shared_path_twin_teacher": [], "cross_path_permuted_teacher": []}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in SEEDS:
-            rows["shared_tokenizer_teacher"].append(run(f"shared_s{seed}", Path(tmp), ROOT / "models" / "math_twin" / "teacher", seed))
-            rows["t280_teacher_cross"].append(run(f"cross_s{seed}", Path(tmp), OUT / "teacher", seed))
+            rows["shared_path_twin_teacher"].append(run(f"shared_s{seed}", Path(tmp), ROOT / "models" / "math_twin" / "teacher", seed))
+            rows["cross_path_permuted_teacher"].append(run(f"cross_s{seed}", Path(tmp), teacher, seed))
             print(json.dumps({k: v[-1] for k, v in rows.items()}), flush=True)
     mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
     return {
         "benchmark": "cross_tokenizer", "settings": {"config": str(TWIN.relative_to(ROOT)), "overrides": COMMON, "seeds": SEEDS},
-        "teachers": {"shared_tokenizer": {"path": "models/math_twin/teacher", "tokens": 306,
-                                          "test_accuracy": twin["teacher"]["test_accuracy"], "sha256": twin["teacher"]["sha256"]},
-                     "t280": {"path": str(OUT.relative_to(ROOT) / "teacher"), **record["teacher"]}},
+        "teachers": {"twin": {"path": "models/math_twin/teacher", "test_accuracy": twin["teacher"]["test_accuracy"],
+                              "sha256": twin["teacher"]["sha256"]}, "permuted": record},
         "student": {"sha256": twin["student"]["sha256"], "test_accuracy": twin["student"]["test_accuracy"]},
         "runs": rows,
-        "summary": {k: {"accuracy_after": mean("accuracy_after", v), "accuracy_before": mean("accuracy_before", v),
-                        "reward_last5": mean("reward_last5", v)} for k, v in rows.items()},
+        "summary": {k: {m: mean(m, v) for m in ("accuracy_before", "accuracy_after", "reward_first5", "reward_last5")}
+                    for k, v in rows.items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 
 def main() -> int:
-    step = sys.argv[1] if len(sys.argv) > 1 else "all"
-    record = build_teacher()
-    print(f"teacher t280: {json.dumps(record['teacher'])}", flush=True)
-    if step == "teacher":
-        return 0
     from step_overhead import log_benchmark
 
-    result = runs(record)
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = Path(tmp) / "permuted_teacher"
+        record = permuted_teacher(teacher)
+        print(f"permuted teacher: {json.dumps(record)}", flush=True)
+        result = runs(teacher, record)
     dest = ROOT / "benchmarks" / "results" / "cross_tokenizer.json"
     dest.write_text(json.dumps(result, indent=2, default=str) + "\n")
     log_benchmark(result, "cross_tokenizer")
