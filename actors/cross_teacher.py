@@ -6,7 +6,8 @@ For each rollout row the teacher:
 2. renders the row's prompt with its own chat template (`Example.raw` through the task's renderer
    with the teacher's tokenizer), and tokenizes the response text in its own tokens with their
    byte offsets, adding its own EOS where the student's response ended with the student's EOS;
-3. scores its tokens (`score_responses`, the same micro-batched pass as the shared path);
+3. scores its tokens (the HF scorer's micro-batched `score_responses`, or vLLM prompt log-probs:
+   the same passes as the shared path);
 4. aligns the two tokenizations into chunks and sets every student token's "teacher log-prob" to
        q~_i = T_c - (R_c - r_i),    R_c = sum_{j in c} r_j,
    with T_c the teacher's log-prob of chunk c's text and r the rollout's sampling log-probs, so
@@ -25,7 +26,7 @@ whole response becomes one chunk (its end is the only boundary both share).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -121,13 +122,13 @@ def chunk_sums(chunk_R: list[int], n_chunks: int, values_R: torch.Tensor) -> lis
     return out.tolist()
 
 
-def score_cross(model: Any, student_tok: Any, teacher_tok: Any, render: Any, examples: list[Any],
-                batch: dict[str, Any], budget: dict[str, int], ref_logp: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def score_cross(score: Callable[[dict[str, Any]], torch.Tensor], student_tok: Any, teacher_tok: Any, render: Any,
+                examples: list[Any], batch: dict[str, Any], ref_logp: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """{"logp": q~ [B, R]} (and "ref_logp": f~ with `ref_logp`), plus "chunks" [B] (chunks per row)
     and "split" [B] (rows whose text did not round-trip): the teacher's scores of a student rollout
-    batch in its own tokens (module docstring). `render(raw)`: a prompt in the teacher's template."""
-    from core.modeling import score_responses
-
+    batch in its own tokens (module docstring). `score(batch)`: the teacher's log-probs [B, R] of a
+    batch in its tokens (the HF forward or vLLM prompt log-probs); `render(raw)`: a prompt in the
+    teacher's template."""
     B = batch["response"].shape[0]
     lens = batch["response_mask"].sum(1).long().tolist()
     eos = student_tok.eos_token_id
@@ -140,7 +141,7 @@ def score_cross(model: Any, student_tok: Any, teacher_tok: Any, render: Any, exa
         prompt = render(example.raw if example.raw is not None else example.prompt)
         p_ids = teacher_tok(prompt, add_special_tokens=False)["input_ids"]
         rows.append((p_ids, t_ids, align_row(s_spans, t_spans, len(text), ok), ok))
-    t_logp = score_responses(model, teacher_batch([(p, t) for p, t, _, _ in rows], teacher_tok.pad_token_id), **budget)["logp"]
+    t_logp = score(teacher_batch([(p, t) for p, t, _, _ in rows], teacher_tok.pad_token_id))
     out = {"logp": torch.zeros_like(batch["response_mask"], dtype=torch.float32),
            "chunks": torch.zeros(B), "split": torch.zeros(B)}
     if ref_logp is not None:

@@ -57,15 +57,21 @@ class TeacherScorer(Placed):
     def _score_cross(self, batch: dict[str, Any], full: bool, topk: int | None, ref: bool) -> dict[str, torch.Tensor]:
         """The response text scored in the teacher's own tokens, aligned to the student's by bytes
         (`actors/cross_teacher.py`); the plan refuses the losses this cannot serve."""
-        from actors.cross_teacher import score_cross
+        budget = scoring_budget(self.cfg)
+        return cross_scores(self, lambda tb: score_responses(self.model, tb, **budget)["logp"], batch, full, topk, ref)
 
-        if full or topk:
-            raise ValueError("a different tokenizer from the student's: only the sampled-token loss runs (pg_reverse_kl)")
-        if getattr(self, "cross", None) is None:
-            self.cross = cross_context(self.cfg)
-        student_tok, teacher_tok, render, examples = self.cross
-        return score_cross(self.model, student_tok, teacher_tok, render, examples, batch, scoring_budget(self.cfg),
-                           ref_logp=reference_logp(self, batch) if ref else None)
+
+def cross_scores(actor: Any, score: Any, batch: dict[str, Any], full: bool, topk: int | None, ref: bool) -> dict[str, torch.Tensor]:
+    """A teacher actor's cross-tokenizer scores (`actors/cross_teacher.py`) with its scoring pass `score`."""
+    from actors.cross_teacher import score_cross
+
+    if full or topk:
+        raise ValueError("a different tokenizer from the student's: only the sampled-token loss runs (pg_reverse_kl)")
+    if getattr(actor, "cross", None) is None:
+        actor.cross = cross_context(actor.cfg)
+    student_tok, teacher_tok, render, examples = actor.cross
+    return score_cross(score, student_tok, teacher_tok, render, examples, batch,
+                       ref_logp=reference_logp(actor, batch) if ref else None)
 
 
 def cross_context(cfg: dict[str, Any]) -> tuple[Any, Any, Any, list]:
@@ -120,6 +126,8 @@ class VllmTeacherScorer(VllmRolloutWorker):
 
         if full:
             raise ValueError("teacher.backend=vllm cannot return the full distribution: set loss.teacher_topk")
+        if self.cfg.get("cross_tokenizer"):
+            return cross_scores(self, lambda tb: score_batch(self.llm, tb)["logp"], batch, full, topk, ref)
         out = score_batch(self.llm, batch, topk=topk)
         if ref:
             out["ref_logp"] = reference_logp(self, batch)

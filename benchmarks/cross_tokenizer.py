@@ -1,7 +1,7 @@
 """Cross-tokenizer OPD at CPU size: the math-twin student distilled through the cross-tokenizer path
 from a teacher whose tokenizer shares none of the student's token ids, against the same student
 distilled from the twin teacher on the shared path, on `pg_reverse_kl` (the loss the cross path
-serves) at lr 1e-4.
+serves) at lr 1e-4; and once (seed 0) with the vLLM teacher on the cross path.
 
 The different-tokenizer teacher is the twin teacher with its vocabulary permuted: every text token
 gets another id (specials keep theirs), and the embedding and LM-head rows move with their tokens,
@@ -69,10 +69,10 @@ def permuted_teacher(out: Path) -> dict:
             "sha256": sha256(out / "model.safetensors")}
 
 
-def run(name: str, out: Path, teacher: Path, seed: int) -> dict:
+def run(name: str, out: Path, teacher: Path, seed: int, extra: tuple[str, ...] = ()) -> dict:
     from mlflow.tracking import MlflowClient
 
-    args = [*COMMON, f"models.teacher={teacher}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={out}",
+    args = [*COMMON, *extra, f"models.teacher={teacher}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={out}",
             f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "tracking.experiment=cross"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
@@ -99,6 +99,8 @@ def runs(teacher: Path, record: dict) -> dict:
             rows["shared_path_twin_teacher"].append(run(f"shared_s{seed}", Path(tmp), ROOT / "models" / "math_twin" / "teacher", seed))
             rows["cross_path_permuted_teacher"].append(run(f"cross_s{seed}", Path(tmp), teacher, seed))
             print(json.dumps({k: v[-1] for k, v in rows.items()}), flush=True)
+        # the vLLM teacher on the cross path (prompt log-probs over the ids it re-tokenized), seed 0
+        rows["cross_path_permuted_teacher_vllm"] = [run("cross_vllm_s0", Path(tmp), teacher, 0, ("teacher.backend=vllm",))]
     mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
     return {
         "benchmark": "cross_tokenizer", "settings": {"config": str(TWIN.relative_to(ROOT)), "overrides": COMMON, "seeds": SEEDS},

@@ -31,7 +31,8 @@ def actor_config(cfg: ExperimentConfig, plan: ResolvedPlan | None = None, run_di
         "val_size": method_of(cfg.method).val_size,
         "val_score": method_of(cfg.method).val_score,
         "max_model_len": {"student_path": sequence_budget(cfg, cfg.model_paths[0]),
-                          "teacher_path": sequence_budget(cfg, cfg.model_paths[1])},
+                          "teacher_path": sequence_budget(cfg, cfg.model_paths[1],
+                                                          cross=bool(plan is not None and plan.cross_tokenizer))},
         "pid_dir": str((run_dir or cfg.run_dir).resolve() / "actors"),
         "vllm_cache_dir": vllm_cache_dir(),
         "cross_tokenizer": bool(plan is not None and plan.cross_tokenizer),
@@ -43,19 +44,23 @@ def named_teacher_config(acfg: dict[str, Any], cfg: ExperimentConfig, folder: Pa
     the teacher, its sequence budget, and whether its tokenizer differs from the student's."""
     from orchestrator.plan_checks import tokenizer_difference
 
+    cross = tokenizer_difference(cfg.model_paths[0], folder) is not None
     return {**acfg, "teacher_path": str(folder.resolve()),
-            "max_model_len": {**acfg["max_model_len"], "teacher_path": sequence_budget(cfg, folder)},
-            "cross_tokenizer": tokenizer_difference(cfg.model_paths[0], folder) is not None}
+            "max_model_len": {**acfg["max_model_len"], "teacher_path": sequence_budget(cfg, folder, cross=cross)},
+            "cross_tokenizer": cross}
 
 
-def sequence_budget(cfg: ExperimentConfig, model: Path) -> int:
+def sequence_budget(cfg: ExperimentConfig, model: Path, cross: bool = False) -> int:
     """The longest sequence an engine of `model` must hold: rollout.max_prompt_tokens +
     rollout.max_new_tokens, capped at the model's context (the plan refuses a task whose prompts and
-    responses do not fit it: `orchestrator.plan.check_context`)."""
+    responses do not fit it: `orchestrator.plan.check_context`). A cross-tokenizer teacher counts
+    the same text in its own tokens, which may be more: its whole context (None: twice the budget)."""
     from orchestrator.plan import model_context
 
     want = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
     context = model_context(model)
+    if cross:
+        return context or 2 * want
     return min(want, context) if context else want
 
 

@@ -356,7 +356,7 @@ def resolve(cfg: ExperimentConfig, file: str | Path | None = None, cpus: float |
 
         check_paths(cfg, file)
         check_backends(cfg, plan, file)
-        why = check_models(cfg, file, plan.role("teacher").backend)
+        why = check_models(cfg, file)
         if why:
             plan.cross_tokenizer = True
             plan.notes.append(f"cross-tokenizer OPD: {why}; the teacher scores the response text in its own tokens, "

@@ -54,7 +54,7 @@ def check_sandbox(cfg: ExperimentConfig, file) -> None:
         raise ConfigError(file, key, why)
 
 
-def check_models(cfg: ExperimentConfig, file, teacher_backend: str = "hf") -> str | None:
+def check_models(cfg: ExperimentConfig, file) -> str | None:
     """Before launch, on the model folders: contexts (`check_context`), and the two tokenizers.
     Returns why they differ (None: one tokenizer, the shared-vocabulary path).
 
@@ -63,7 +63,7 @@ def check_models(cfg: ExperimentConfig, file, teacher_backend: str = "hf") -> st
     past the student's rows into the tail bucket; full-distribution losses need equal sizes.
 
     Different tokenizers: the cross-tokenizer path (`actors/cross_teacher.py`) for the sampled-token
-    loss (`pg_reverse_kl`, ExOPD included) on the HF teacher; refused with the reason otherwise (a
+    loss (`pg_reverse_kl`, ExOPD included) on either teacher backend; refused with the reason otherwise (a
     full-distribution or top-k loss compares the two vocabularies id by id, which means nothing
     across tokenizers; an off-policy control trains the student on the teacher's token ids)."""
     student, teacher = cfg.model_paths
@@ -72,11 +72,11 @@ def check_models(cfg: ExperimentConfig, file, teacher_backend: str = "hf") -> st
                               "models.teacher": (str(teacher), model_context(teacher)),
                               **{k: (str(f), model_context(f)) for k, f in named.items()}})
     for key, folder in named.items():
-        check_teacher(cfg, file, key, student, folder, teacher_backend)
-    return check_teacher(cfg, file, "models.teacher", student, teacher, teacher_backend)
+        check_teacher(cfg, file, key, student, folder)
+    return check_teacher(cfg, file, "models.teacher", student, teacher)
 
 
-def check_teacher(cfg: ExperimentConfig, file, key: str, student: Path, teacher: Path, teacher_backend: str) -> str | None:
+def check_teacher(cfg: ExperimentConfig, file, key: str, student: Path, teacher: Path) -> str | None:
     """One teacher against the student (`check_models`); returns why their tokenizers differ, or None."""
     why = tokenizer_difference(student, teacher)
     if why:
@@ -86,9 +86,7 @@ def check_teacher(cfg: ExperimentConfig, file, key: str, student: Path, teacher:
                  f"loss.type {cfg.loss.type} compares the two vocabularies token id by token id; across tokenizers only "
                  "pg_reverse_kl (and ExOPD on it) runs, on chunks aligned by bytes"),
                 ("loss.teacher_topk", bool(cfg.loss.teacher_topk), "a top-k loss compares vocabularies id by id"),
-                ("rollout.source", cfg.rollout.source != "student", "the teacher's samples are in its own token ids"),
-                ("teacher.backend", teacher_backend != "hf",
-                 "cross-tokenizer scoring runs on the HF teacher (teacher.backend: hf)")):
+                ("rollout.source", cfg.rollout.source != "student", "the teacher's samples are in its own token ids")):
             if bad:
                 raise ConfigError(file, ckey, f"{differ}: {reason}")
         return why

@@ -18,6 +18,7 @@ from conftest import ROOT
 from core.config import ConfigError, load_config
 from core.data_order import batch_indices
 from core.losses import LossSpec, TokenBatch, advantage
+from core.modeling import score_responses
 from orchestrator.actor_spec import actor_config
 from orchestrator.plan import resolve
 
@@ -61,8 +62,9 @@ def test_the_same_tokenizer_on_the_cross_path_gives_the_shared_paths_scores_exac
     teacher = TeacherScorer(acfg)
     shared = teacher.score(batch, ref=True)
     student_tok, teacher_tok, render, examples = cross_context(acfg)
-    cross = score_cross(teacher.model, student_tok, teacher_tok, render, examples, batch, scoring_budget(acfg),
-                        ref_logp=shared["ref_logp"])
+    budget = scoring_budget(acfg)
+    cross = score_cross(lambda tb: score_responses(teacher.model, tb, **budget)["logp"], student_tok, teacher_tok, render,
+                        examples, batch, ref_logp=shared["ref_logp"])
     lens = batch["response_mask"].sum(1).long()
     canonical = []  # rows whose text the tokenizer encodes back into the very tokens the student sampled
     for b in range(len(lens)):

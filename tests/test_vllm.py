@@ -129,6 +129,24 @@ def test_vllm_teacher_scores_and_top_k_match_hf_teacher(ray_local, acfg, engine,
     assert (got["topk_logp"][m] - want["topk_logp"][m]).abs().max() < 1e-4
 
 
+def test_vllm_teacher_on_the_cross_tokenizer_path_scores_like_its_shared_path(ray_local, acfg, engine, teachers):
+    """The vLLM teacher's side of cross-tokenizer OPD (`actors.teacher.cross_scores` with vLLM prompt
+    log-probs over the batch it re-tokenized): with the student's own tokenizer it gives the shared
+    path's log-probs on every row (the addition tokenizer is one token per character, so every row
+    re-encodes to the tokens the student sampled and every chunk is one token)."""
+    from types import SimpleNamespace
+
+    from actors.teacher import cross_scores
+
+    batch = ray_local.get(engine.generate.remote(4, list(range(64, 96)), None))
+    shared = ray_local.get(teachers[0].score.remote(batch))
+    scorer = SimpleNamespace(cfg={**acfg, "cross_tokenizer": True}, cross=None)
+    cross = cross_scores(scorer, lambda tb: ray_local.get(teachers[0].score.remote(tb))["logp"], batch, False, None, False)
+    lens = batch["response_mask"].sum(1)
+    assert torch.equal(cross["chunks"], lens) and not cross["split"].any()
+    assert (cross["logp"] - shared["logp"]).abs().max() < 1e-5
+
+
 def relayout(batch: dict, rows: slice) -> dict:
     """Rows of a vLLM rollout batch as the worker that sampled only them would lay them out
     (`to_batch`: its own prompt and response widths)."""
