@@ -116,7 +116,7 @@ def runs(teacher: Path, record: dict) -> dict:
 
 
 def main() -> int:
-    from step_overhead import log_benchmark
+    from step_overhead import save_result
 
     with tempfile.TemporaryDirectory() as tmp:
         teacher = Path(tmp) / "permuted_teacher"
@@ -124,8 +124,7 @@ def main() -> int:
         print(f"permuted teacher: {json.dumps(record)}", flush=True)
         result = runs(teacher, record)
     dest = ROOT / "benchmarks" / "results" / "cross_tokenizer.json"
-    dest.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    log_benchmark(result, "cross_tokenizer")
+    save_result(result, dest, "cross_tokenizer")
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {dest}")
     return 0

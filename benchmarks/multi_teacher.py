@@ -151,12 +151,11 @@ def main() -> int:
     record = build_teachers()
     if step == "teachers":
         return 0
-    from step_overhead import log_benchmark
+    from step_overhead import save_result
 
     result = runs(record)
     dest = ROOT / "benchmarks" / "results" / "multi_teacher.json"
-    dest.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    log_benchmark(result, "multi_teacher")
+    save_result(result, dest, "multi_teacher")
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {dest}")
     return 0

@@ -61,7 +61,7 @@ def sweep(folder: Path, shared: bool) -> tuple[dict, float]:
 
 
 def main() -> int:
-    from step_overhead import log_benchmark
+    from step_overhead import save_result
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "shared").mkdir()
@@ -81,8 +81,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     dest = ROOT / "benchmarks" / "results" / "teacher_pool_ab.json"
-    dest.write_text(json.dumps(result, indent=2) + "\n")
-    log_benchmark(result, "teacher_pool_ab")
+    save_result(result, dest, "teacher_pool_ab")
     print(f"{len(own)} trials, {result['values_compared']} metric values: identical {result['identical']}; "
           f"wall {shared_s:.0f} s shared vs {own_s:.0f} s own")
     print(f"wrote {dest}")
